@@ -1,0 +1,48 @@
+/* route.h: path patterns ("sensors/{name}", "{rest+}") and topic templates, compiled and matched.
+ * Pure functions: no I/O, no logging, no knowledge of CoAP or MQTT libraries. */
+#ifndef C2M_ROUTE_H
+#define C2M_ROUTE_H
+
+#include <stddef.h>
+
+#define ROUTE_MAX_SEGMENTS 32	/* path segments in a pattern or a request */
+#define ROUTE_MAX_VALUE 255	/* bytes in one path value */
+#define ROUTE_MAX_TOPIC 1024	/* bytes in a filled topic, NUL included */
+
+struct route;			/* opaque: one compiled (pattern, template) pair */
+
+enum route_result {
+	ROUTE_OK = 0,
+	ROUTE_NO_MATCH,		/* path does not fit the pattern → try next route / 4.04 */
+	ROUTE_BAD_VALUE,	/* a value is empty, not UTF-8, holds / + # or NUL → 4.00 */
+	ROUTE_TOO_LONG,		/* filled topic longer than the buffer → 4.00 */
+};
+
+/* A path segment as received (Uri-Path option bytes: already percent-decoded, not NUL-ended). */
+struct route_seg {
+	const char *s;
+	size_t len;
+};
+
+/* Compiles pattern + template. Pattern: segments separated by '/', each a literal, "{name}" or, as
+ * the last one only, "{name+}" (one or more remaining segments). Template: text with "{name}"
+ * placeholders naming pattern variables or "identity"; "{name+}" in a template fills the joined
+ * rest. On error returns NULL and writes a one-line reason to err. */
+struct route *route_compile(const char *pattern, const char *tmpl, char *err, size_t errlen);
+void route_free(struct route *r);
+
+/* Matches segs against r and, on ROUTE_OK, writes the NUL-ended topic into topic[topiclen].
+ * identity must already be valid as a topic value (route_value_ok). */
+enum route_result route_match(const struct route *r, const struct route_seg *segs, size_t nseg,
+			      const char *identity, char *topic, size_t topiclen);
+
+/* 1 when v[0..len) may appear inside one MQTT topic level: non-empty, valid UTF-8 (no overlong
+ * forms, no surrogates), no '/', '+', '#', NUL or other control characters. */
+int route_value_ok(const char *v, size_t len);
+
+/* 1 when the template/pattern uses variable "name". */
+int route_uses_var(const struct route *r, const char *name);
+
+const char *route_result_str(enum route_result rr);
+
+#endif
