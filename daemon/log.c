@@ -1,0 +1,77 @@
+/* log.c: one event per line on stderr, with <N> journal priority prefixes under systemd. */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+
+static enum log_level log_threshold = LOG_LVL_INFO;
+static int log_journal;		/* stderr is connected to the journal: use <N> prefixes */
+
+static const struct {
+	const char *name;
+	enum log_level lvl;
+} log_names[] = {
+	{ "error", LOG_LVL_ERROR },
+	{ "warning", LOG_LVL_WARNING },
+	{ "info", LOG_LVL_INFO },
+	{ "debug", LOG_LVL_DEBUG },
+};
+
+void log_init(const char *progname)
+{
+	(void)progname;
+	/* systemd sets JOURNAL_STREAM when stderr is the journal (systemd.exec(5)) */
+	log_journal = getenv("JOURNAL_STREAM") != NULL;
+	setvbuf(stderr, NULL, _IOLBF, 0);
+}
+
+void log_set_level(enum log_level lvl)
+{
+	log_threshold = lvl;
+}
+
+enum log_level log_get_level(void)
+{
+	return log_threshold;
+}
+
+int log_level_parse(const char *name)
+{
+	for (size_t i = 0; i < sizeof(log_names) / sizeof(log_names[0]); i++)
+		if (strcmp(name, log_names[i].name) == 0)
+			return (int)log_names[i].lvl;
+	return -1;
+}
+
+const char *log_level_name(enum log_level lvl)
+{
+	for (size_t i = 0; i < sizeof(log_names) / sizeof(log_names[0]); i++)
+		if (log_names[i].lvl == lvl)
+			return log_names[i].name;
+	return "?";
+}
+
+void log_msg(enum log_level lvl, const char *fmt, ...)
+{
+	char line[2048];
+	va_list ap;
+	int n;
+
+	if (lvl > log_threshold)
+		return;
+	va_start(ap, fmt);
+	n = vsnprintf(line, sizeof(line), fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		return;
+	/* one event per line: fold embedded newlines, drop a trailing one */
+	for (char *p = line; *p; p++)
+		if (*p == '\n' || *p == '\r')
+			*p = (p[1] == '\0') ? '\0' : ' ';
+	if (log_journal)
+		fprintf(stderr, "<%d>%s: %s\n", (int)lvl, log_level_name(lvl), line);
+	else
+		fprintf(stderr, "%s: %s\n", log_level_name(lvl), line);
+}

@@ -1,0 +1,327 @@
+/* loop.c: libevent owns the process; libcoap's epoll fd is one libevent event, and libcoap's timers
+ * are re-armed from our own timer instead of after every packet (see deps-patches/libcoap). */
+#include <errno.h>
+#include <string.h>
+#include <sys/epoll.h>
+
+#include <event2/event.h>
+
+#include "config.h"
+#include "device.h"
+#include "keys.h"
+#include "log.h"
+#include "loop.h"
+#include "uplink.h"
+
+#define LOOP_EPOLL_BATCH 64
+#define LOOP_EPOLL_ROUNDS 8		/* batches per wake-up before yielding to other events */
+#define LOOP_PREPARE_MS 100		/* libcoap timer scan at most this often when idle */
+
+static struct {
+	struct event_base *base;
+	coap_context_t *coap;
+	struct event *coap_ev, *tick_ev, *kick_ev;
+	const struct keys *keys;
+	coap_bin_const_t psk_out;	/* key handed to libcoap (it copies it at once) */
+	int kicked;
+} L;
+
+struct event_base *loop_base(void)
+{
+	return L.base;
+}
+
+coap_context_t *loop_coap(void)
+{
+	return L.coap;
+}
+
+void loop_set_keys(const struct keys *k)
+{
+	L.keys = k;
+}
+
+const struct keys *loop_keys(void)
+{
+	return L.keys;
+}
+
+const char *loop_peer(const coap_session_t *s, char *buf, size_t len)
+{
+	const coap_address_t *a = s ? coap_session_get_addr_remote(s) : NULL;
+
+	if (!a || coap_print_addr(a, (uint8_t *)buf, len) == 0)
+		snprintf(buf, len, "?");
+	return buf;
+}
+
+static void identity_str(const coap_bin_const_t *id, char *buf, size_t len)
+{
+	size_t j = 0;
+
+	/* printable for logs: control bytes and quotes escaped, bounded */
+	for (size_t i = 0; id && i < id->length && j + 5 < len; i++) {
+		uint8_t c = id->s[i];
+
+		if (c < 0x20 || c == 0x7f || c == '"' || c == '\\')
+			j += (size_t)snprintf(buf + j, len - j, "\\x%02x", c);
+		else
+			buf[j++] = (char)c;
+	}
+	buf[j] = '\0';
+}
+
+static const coap_bin_const_t *on_psk_identity(coap_bin_const_t *identity, coap_session_t *s,
+					       void *arg)
+{
+	const struct key_entry *e;
+	char peer[64], id[KEYS_MAX_IDENTITY * 4 + 8];
+
+	(void)arg;
+	e = identity && identity->length <= KEYS_MAX_IDENTITY ?
+		keys_find(L.keys, (const char *)identity->s, identity->length) : NULL;
+	if (!e) {
+		identity_str(identity, id, sizeof(id));
+		log_warn("peer=%s identity=\"%s\" handshake refused: unknown identity; add it to "
+			 "devices or devices_file", loop_peer(s, peer, sizeof(peer)), id);
+		return NULL;
+	}
+	L.psk_out.s = e->key;
+	L.psk_out.length = e->key_len;
+	return &L.psk_out;
+}
+
+static int on_coap_event(coap_session_t *s, const coap_event_t ev)
+{
+	char peer[64], id[KEYS_MAX_IDENTITY * 4 + 8];
+
+	switch (ev) {
+	case COAP_EVENT_DTLS_ERROR: {
+		const coap_bin_const_t *bid = coap_session_get_psk_identity(s);
+
+		identity_str(bid, id, sizeof(id));
+		/* an unknown identity was logged by the PSK callback already */
+		if (bid && bid->length && keys_find(L.keys, (const char *)bid->s, bid->length))
+			log_warn("peer=%s identity=\"%s\" handshake failed: wrong key or no common "
+				 "cipher suite; check the device's key", loop_peer(s, peer, sizeof(peer)),
+				 id);
+		else if (!bid || !bid->length)
+			log_info("peer=%s handshake failed before an identity was sent",
+				 loop_peer(s, peer, sizeof(peer)));
+		break;
+	}
+	default:
+		break;
+	}
+	dev_session_event(s, ev);
+	return 0;
+}
+
+static void on_libcoap_log(coap_log_t level, const char *message)
+{
+	enum log_level l = level <= COAP_LOG_ERR ? LOG_LVL_ERROR :
+			   level == COAP_LOG_WARN ? LOG_LVL_WARNING :
+			   level <= COAP_LOG_INFO ? LOG_LVL_INFO : LOG_LVL_DEBUG;
+
+	log_msg(l, "libcoap: %s", message);
+}
+
+static void prepare(void)
+{
+	coap_tick_t now;
+
+	coap_ticks(&now);
+	coap_io_prepare_epoll(L.coap, now);
+	L.kicked = 0;
+}
+
+static void on_coap_fd(evutil_socket_t fd, short what, void *arg)
+{
+	struct epoll_event events[LOOP_EPOLL_BATCH];
+	int timer_fired = 0;
+
+	(void)what;
+	(void)arg;
+	for (int round = 0; round < LOOP_EPOLL_ROUNDS; round++) {
+		int n = epoll_wait(fd, events, LOOP_EPOLL_BATCH, 0);
+
+		if (n < 0) {
+			if (errno != EINTR)
+				log_error("loop: epoll_wait: %s", strerror(errno));
+			break;
+		}
+		for (int i = 0; i < n; i++)
+			if (events[i].data.ptr == NULL)
+				timer_fired = 1;
+		if (n > 0)
+			coap_io_do_epoll(L.coap, events, (size_t)n);
+		if (n < LOOP_EPOLL_BATCH)
+			break;
+	}
+	/* libcoap's timerfd fired: run its due work (retransmissions, timeouts) and re-arm it */
+	if (timer_fired || L.kicked)
+		prepare();
+}
+
+static void on_tick(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	(void)arg;
+	prepare();
+}
+
+static void on_kick(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	(void)arg;
+	if (L.kicked)
+		prepare();
+}
+
+void loop_kick(void)
+{
+	if (!L.kicked) {
+		L.kicked = 1;
+		event_active(L.kick_ev, EV_TIMEOUT, 0);
+	}
+}
+
+static int add_listener(const char *uri)
+{
+	coap_uri_t u;
+	coap_str_const_t host;
+	coap_addr_info_t *info, *ai;
+	int n = 0;
+
+	if (coap_split_uri((const uint8_t *)uri, strlen(uri), &u) < 0) {
+		log_error("loop: listen %s: not a coap:// or coaps:// URI", uri);
+		return -1;
+	}
+	host.s = u.host.s;
+	host.length = u.host.length;
+	info = coap_resolve_address_info(&host, u.port, u.port, u.port, u.port, AF_UNSPEC,
+					 1 << u.scheme, COAP_RESOLVE_TYPE_LOCAL);
+	if (!info) {
+		log_error("loop: listen %s: cannot resolve the address", uri);
+		return -1;
+	}
+	for (ai = info; ai; ai = ai->next) {
+		if (!coap_new_endpoint(L.coap, &ai->addr, ai->proto)) {
+			log_error("loop: listen %s: cannot bind (address in use or not local?)", uri);
+			coap_free_address_info(info);
+			return -1;
+		}
+		n++;
+	}
+	coap_free_address_info(info);
+	return n > 0 ? 0 : -1;
+}
+
+static int coap_setup(const struct config *c)
+{
+	coap_dtls_spsk_t psk;
+	coap_resource_t *r;
+	coap_log_t lvl = c->log_level >= LOG_LVL_DEBUG ? COAP_LOG_INFO : COAP_LOG_WARN;
+
+	coap_startup();
+	coap_set_log_handler(on_libcoap_log);
+	coap_set_log_level(lvl);
+	coap_dtls_set_log_level(lvl);
+	L.coap = coap_new_context(NULL);
+	if (!L.coap) {
+		log_error("loop: cannot create the CoAP context");
+		return -1;
+	}
+	memset(&psk, 0, sizeof(psk));
+	psk.version = COAP_DTLS_SPSK_SETUP_VERSION;
+	psk.validate_id_call_back = on_psk_identity;
+	if (c->coap.psk_hint) {
+		psk.psk_info.hint.s = (const uint8_t *)c->coap.psk_hint;
+		psk.psk_info.hint.length = strlen(c->coap.psk_hint);
+	}
+	if (!coap_context_set_psk2(L.coap, &psk)) {
+		log_error("loop: the DTLS library refused the PSK setup");
+		return -1;
+	}
+	coap_context_set_session_timeout(L.coap, c->coap.idle_timeout);
+	coap_context_set_max_idle_sessions(L.coap, c->coap.max_sessions);
+	coap_context_set_block_mode(L.coap, COAP_BLOCK_USE_LIBCOAP | COAP_BLOCK_SINGLE_BODY |
+					    COAP_BLOCK_NOT_RANDOM_BLOCK1);
+	coap_register_event_handler(L.coap, on_coap_event);
+	r = uplink_resource(c);
+	if (!r) {
+		log_error("loop: cannot create the request handler");
+		return -1;
+	}
+	coap_add_resource(L.coap, r);
+	for (size_t i = 0; i < c->coap.n_listen; i++)
+		if (add_listener(c->coap.listen[i]) < 0)
+			return -1;
+	return 0;
+}
+
+int loop_init(const struct config *c, const struct keys *k)
+{
+	struct timeval tick = { 0, LOOP_PREPARE_MS * 1000 };
+	int fd;
+
+	L.keys = k;
+	L.base = event_base_new();
+	if (!L.base) {
+		log_error("loop: cannot create the event base");
+		return -1;
+	}
+	if (coap_setup(c) < 0)
+		return -1;
+	fd = coap_context_get_coap_fd(L.coap);
+	if (fd < 0) {
+		log_error("loop: libcoap has no epoll fd (built without epoll?)");
+		return -1;
+	}
+	L.coap_ev = event_new(L.base, fd, EV_READ | EV_PERSIST, on_coap_fd, NULL);
+	L.tick_ev = event_new(L.base, -1, EV_PERSIST, on_tick, NULL);
+	L.kick_ev = event_new(L.base, -1, 0, on_kick, NULL);
+	if (!L.coap_ev || !L.tick_ev || !L.kick_ev || event_add(L.coap_ev, NULL) < 0 ||
+	    event_add(L.tick_ev, &tick) < 0) {
+		log_error("loop: cannot register loop events");
+		return -1;
+	}
+	prepare();
+	return 0;
+}
+
+int loop_run(void)
+{
+	return event_base_dispatch(L.base);
+}
+
+void loop_stop(void)
+{
+	event_base_loopbreak(L.base);
+}
+
+void loop_close_listeners(void)
+{
+	if (L.coap_ev)
+		event_del(L.coap_ev);
+}
+
+void loop_shutdown(void)
+{
+	if (L.coap_ev)
+		event_free(L.coap_ev);
+	if (L.tick_ev)
+		event_free(L.tick_ev);
+	if (L.kick_ev)
+		event_free(L.kick_ev);
+	L.coap_ev = L.tick_ev = L.kick_ev = NULL;
+	if (L.coap)
+		coap_free_context(L.coap);
+	L.coap = NULL;
+	coap_cleanup();
+	if (L.base)
+		event_base_free(L.base);
+	L.base = NULL;
+}

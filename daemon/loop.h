@@ -1,0 +1,27 @@
+/* loop.h: the libevent loop that owns the process, libcoap's context and endpoints inside it. */
+#ifndef C2M_LOOP_H
+#define C2M_LOOP_H
+
+#include <coap3/coap.h>
+
+struct event_base;
+struct config;
+struct keys;
+
+int loop_init(const struct config *c, const struct keys *k);
+struct event_base *loop_base(void);
+coap_context_t *loop_coap(void);
+/* Swaps the key store used for new handshakes (reload). */
+void loop_set_keys(const struct keys *k);
+const struct keys *loop_keys(void);
+int loop_run(void);
+void loop_stop(void);
+/* Closes the listeners: no new datagrams are read; timers keep running. */
+void loop_close_listeners(void);
+void loop_shutdown(void);
+/* Asks for libcoap's timers to be re-armed soon (after something was sent that needs them). */
+void loop_kick(void);
+/* "addr:port" of the session's peer into buf. */
+const char *loop_peer(const coap_session_t *s, char *buf, size_t len);
+
+#endif

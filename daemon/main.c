@@ -1,0 +1,203 @@
+/* main.c: arguments, --check, start-up in order, signals, the loop, teardown in reverse. */
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <event2/event.h>
+#include <systemd/sd-daemon.h>
+#include <wolfssl/options.h>
+#include <wolfssl/ssl.h>
+
+#include "config.h"
+#include "device.h"
+#include "keys.h"
+#include "log.h"
+#include "loop.h"
+#include "mqtt.h"
+#include "uplink.h"
+
+#define SHUTDOWN_MQTT_MS 2000	/* of the 5 s a service manager grants */
+
+static struct {
+	const char *conf_path;
+	struct config *conf;
+	struct keys *keys;
+	struct event *sig_term, *sig_int, *sig_hup;
+} G;
+
+static void usage(FILE *f)
+{
+	fprintf(f,
+		"usage: coap2mqtt [-c FILE] [--check] [--version] [--help]\n"
+		"  -c, --config FILE  configuration (default " CONF_DEFAULT_PATH ")\n"
+		"  -t, --check        validate the configuration and its files, print every error,\n"
+		"                     exit 0 when valid, 1 otherwise\n"
+		"  -V, --version      print versions of coap2mqtt, libcoap and wolfSSL\n"
+		"  -h, --help         this text\n"
+		"Signals: SIGTERM/SIGINT stop (readings in flight are persisted), SIGHUP reloads.\n");
+}
+
+static void print_version(void)
+{
+	printf("coap2mqtt %s (libcoap %s, wolfSSL %s)\n", C2M_VERSION, coap_package_version(),
+	       wolfSSL_lib_version());
+}
+
+static void on_stop(evutil_socket_t sig, short what, void *arg)
+{
+	(void)what;
+	(void)arg;
+	log_info("signal=%s stopping", sig == SIGTERM ? "TERM" : "INT");
+	sd_notify(0, "STOPPING=1");
+	loop_stop();
+}
+
+static void on_reload(evutil_socket_t sig, short what, void *arg)
+{
+	struct config *c;
+	struct keys *k;
+
+	(void)sig;
+	(void)what;
+	(void)arg;
+	sd_notify(0, "RELOADING=1");
+	c = conf_load(G.conf_path, stderr);
+	if (!c) {
+		log_error("reload: %s is invalid (errors above); keeping the running configuration",
+			  G.conf_path);
+		sd_notify(0, "READY=1");
+		return;
+	}
+	k = keys_new(c->devices, c->n_devices);
+	if (!k) {
+		log_error("reload: out of memory; keeping the running configuration");
+		conf_free(c);
+		sd_notify(0, "READY=1");
+		return;
+	}
+	loop_set_keys(k);
+	uplink_set_config(c);
+	log_set_level(c->log_level);
+	keys_free(G.keys);
+	conf_free(G.conf);
+	G.keys = k;
+	G.conf = c;
+	log_info("reload: ok devices=%zu routes=%zu (listen and mqtt changes need a restart)",
+		 c->n_devices, c->n_routes);
+	sd_notify(0, "READY=1");
+}
+
+static int signals_init(struct event_base *base)
+{
+	signal(SIGPIPE, SIG_IGN);
+	G.sig_term = evsignal_new(base, SIGTERM, on_stop, NULL);
+	G.sig_int = evsignal_new(base, SIGINT, on_stop, NULL);
+	G.sig_hup = evsignal_new(base, SIGHUP, on_reload, NULL);
+	if (!G.sig_term || !G.sig_int || !G.sig_hup || evsignal_add(G.sig_term, NULL) < 0 ||
+	    evsignal_add(G.sig_int, NULL) < 0 || evsignal_add(G.sig_hup, NULL) < 0)
+		return -1;
+	return 0;
+}
+
+static void signals_shutdown(void)
+{
+	if (G.sig_term)
+		event_free(G.sig_term);
+	if (G.sig_int)
+		event_free(G.sig_int);
+	if (G.sig_hup)
+		event_free(G.sig_hup);
+}
+
+static int parse_args(int argc, char **argv, int *check)
+{
+	static const struct option opts[] = {
+		{ "config", required_argument, NULL, 'c' },
+		{ "check", no_argument, NULL, 't' },
+		{ "version", no_argument, NULL, 'V' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	int ch;
+
+	G.conf_path = CONF_DEFAULT_PATH;
+	while ((ch = getopt_long(argc, argv, "c:tVh", opts, NULL)) != -1) {
+		switch (ch) {
+		case 'c': G.conf_path = optarg; break;
+		case 't': *check = 1; break;
+		case 'V': print_version(); exit(0);
+		case 'h': usage(stdout); exit(0);
+		default: usage(stderr); return -1;
+		}
+	}
+	if (optind < argc) {
+		fprintf(stderr, "coap2mqtt: unexpected argument '%s'\n", argv[optind]);
+		usage(stderr);
+		return -1;
+	}
+	return 0;
+}
+
+static void on_mqtt_state(int connected)
+{
+	uplink_mqtt_state(connected);
+}
+
+static int run(void)
+{
+	char listen[256] = "";
+	int rc;
+
+	G.keys = keys_new(G.conf->devices, G.conf->n_devices);
+	if (!G.keys) {
+		log_error("out of memory building the key store");
+		return 1;
+	}
+	if (G.conf->n_devices == 0)
+		log_warn("no devices configured: every handshake will be refused");
+	if (loop_init(G.conf, G.keys) < 0 || signals_init(loop_base()) < 0 ||
+	    mqtt_init(loop_base(), &G.conf->mqtt, on_mqtt_state) < 0)
+		return 1;
+	for (size_t i = 0; i < G.conf->coap.n_listen; i++)
+		snprintf(listen + strlen(listen), sizeof(listen) - strlen(listen), "%s%s", i ? "," : "",
+			 G.conf->coap.listen[i]);
+	log_info("ready listen=%s devices=%zu routes=%zu version=%s", listen, G.conf->n_devices,
+		 G.conf->n_routes, C2M_VERSION);
+	sd_notify(0, "READY=1");
+	rc = loop_run();
+	loop_close_listeners();
+	return rc < 0 ? 1 : 0;
+}
+
+int main(int argc, char **argv)
+{
+	int check = 0, rc;
+
+	log_init("coap2mqtt");
+	if (parse_args(argc, argv, &check) < 0)
+		return 2;
+	G.conf = conf_load(G.conf_path, stderr);
+	if (!G.conf) {
+		fprintf(stderr, "coap2mqtt: %s: configuration invalid\n", G.conf_path);
+		return 1;
+	}
+	if (check) {
+		printf("%s: configuration OK (%zu devices, %zu routes)\n", G.conf_path,
+		       G.conf->n_devices, G.conf->n_routes);
+		conf_free(G.conf);
+		return 0;
+	}
+	log_set_level(G.conf->log_level);
+	rc = run();
+	/* teardown in reverse: broker (persist or finish in-flight), answers, CoAP, loop */
+	mqtt_shutdown(SHUTDOWN_MQTT_MS);
+	uplink_shutdown();
+	signals_shutdown();
+	loop_shutdown();
+	keys_free(G.keys);
+	conf_free(G.conf);
+	log_info("stopped status=%d", rc);
+	return rc;
+}

@@ -1,0 +1,537 @@
+/* mqtt.c: Paho MQTTAsync client; its callbacks run on Paho's threads and reach the loop through a
+ * mutex-protected queue and an eventfd. Everything else here runs on the loop thread. */
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <MQTTAsync.h>
+#include <event2/event.h>
+
+#include "config.h"
+#include "log.h"
+#include "mqtt.h"
+
+enum ev_kind { EV_PUB_DONE, EV_CONNECTED, EV_CONNECT_FAILED, EV_LOST };
+
+/* One queued event from a Paho thread. A publish's context doubles as its event. */
+struct mqtt_ev {
+	enum ev_kind kind;
+	enum mqtt_status status;
+	mqtt_done_fn done;
+	void *arg;
+	struct mqtt_ev *next;		/* completion queue */
+	struct mqtt_ev *lprev, *lnext;	/* live publishes, for shutdown */
+	char why[160];
+};
+
+static struct {
+	const struct conf_mqtt *conf;
+	MQTTAsync client;
+	struct event_base *base;
+	struct event *wake_ev, *retry_ev;
+	int efd;
+	mqtt_state_fn on_state;
+	pthread_mutex_t mu;
+	struct mqtt_ev *qhead, *qtail;	/* completion queue (under mu) */
+	struct mqtt_ev *live;		/* accepted publishes not yet completed (under mu) */
+	atomic_int connected;
+	atomic_size_t outstanding;
+	unsigned retry_s;
+	uint64_t msg_seq;
+	char boot_id[24];
+	char uri[300];
+} M = { .mu = PTHREAD_MUTEX_INITIALIZER, .efd = -1 };
+
+static const struct {
+	int cf;
+	const char *type;
+} content_types[] = {
+	{ 0, "text/plain;charset=utf-8" },
+	{ 40, "application/link-format" },
+	{ 41, "application/xml" },
+	{ 42, "application/octet-stream" },
+	{ 47, "application/exi" },
+	{ 50, "application/json" },
+	{ 60, "application/cbor" },
+	{ 110, "application/senml+json" },
+	{ 112, "application/senml+cbor" },
+};
+
+const char *mqtt_content_type(int cf)
+{
+	for (size_t i = 0; i < sizeof(content_types) / sizeof(content_types[0]); i++)
+		if (content_types[i].cf == cf)
+			return content_types[i].type;
+	return NULL;
+}
+
+int mqtt_connected(void)
+{
+	return atomic_load(&M.connected);
+}
+
+size_t mqtt_outstanding(void)
+{
+	return atomic_load(&M.outstanding);
+}
+
+/* Paho threads → loop. */
+static void queue_push(struct mqtt_ev *ev)
+{
+	uint64_t one = 1;
+
+	pthread_mutex_lock(&M.mu);
+	ev->next = NULL;
+	if (M.qtail)
+		M.qtail->next = ev;
+	else
+		M.qhead = ev;
+	M.qtail = ev;
+	pthread_mutex_unlock(&M.mu);
+	if (write(M.efd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+		log_error("mqtt: eventfd write failed: %s", strerror(errno));
+}
+
+static void queue_event(enum ev_kind kind, const char *why)
+{
+	struct mqtt_ev *ev = calloc(1, sizeof(*ev));
+
+	if (!ev) {
+		log_error("mqtt: out of memory queueing event %d", kind);
+		return;
+	}
+	ev->kind = kind;
+	if (why)
+		snprintf(ev->why, sizeof(ev->why), "%s", why);
+	queue_push(ev);
+}
+
+static void live_unlink(struct mqtt_ev *ev)
+{
+	if (ev->lprev)
+		ev->lprev->lnext = ev->lnext;
+	else
+		M.live = ev->lnext;
+	if (ev->lnext)
+		ev->lnext->lprev = ev->lprev;
+	ev->lprev = ev->lnext = NULL;
+}
+
+static void pub_complete(struct mqtt_ev *ev, enum mqtt_status st, const char *why)
+{
+	pthread_mutex_lock(&M.mu);
+	live_unlink(ev);
+	pthread_mutex_unlock(&M.mu);
+	ev->kind = EV_PUB_DONE;
+	ev->status = st;
+	if (why)
+		snprintf(ev->why, sizeof(ev->why), "%s", why);
+	queue_push(ev);
+}
+
+static void on_pub_ok5(void *ctx, MQTTAsync_successData5 *r)
+{
+	(void)r;
+	pub_complete(ctx, MQTT_DELIVERED, NULL);
+}
+
+static void on_pub_fail5(void *ctx, MQTTAsync_failureData5 *r)
+{
+	char why[128];
+
+	snprintf(why, sizeof(why), "code=%d reason=%d %s", r ? r->code : 0, r ? (int)r->reasonCode : 0,
+		 r && r->message ? r->message : "");
+	pub_complete(ctx, MQTT_FAILED, why);
+}
+
+static void on_pub_ok(void *ctx, MQTTAsync_successData *r)
+{
+	(void)r;
+	pub_complete(ctx, MQTT_DELIVERED, NULL);
+}
+
+static void on_pub_fail(void *ctx, MQTTAsync_failureData *r)
+{
+	char why[128];
+
+	snprintf(why, sizeof(why), "code=%d %s", r ? r->code : 0, r && r->message ? r->message : "");
+	pub_complete(ctx, MQTT_FAILED, why);
+}
+
+static void on_connect_ok5(void *ctx, MQTTAsync_successData5 *r)
+{
+	(void)ctx;
+	(void)r;
+	queue_event(EV_CONNECTED, NULL);
+}
+
+static void on_connect_fail5(void *ctx, MQTTAsync_failureData5 *r)
+{
+	char why[160];
+
+	(void)ctx;
+	snprintf(why, sizeof(why), "code=%d reason=%s %s", r ? r->code : 0,
+		 r ? MQTTReasonCode_toString(r->reasonCode) : "?", r && r->message ? r->message : "");
+	queue_event(EV_CONNECT_FAILED, why);
+}
+
+static void on_connect_ok(void *ctx, MQTTAsync_successData *r)
+{
+	(void)ctx;
+	(void)r;
+	queue_event(EV_CONNECTED, NULL);
+}
+
+static void on_connect_fail(void *ctx, MQTTAsync_failureData *r)
+{
+	char why[160];
+
+	(void)ctx;
+	snprintf(why, sizeof(why), "code=%d %s", r ? r->code : 0, r && r->message ? r->message : "");
+	queue_event(EV_CONNECT_FAILED, why);
+}
+
+/* automatic reconnects report here */
+static void on_connected(void *ctx, char *cause)
+{
+	(void)ctx;
+	(void)cause;
+	queue_event(EV_CONNECTED, NULL);
+}
+
+static void on_lost(void *ctx, char *cause)
+{
+	(void)ctx;
+	queue_event(EV_LOST, cause ? cause : "connection lost");
+}
+
+static int on_arrived(void *ctx, char *topic, int topic_len, MQTTAsync_message *m)
+{
+	(void)ctx;
+	(void)topic_len;
+	MQTTAsync_freeMessage(&m);
+	MQTTAsync_free(topic);
+	return 1;
+}
+
+static int on_ssl_error(const char *str, size_t len, void *u)
+{
+	(void)u;
+	log_warn("mqtt: broker=%s tls error: %.*s", M.uri, (int)len, str);
+	return 0;
+}
+
+static void connect_now(void);
+
+static void set_state(int up, const char *why)
+{
+	int was = atomic_exchange(&M.connected, up);
+
+	if (up) {
+		M.retry_s = 1;
+		if (!was)
+			log_info("mqtt: broker=%s connected buffered=%zu", M.uri, mqtt_outstanding());
+	} else if (was) {
+		log_warn("mqtt: broker=%s connection lost: %s; buffering (reconnect automatic)", M.uri,
+			 why);
+	}
+	if (up != was && M.on_state)
+		M.on_state(up);
+}
+
+static void handle_event(struct mqtt_ev *ev)
+{
+	switch (ev->kind) {
+	case EV_PUB_DONE:
+		atomic_fetch_sub(&M.outstanding, 1);
+		if (ev->status == MQTT_FAILED)
+			log_warn("mqtt: publish failed: %s", ev->why);
+		if (ev->done)
+			ev->done(ev->arg, ev->status);
+		break;
+	case EV_CONNECTED:
+		set_state(1, NULL);
+		break;
+	case EV_LOST:
+		set_state(0, ev->why);
+		break;
+	case EV_CONNECT_FAILED: {
+		struct timeval tv = { .tv_sec = M.retry_s };
+
+		log_warn("mqtt: broker=%s connect failed: %s; check url, ca_file and that the broker's "
+			 "certificate names this host; retry in %us", M.uri, ev->why, M.retry_s);
+		set_state(0, ev->why);
+		evtimer_add(M.retry_ev, &tv);
+		M.retry_s = M.retry_s >= 30 ? 60 : M.retry_s * 2;
+		break;
+	}
+	}
+	free(ev);
+}
+
+static void on_wake(evutil_socket_t fd, short what, void *arg)
+{
+	uint64_t n;
+	struct mqtt_ev *list;
+
+	(void)what;
+	(void)arg;
+	if (read(fd, &n, sizeof(n)) < 0 && errno != EAGAIN)
+		log_error("mqtt: eventfd read failed: %s", strerror(errno));
+	pthread_mutex_lock(&M.mu);
+	list = M.qhead;
+	M.qhead = M.qtail = NULL;
+	pthread_mutex_unlock(&M.mu);
+	while (list) {
+		struct mqtt_ev *next = list->next;
+
+		handle_event(list);
+		list = next;
+	}
+}
+
+static void on_retry(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	(void)arg;
+	connect_now();
+}
+
+static void connect_now(void)
+{
+	const struct conf_mqtt *c = M.conf;
+	MQTTAsync_connectOptions co = MQTTAsync_connectOptions_initializer;
+	MQTTAsync_connectOptions co5 = MQTTAsync_connectOptions_initializer5;
+	MQTTAsync_SSLOptions ssl = MQTTAsync_SSLOptions_initializer;
+	MQTTProperties props = MQTTProperties_initializer;
+	MQTTProperty p = { .identifier = MQTTPROPERTY_CODE_SESSION_EXPIRY_INTERVAL };
+	MQTTAsync_connectOptions *o = c->version == 5 ? &co5 : &co;
+	int rc;
+
+	o->keepAliveInterval = c->keepalive;
+	o->maxInflight = c->max_inflight;
+	o->automaticReconnect = 1;
+	o->minRetryInterval = 1;
+	o->maxRetryInterval = 30;
+	o->connectTimeout = 10;
+	o->username = c->username;
+	o->password = c->password;
+	if (c->version == 5) {
+		/* keep the session so messages in flight survive a restart (design.md) */
+		o->cleanstart = 0;
+		p.value.integer4 = c->session_expiry;
+		MQTTProperties_add(&props, &p);
+		o->connectProperties = &props;
+		o->onSuccess5 = on_connect_ok5;
+		o->onFailure5 = on_connect_fail5;
+	} else {
+		o->cleansession = 0;
+		o->MQTTVersion = MQTTVERSION_3_1_1;
+		o->onSuccess = on_connect_ok;
+		o->onFailure = on_connect_fail;
+	}
+	if (c->tls) {
+		ssl.trustStore = c->ca_file;
+		ssl.keyStore = c->cert_file;
+		ssl.privateKey = c->key_file;
+		ssl.enableServerCertAuth = 1;
+		ssl.verify = 1;		/* host name check: Paho skips it otherwise */
+		ssl.sslVersion = MQTT_SSL_VERSION_TLS_1_2;
+		ssl.ssl_error_cb = on_ssl_error;
+		o->ssl = &ssl;
+	}
+	rc = MQTTAsync_connect(M.client, o);
+	MQTTProperties_free(&props);
+	if (rc != MQTTASYNC_SUCCESS) {
+		char why[64];
+
+		snprintf(why, sizeof(why), "MQTTAsync_connect returned %d", rc);
+		queue_event(EV_CONNECT_FAILED, why);
+	}
+}
+
+static int make_store_dir(const char *dir)
+{
+	struct stat st;
+
+	if (mkdir(dir, 0750) < 0 && errno != EEXIST) {
+		log_error("mqtt: cannot create persistence_dir %s: %s", dir, strerror(errno));
+		return -1;
+	}
+	if (stat(dir, &st) < 0 || !S_ISDIR(st.st_mode)) {
+		log_error("mqtt: persistence_dir %s is not a directory", dir);
+		return -1;
+	}
+	if (access(dir, W_OK) < 0) {
+		log_error("mqtt: persistence_dir %s is not writable: %s", dir, strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
+int mqtt_init(struct event_base *base, const struct conf_mqtt *c, mqtt_state_fn on_state)
+{
+	MQTTAsync_createOptions cro = MQTTAsync_createOptions_initializer;
+	struct timespec ts;
+	int rc;
+
+	M.conf = c;
+	M.base = base;
+	M.on_state = on_state;
+	M.retry_s = 1;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	snprintf(M.boot_id, sizeof(M.boot_id), "%" PRIx64,
+		 (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u);
+	snprintf(M.uri, sizeof(M.uri), "%s://%s%s%s:%d", c->tls ? "ssl" : "tcp",
+		 strchr(c->host, ':') ? "[" : "", c->host, strchr(c->host, ':') ? "]" : "", c->port);
+	if (make_store_dir(c->persistence_dir) < 0)
+		return -1;
+	M.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	if (M.efd < 0) {
+		log_error("mqtt: eventfd: %s", strerror(errno));
+		return -1;
+	}
+	M.wake_ev = event_new(base, M.efd, EV_READ | EV_PERSIST, on_wake, NULL);
+	M.retry_ev = evtimer_new(base, on_retry, NULL);
+	if (!M.wake_ev || !M.retry_ev || event_add(M.wake_ev, NULL) < 0) {
+		log_error("mqtt: cannot create loop events");
+		return -1;
+	}
+	cro.sendWhileDisconnected = 1;
+	cro.allowDisconnectedSendAtAnyTime = 1;
+	cro.maxBufferedMessages = c->max_buffered;
+	cro.deleteOldestMessages = 0;	/* never drop silently: refuse (5.03) instead */
+	cro.restoreMessages = 1;
+	cro.persistQoS0 = 0;
+	cro.MQTTVersion = c->version == 5 ? MQTTVERSION_5 : MQTTVERSION_3_1_1;
+	rc = MQTTAsync_createWithOptions(&M.client, M.uri, c->client_id, MQTTCLIENT_PERSISTENCE_DEFAULT,
+					 (void *)c->persistence_dir, &cro);
+	if (rc != MQTTASYNC_SUCCESS) {
+		log_error("mqtt: cannot create client for %s (persistence_dir %s): code %d", M.uri,
+			  c->persistence_dir, rc);
+		return -1;
+	}
+	MQTTAsync_setCallbacks(M.client, NULL, on_lost, on_arrived, NULL);
+	MQTTAsync_setConnected(M.client, NULL, on_connected);
+	log_info("mqtt: connecting broker=%s client_id=%s version=%d store=%s", M.uri, c->client_id,
+		 c->version, c->persistence_dir);
+	connect_now();
+	return 0;
+}
+
+static void add_str_prop(MQTTProperties *props, int id, const char *key, const char *val)
+{
+	MQTTProperty p = { .identifier = id };
+
+	if (key) {
+		p.value.data.data = (char *)key;
+		p.value.data.len = (int)strlen(key);
+		p.value.value.data = (char *)val;
+		p.value.value.len = (int)strlen(val);
+	} else {
+		p.value.data.data = (char *)val;
+		p.value.data.len = (int)strlen(val);
+	}
+	MQTTProperties_add(props, &p);
+}
+
+enum mqtt_send mqtt_publish(const struct mqtt_msg *m, mqtt_done_fn done, void *arg)
+{
+	MQTTAsync_message msg = MQTTAsync_message_initializer;
+	MQTTAsync_responseOptions ro = MQTTAsync_responseOptions_initializer;
+	struct mqtt_ev *ev;
+	char msgid[48];
+	const char *ct;
+	int rc;
+
+	if (mqtt_outstanding() >= (size_t)M.conf->max_buffered)
+		return MQTT_SEND_FULL;
+	ev = calloc(1, sizeof(*ev));
+	if (!ev)
+		return MQTT_SEND_FAILED;
+	ev->done = done;
+	ev->arg = arg;
+	msg.payload = (void *)m->payload;
+	msg.payloadlen = (int)m->len;
+	msg.qos = m->qos;
+	msg.retained = m->retain;
+	if (M.conf->version == 5) {
+		snprintf(msgid, sizeof(msgid), "%s-%" PRIu64, M.boot_id, ++M.msg_seq);
+		if ((ct = mqtt_content_type(m->content_format)) != NULL)
+			add_str_prop(&msg.properties, MQTTPROPERTY_CODE_CONTENT_TYPE, NULL, ct);
+		if (m->identity)
+			add_str_prop(&msg.properties, MQTTPROPERTY_CODE_USER_PROPERTY, "identity",
+				     m->identity);
+		add_str_prop(&msg.properties, MQTTPROPERTY_CODE_USER_PROPERTY, "msg-id", msgid);
+		ro.onSuccess5 = on_pub_ok5;
+		ro.onFailure5 = on_pub_fail5;
+	} else {
+		ro.onSuccess = on_pub_ok;
+		ro.onFailure = on_pub_fail;
+	}
+	ro.context = ev;
+	/* link before sending: the completion may run on a Paho thread before send returns */
+	pthread_mutex_lock(&M.mu);
+	ev->lnext = M.live;
+	if (M.live)
+		M.live->lprev = ev;
+	M.live = ev;
+	pthread_mutex_unlock(&M.mu);
+	atomic_fetch_add(&M.outstanding, 1);
+	rc = MQTTAsync_sendMessage(M.client, m->topic, &msg, &ro);
+	MQTTProperties_free(&msg.properties);
+	if (rc == MQTTASYNC_SUCCESS)
+		return MQTT_SEND_OK;
+	atomic_fetch_sub(&M.outstanding, 1);
+	pthread_mutex_lock(&M.mu);
+	live_unlink(ev);
+	pthread_mutex_unlock(&M.mu);
+	free(ev);
+	if (rc == MQTTASYNC_MAX_BUFFERED_MESSAGES || rc == MQTTASYNC_MAX_BUFFERED)
+		return MQTT_SEND_FULL;
+	log_error("mqtt: publish topic=%s refused by client: code %d", m->topic, rc);
+	return MQTT_SEND_FAILED;
+}
+
+void mqtt_shutdown(int timeout_ms)
+{
+	MQTTAsync_disconnectOptions d = MQTTAsync_disconnectOptions_initializer;
+	struct mqtt_ev *ev;
+
+	if (M.client) {
+		d.timeout = timeout_ms;
+		if (MQTTAsync_isConnected(M.client))
+			MQTTAsync_disconnect(M.client, &d);
+		for (int waited = 0; waited < timeout_ms && MQTTAsync_isConnected(M.client); waited += 20)
+			usleep(20000);
+		MQTTAsync_destroy(&M.client);
+	}
+	/* no Paho thread runs now: deliver what was queued, abort what was not completed */
+	if (M.efd >= 0)
+		on_wake(M.efd, EV_READ, NULL);
+	while ((ev = M.live) != NULL) {
+		live_unlink(ev);
+		atomic_fetch_sub(&M.outstanding, 1);
+		if (ev->done)
+			ev->done(ev->arg, MQTT_ABORTED);
+		free(ev);
+	}
+	if (M.wake_ev)
+		event_free(M.wake_ev);
+	if (M.retry_ev)
+		event_free(M.retry_ev);
+	if (M.efd >= 0)
+		close(M.efd);
+	M.wake_ev = M.retry_ev = NULL;
+	M.efd = -1;
+	atomic_store(&M.connected, 0);
+}

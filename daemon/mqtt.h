@@ -1,0 +1,48 @@
+/* mqtt.h: the broker connection (the only Paho user): connect, publish, hand-off to the loop. */
+#ifndef C2M_MQTT_H
+#define C2M_MQTT_H
+
+#include <stddef.h>
+
+struct event_base;
+struct conf_mqtt;
+
+enum mqtt_status {
+	MQTT_DELIVERED,		/* QoS 0 written / QoS 1 PUBACK / QoS 2 PUBCOMP */
+	MQTT_FAILED,		/* Paho reported failure (not proof of non-delivery) */
+	MQTT_ABORTED,		/* shutdown: stays in the persistent store for the next start */
+};
+
+/* Called on the loop thread, exactly once per accepted publish. */
+typedef void (*mqtt_done_fn)(void *arg, enum mqtt_status st);
+/* Called on the loop thread when the broker connection comes up (1) or goes down (0). */
+typedef void (*mqtt_state_fn)(int connected);
+
+struct mqtt_msg {
+	const char *topic;
+	const void *payload;
+	size_t len;
+	int qos;
+	int retain;
+	int content_format;	/* CoAP Content-Format, -1 when absent */
+	const char *identity;	/* PSK identity, sent as user property "identity" */
+};
+
+enum mqtt_send {
+	MQTT_SEND_OK,		/* taken: persisted (QoS ≥ 1) or queued (QoS 0) */
+	MQTT_SEND_FULL,		/* buffer / window full: try later (5.03) */
+	MQTT_SEND_FAILED,	/* store or client failure (5.03) */
+};
+
+int mqtt_init(struct event_base *base, const struct conf_mqtt *c, mqtt_state_fn on_state);
+/* Disconnects (waiting up to timeout_ms for in-flight work), aborts what is left. */
+void mqtt_shutdown(int timeout_ms);
+
+enum mqtt_send mqtt_publish(const struct mqtt_msg *m, mqtt_done_fn done, void *arg);
+int mqtt_connected(void);
+/* Publishes accepted and not yet completed. */
+size_t mqtt_outstanding(void);
+/* MQTT 5 Content Type for a CoAP Content-Format, NULL when unknown. */
+const char *mqtt_content_type(int content_format);
+
+#endif

@@ -1,0 +1,36 @@
+/* stats.c: process-wide counters, named for logs and metrics. */
+#include "stats.h"
+
+static uint64_t counters[STAT__COUNT];
+
+static const char *const names[STAT__COUNT] = {
+	[STAT_REQUESTS] = "requests",
+	[STAT_RESP_2_04] = "responses_2_04",
+	[STAT_RESP_4_00] = "responses_4_00",
+	[STAT_RESP_4_04] = "responses_4_04",
+	[STAT_RESP_4_05] = "responses_4_05",
+	[STAT_RESP_4_13] = "responses_4_13",
+	[STAT_RESP_5_03] = "responses_5_03",
+	[STAT_DUPLICATES] = "duplicates",
+	[STAT_PUBLISHED] = "published",
+	[STAT_PUBLISH_FAILED] = "publish_failed",
+	[STAT_HANDSHAKE_OK] = "handshakes_ok",
+	[STAT_HANDSHAKE_FAILED] = "handshakes_failed",
+	[STAT_UNKNOWN_IDENTITY] = "unknown_identity",
+};
+
+void stats_inc(enum stat_id id)
+{
+	if (id < STAT__COUNT)
+		counters[id]++;
+}
+
+uint64_t stats_get(enum stat_id id)
+{
+	return id < STAT__COUNT ? counters[id] : 0;
+}
+
+const char *stats_name(enum stat_id id)
+{
+	return id < STAT__COUNT ? names[id] : "?";
+}
