@@ -116,7 +116,8 @@ void dev_session_event(coap_session_t *s, coap_event_t ev)
 		dev_fill_identity(d);	/* known only once the handshake is done */
 		d->up = 1;
 		stats_inc(STAT_HANDSHAKE_OK);
-		log_info("peer=%s identity=%s handshake ok", d->peer, d->identity);
+		log_info("peer=%s identity=%s handshake ok cipher=%s", d->peer, d->identity,
+			 loop_cipher(s));
 		break;
 	case COAP_EVENT_DTLS_ERROR:
 		stats_inc(STAT_HANDSHAKE_FAILED);

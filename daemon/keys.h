@@ -8,6 +8,7 @@
 #define KEYS_MIN_KEY 8		/* bytes */
 #define KEYS_MAX_KEY 64		/* bytes */
 #define KEYS_MAX_IDENTITY 128	/* bytes */
+#define KEYS_MAX_ENTRIES 100000	/* devices in one configuration (config + keys file) */
 
 struct key_entry {
 	char *identity;		/* NUL-ended, 1..KEYS_MAX_IDENTITY bytes, valid topic value */
@@ -22,11 +23,13 @@ struct keys;			/* opaque: hash table identity → entry */
 typedef void (*keys_error_fn)(void *arg, const char *msg);
 
 /* Parses a keys file: one "identity key" or "identity hex:HEX" per line, '#' comments, blank lines.
- * Refuses files readable by "other" (mode & 007). Appends entries to *v/*n (realloc'ed).
+ * Refuses files readable by "other" (mode & 007). Appends entries to *v, *n (realloc'ed). An
+ * identity already in *v (earlier line, or an entry the caller put there) is reported with both places.
  * Returns the number of errors reported (0 = ok). */
 int keys_parse_file(const char *path, struct key_entry **v, size_t *n, keys_error_fn err, void *arg);
 
-/* Decodes a text key or "hex:..."/hex string into out; returns length or -1 (reason in why). */
+/* Decodes a hex string (with or without a "hex:" prefix) into out; returns length or -1 (reason in
+ * why, e.g. "has an odd number of hex digits"). Length limits beyond outlen are the caller's. */
 int keys_decode_hex(const char *hex, uint8_t *out, size_t outlen, const char **why);
 
 /* Builds a lookup table over entries (borrowed, must outlive the table). NULL on OOM. */

@@ -5,6 +5,8 @@
 #include <sys/epoll.h>
 
 #include <event2/event.h>
+#include <wolfssl/options.h>
+#include <wolfssl/ssl.h>
 
 #include "config.h"
 #include "device.h"
@@ -23,6 +25,7 @@ static struct {
 	struct event *coap_ev, *tick_ev, *kick_ev;
 	const struct keys *keys;
 	coap_bin_const_t psk_out;	/* key handed to libcoap (it copies it at once) */
+	char ciphers[1024];		/* wolfSSL cipher list from coap.ciphers, "" = library default */
 	int kicked;
 } L;
 
@@ -36,9 +39,42 @@ coap_context_t *loop_coap(void)
 	return L.coap;
 }
 
-void loop_set_keys(const struct keys *k)
+void loop_set_config(const struct config *c, const struct keys *k)
 {
+	size_t n = 0;
+
 	L.keys = k;
+	L.ciphers[0] = '\0';
+	/* wolfSSL takes IANA names in its cipher list */
+	for (size_t i = 0; i < c->coap.n_ciphers && n < sizeof(L.ciphers); i++)
+		n += (size_t)snprintf(L.ciphers + n, sizeof(L.ciphers) - n, "%s%s", i ? ":" : "",
+				      c->coap.ciphers[i]);
+}
+
+const char *loop_cipher(coap_session_t *s)
+{
+	coap_tls_library_t lib;
+	WOLFSSL *ssl = coap_session_get_tls(s, &lib);
+
+	if (!ssl || lib != COAP_TLS_LIBRARY_WOLFSSL)
+		return "none";
+	return wolfSSL_get_cipher_name(ssl);
+}
+
+/* A new DTLS server session, before its ClientHello is processed: restrict its suites. */
+static void restrict_ciphers(coap_session_t *s)
+{
+	coap_tls_library_t lib;
+	WOLFSSL *ssl;
+	char peer[64];
+
+	if (!L.ciphers[0])
+		return;
+	ssl = coap_session_get_tls(s, &lib);
+	if (ssl && lib == COAP_TLS_LIBRARY_WOLFSSL &&
+	    wolfSSL_set_cipher_list(ssl, L.ciphers) != WOLFSSL_SUCCESS)
+		log_warn("peer=%s cannot apply coap.ciphers \"%s\"; using the default suites",
+			 loop_peer(s, peer, sizeof(peer)), L.ciphers);
 }
 
 const struct keys *loop_keys(void)
@@ -110,6 +146,9 @@ static int on_coap_event(coap_session_t *s, const coap_event_t ev)
 				 loop_peer(s, peer, sizeof(peer)));
 		break;
 	}
+	case COAP_EVENT_SERVER_SESSION_NEW:
+		restrict_ciphers(s);
+		break;
 	default:
 		break;
 	}
@@ -267,7 +306,7 @@ int loop_init(const struct config *c, const struct keys *k)
 	struct timeval tick = { 0, LOOP_PREPARE_MS * 1000 };
 	int fd;
 
-	L.keys = k;
+	loop_set_config(c, k);
 	L.base = event_base_new();
 	if (!L.base) {
 		log_error("loop: cannot create the event base");

@@ -11,8 +11,10 @@ struct keys;
 int loop_init(const struct config *c, const struct keys *k);
 struct event_base *loop_base(void);
 coap_context_t *loop_coap(void);
-/* Swaps the key store used for new handshakes (reload). */
-void loop_set_keys(const struct keys *k);
+/* Swaps the key store and cipher suites used for new handshakes (reload). */
+void loop_set_config(const struct config *c, const struct keys *k);
+/* Name of the session's negotiated cipher suite. */
+const char *loop_cipher(coap_session_t *s);
 const struct keys *loop_keys(void);
 int loop_run(void);
 void loop_stop(void);

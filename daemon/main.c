@@ -77,7 +77,7 @@ static void on_reload(evutil_socket_t sig, short what, void *arg)
 		sd_notify(0, "READY=1");
 		return;
 	}
-	loop_set_keys(k);
+	loop_set_config(c, k);
 	uplink_set_config(c);
 	log_set_level(c->log_level);
 	keys_free(G.keys);
