@@ -4,6 +4,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <event2/event.h>
+
 #include "device.h"
 #include "keys.h"
 #include "log.h"
@@ -20,7 +22,10 @@ struct device {
 	} recent[DEV_DEDUP_SLOTS];
 	unsigned next_slot;
 	int up;
+	struct event *hs_timer;		/* handshake deadline, armed once the identity is known */
 };
+
+#define DEV_HANDSHAKE_S 10	/* a PSK handshake not done by then has failed (wrong key) */
 
 static size_t n_devices;
 
@@ -91,6 +96,32 @@ void dev_dedup_store(struct device *d, coap_mid_t mid, uint8_t code)
 	d->next_slot = (d->next_slot + 1) % DEV_DEDUP_SLOTS;
 }
 
+static void on_handshake_deadline(evutil_socket_t fd, short what, void *arg)
+{
+	struct device *d = arg;
+
+	(void)fd;
+	(void)what;
+	/* DTLS drops records it cannot decrypt, so a wrong key shows only as silence */
+	stats_inc(STAT_HANDSHAKE_FAILED);
+	log_warn("peer=%s identity=%s handshake failed: not completed within %ds; the device's key "
+		 "is probably wrong", d->peer, d->identity, DEV_HANDSHAKE_S);
+}
+
+void dev_handshake_start(coap_session_t *s, const char *identity)
+{
+	struct device *d = dev_get(s);
+	struct timeval tv = { DEV_HANDSHAKE_S, 0 };
+
+	if (!d)
+		return;
+	snprintf(d->identity, sizeof(d->identity), "%s", identity);
+	if (!d->hs_timer)
+		d->hs_timer = evtimer_new(loop_base(), on_handshake_deadline, d);
+	if (d->hs_timer)
+		evtimer_add(d->hs_timer, &tv);
+}
+
 static void dev_free(coap_session_t *s, const char *reason)
 {
 	struct device *d = coap_session_get_app_data(s);
@@ -100,6 +131,8 @@ static void dev_free(coap_session_t *s, const char *reason)
 	if (d->up)
 		log_info("peer=%s identity=%s session ended reason=%s", d->peer, d->identity, reason);
 	coap_session_set_app_data(s, NULL);
+	if (d->hs_timer)
+		event_free(d->hs_timer);
 	n_devices--;
 	free(d);
 }
@@ -115,6 +148,8 @@ void dev_session_event(coap_session_t *s, coap_event_t ev)
 			break;
 		dev_fill_identity(d);	/* known only once the handshake is done */
 		d->up = 1;
+		if (d->hs_timer)
+			evtimer_del(d->hs_timer);
 		stats_inc(STAT_HANDSHAKE_OK);
 		log_info("peer=%s identity=%s handshake ok cipher=%s", d->peer, d->identity,
 			 loop_cipher(s));

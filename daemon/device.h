@@ -20,6 +20,9 @@ const char *dev_peer(const struct device *d);
 uint8_t dev_dedup_find(const struct device *d, coap_mid_t mid);
 void dev_dedup_store(struct device *d, coap_mid_t mid, uint8_t code);
 
+/* The PSK callback accepted identity for s: the handshake must now complete in time. */
+void dev_handshake_start(coap_session_t *s, const char *identity);
+
 /* libcoap session events for server sessions. */
 void dev_session_event(coap_session_t *s, coap_event_t ev);
 size_t dev_count(void);

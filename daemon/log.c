@@ -66,10 +66,13 @@ void log_msg(enum log_level lvl, const char *fmt, ...)
 	va_end(ap);
 	if (n < 0)
 		return;
-	/* one event per line: fold embedded newlines, drop a trailing one */
-	for (char *p = line; *p; p++)
+	/* one event per line: fold embedded newlines, drop a trailing one; no raw control bytes */
+	for (char *p = line; *p; p++) {
 		if (*p == '\n' || *p == '\r')
 			*p = (p[1] == '\0') ? '\0' : ' ';
+		else if ((unsigned char)*p < 0x20 || *p == 0x7f)
+			*p = '?';
+	}
 	if (log_journal)
 		fprintf(stderr, "<%d>%s: %s\n", (int)lvl, log_level_name(lvl), line);
 	else

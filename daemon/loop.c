@@ -25,7 +25,7 @@ static struct {
 	struct event *coap_ev, *tick_ev, *kick_ev;
 	const struct keys *keys;
 	coap_bin_const_t psk_out;	/* key handed to libcoap (it copies it at once) */
-	char ciphers[1024];		/* wolfSSL cipher list from coap.ciphers, "" = library default */
+	char ciphers[1024];		/* cipher list from coap.ciphers, "" = library default */
 	int kicked;
 } L;
 
@@ -49,33 +49,31 @@ void loop_set_config(const struct config *c, const struct keys *k)
 	for (size_t i = 0; i < c->coap.n_ciphers && n < sizeof(L.ciphers); i++)
 		n += (size_t)snprintf(L.ciphers + n, sizeof(L.ciphers) - n, "%s%s", i ? ":" : "",
 				      c->coap.ciphers[i]);
+	/* applied by libcoap to each new server session (deps-patches/libcoap/0002) */
+	if (!coap_wolfssl_set_server_cipher_list(L.ciphers))
+		log_error("loop: out of memory setting coap.ciphers");
+}
+
+/* The session's WOLFSSL object; libcoap's wolfSSL backend hands out a pointer to it. */
+static WOLFSSL *session_ssl(coap_session_t *s)
+{
+	coap_tls_library_t lib;
+	WOLFSSL **pssl;
+
+	if (coap_session_get_proto(s) != COAP_PROTO_DTLS || !coap_session_get_tls(s, &lib))
+		return NULL;
+	pssl = coap_session_get_tls(s, &lib);
+	return lib == COAP_TLS_LIBRARY_WOLFSSL && pssl ? *pssl : NULL;
 }
 
 const char *loop_cipher(coap_session_t *s)
 {
-	coap_tls_library_t lib;
-	WOLFSSL *ssl = coap_session_get_tls(s, &lib);
+	WOLFSSL *ssl = session_ssl(s);
+	const char *name = ssl ? wolfSSL_get_cipher(ssl) : NULL;
 
-	if (!ssl || lib != COAP_TLS_LIBRARY_WOLFSSL)
-		return "none";
-	return wolfSSL_get_cipher_name(ssl);
+	return name ? name : "none";
 }
 
-/* A new DTLS server session, before its ClientHello is processed: restrict its suites. */
-static void restrict_ciphers(coap_session_t *s)
-{
-	coap_tls_library_t lib;
-	WOLFSSL *ssl;
-	char peer[64];
-
-	if (!L.ciphers[0])
-		return;
-	ssl = coap_session_get_tls(s, &lib);
-	if (ssl && lib == COAP_TLS_LIBRARY_WOLFSSL &&
-	    wolfSSL_set_cipher_list(ssl, L.ciphers) != WOLFSSL_SUCCESS)
-		log_warn("peer=%s cannot apply coap.ciphers \"%s\"; using the default suites",
-			 loop_peer(s, peer, sizeof(peer)), L.ciphers);
-}
 
 const struct keys *loop_keys(void)
 {
@@ -122,6 +120,7 @@ static const coap_bin_const_t *on_psk_identity(coap_bin_const_t *identity, coap_
 			 "devices or devices_file", loop_peer(s, peer, sizeof(peer)), id);
 		return NULL;
 	}
+	dev_handshake_start(s, e->identity);
 	L.psk_out.s = e->key;
 	L.psk_out.length = e->key_len;
 	return &L.psk_out;
@@ -146,9 +145,6 @@ static int on_coap_event(coap_session_t *s, const coap_event_t ev)
 				 loop_peer(s, peer, sizeof(peer)));
 		break;
 	}
-	case COAP_EVENT_SERVER_SESSION_NEW:
-		restrict_ciphers(s);
-		break;
 	default:
 		break;
 	}
@@ -359,6 +355,7 @@ void loop_shutdown(void)
 	if (L.coap)
 		coap_free_context(L.coap);
 	L.coap = NULL;
+	coap_wolfssl_set_server_cipher_list(NULL);
 	coap_cleanup();
 	if (L.base)
 		event_base_free(L.base);

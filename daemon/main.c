@@ -41,7 +41,7 @@ static void usage(FILE *f)
 
 static void print_version(void)
 {
-	printf("coap2mqtt %s (libcoap %s, wolfSSL %s)\n", C2M_VERSION, coap_package_version(),
+	printf("coap2mqtt %s (%s, wolfSSL %s)\n", C2M_VERSION, coap_package_version(),
 	       wolfSSL_lib_version());
 }
 
