@@ -1,0 +1,298 @@
+/* test_route.c: unit tests for path-pattern matching, topic filling and value checks. */
+#include <string.h>
+
+#include "check.h"
+#include "route.h"
+
+#define NSEG_MAX (ROUTE_MAX_SEGMENTS + 2)
+
+struct path {
+	struct route_seg seg[NSEG_MAX];
+	size_t n;
+};
+
+/* Splits a test path on '/' (test paths never hold a '/' inside a value). */
+static struct path split(const char *p)
+{
+	struct path out = { .n = 0 };
+	const char *slash;
+
+	for (;;) {
+		slash = strchr(p, '/');
+		out.seg[out.n].s = p;
+		out.seg[out.n].len = slash ? (size_t)(slash - p) : strlen(p);
+		out.n++;
+		if (!slash || out.n == NSEG_MAX)
+			return out;
+		p = slash + 1;
+	}
+}
+
+static enum route_result match(const struct route *r, const char *path, char *topic, size_t len)
+{
+	struct path p = split(path);
+
+	return route_match(r, p.seg, p.n, "dev-1", topic, len);
+}
+
+/* Matches one path whose single variable segment (index 1) is the raw bytes v[0..vlen). */
+static enum route_result match_raw(const struct route *r, const char *v, size_t vlen)
+{
+	struct route_seg seg[2] = { { "sensors", 7 }, { v, vlen } };
+	char topic[ROUTE_MAX_TOPIC];
+
+	return route_match(r, seg, 2, "dev-1", topic, sizeof(topic));
+}
+
+static void test_basic(void)
+{
+	char err[256], topic[ROUTE_MAX_TOPIC];
+	struct route *r = route_compile("sensors/{name}", "devices/{identity}/{name}", err, sizeof(err));
+
+	CHECK(r != NULL);
+	if (!r)
+		return;
+	CHECK(match(r, "sensors/temp", topic, sizeof(topic)) == ROUTE_OK);
+	CHECK_STR(topic, "devices/dev-1/temp");
+	CHECK(match(r, "sensors", topic, sizeof(topic)) == ROUTE_NO_MATCH);
+	CHECK(match(r, "sensors/temp/x", topic, sizeof(topic)) == ROUTE_NO_MATCH);
+	CHECK(match(r, "sensor/temp", topic, sizeof(topic)) == ROUTE_NO_MATCH);
+	CHECK(match(r, "Sensors/temp", topic, sizeof(topic)) == ROUTE_NO_MATCH);
+	CHECK(match(r, "sensorsX/temp", topic, sizeof(topic)) == ROUTE_NO_MATCH);
+	CHECK(route_uses_var(r, "name"));
+	CHECK(route_uses_var(r, "identity"));
+	CHECK(!route_uses_var(r, "room"));
+	route_free(r);
+}
+
+static void test_literal_only(void)
+{
+	char err[256], topic[64];
+	struct route *r = route_compile("a/b/c", "x/{identity}", err, sizeof(err));
+
+	CHECK(r != NULL);
+	if (!r)
+		return;
+	CHECK(match(r, "a/b/c", topic, sizeof(topic)) == ROUTE_OK);
+	CHECK_STR(topic, "x/dev-1");
+	CHECK(match(r, "a/b", topic, sizeof(topic)) == ROUTE_NO_MATCH);
+	CHECK(match(r, "a/b/d", topic, sizeof(topic)) == ROUTE_NO_MATCH);
+	CHECK(route_match(r, NULL, 0, "dev-1", topic, sizeof(topic)) == ROUTE_NO_MATCH);
+	CHECK(!route_uses_var(r, "a"));
+	route_free(r);
+}
+
+static void test_rest(void)
+{
+	char err[256], topic[ROUTE_MAX_TOPIC];
+	struct route *r = route_compile("data/{kind}/{rest+}", "d/{identity}/{kind}/{rest+}", err,
+					sizeof(err));
+	struct route *r2;
+
+	CHECK(r != NULL);
+	if (!r)
+		return;
+	CHECK(match(r, "data/t/a", topic, sizeof(topic)) == ROUTE_OK);
+	CHECK_STR(topic, "d/dev-1/t/a");
+	CHECK(match(r, "data/t/a/b/c", topic, sizeof(topic)) == ROUTE_OK);
+	CHECK_STR(topic, "d/dev-1/t/a/b/c");
+	CHECK(match(r, "data/t", topic, sizeof(topic)) == ROUTE_NO_MATCH);	/* rest needs ≥ 1 */
+	CHECK(match(r, "data/t/a/+/c", topic, sizeof(topic)) == ROUTE_BAD_VALUE);
+	CHECK(match(r, "data/t/a//c", topic, sizeof(topic)) == ROUTE_BAD_VALUE);	/* empty level */
+	CHECK(match(r, "data/t/#", topic, sizeof(topic)) == ROUTE_BAD_VALUE);
+	CHECK(match(r, "other/t/a", topic, sizeof(topic)) == ROUTE_NO_MATCH);
+	CHECK(route_uses_var(r, "rest"));
+	route_free(r);
+
+	/* {rest} without '+' in the topic also fills the joined rest */
+	r2 = route_compile("{all+}", "up/{all}", err, sizeof(err));
+	CHECK(r2 != NULL);
+	if (r2) {
+		CHECK(match(r2, "x/y", topic, sizeof(topic)) == ROUTE_OK);
+		CHECK_STR(topic, "up/x/y");
+		route_free(r2);
+	}
+}
+
+static void test_max_segments(void)
+{
+	char err[256], topic[ROUTE_MAX_TOPIC], path[256] = "";
+	struct route *r = route_compile("{rest+}", "t/{rest}", err, sizeof(err));
+	int i;
+
+	CHECK(r != NULL);
+	if (!r)
+		return;
+	for (i = 0; i < ROUTE_MAX_SEGMENTS; i++)
+		strcat(path, i ? "/s" : "s");
+	CHECK(match(r, path, topic, sizeof(topic)) == ROUTE_OK);
+	strcat(path, "/s");	/* one more than allowed */
+	CHECK(match(r, path, topic, sizeof(topic)) == ROUTE_NO_MATCH);
+	route_free(r);
+}
+
+static void test_injection(void)
+{
+	char err[256];
+	struct route *r = route_compile("sensors/{name}", "devices/{identity}/{name}", err, sizeof(err));
+
+	CHECK(r != NULL);
+	if (!r)
+		return;
+	CHECK(match_raw(r, "temp", 4) == ROUTE_OK);
+	CHECK(match_raw(r, "a/b", 3) == ROUTE_BAD_VALUE);
+	CHECK(match_raw(r, "+", 1) == ROUTE_BAD_VALUE);
+	CHECK(match_raw(r, "#", 1) == ROUTE_BAD_VALUE);
+	CHECK(match_raw(r, "a+b", 3) == ROUTE_BAD_VALUE);
+	CHECK(match_raw(r, "", 0) == ROUTE_BAD_VALUE);
+	CHECK(match_raw(r, "ab\0cd", 5) == ROUTE_BAD_VALUE);
+	CHECK(match_raw(r, "\xc0\xaf", 2) == ROUTE_BAD_VALUE);	/* overlong '/' */
+	CHECK(match_raw(r, "\xed\xa0\x80", 3) == ROUTE_BAD_VALUE);	/* surrogate */
+	CHECK(match_raw(r, "ab\xc3", 3) == ROUTE_BAD_VALUE);	/* truncated */
+	CHECK(match_raw(r, "\xe2\x82", 2) == ROUTE_BAD_VALUE);	/* truncated */
+	CHECK(match_raw(r, "\xf4\x90\x80\x80", 4) == ROUTE_BAD_VALUE);	/* > U+10FFFF */
+	CHECK(match_raw(r, "\xf8\x88\x80\x80\x80", 5) == ROUTE_BAD_VALUE);	/* 5-byte form */
+	CHECK(match_raw(r, "\x80", 1) == ROUTE_BAD_VALUE);	/* stray continuation */
+	CHECK(match_raw(r, "a\nb", 3) == ROUTE_BAD_VALUE);
+	CHECK(match_raw(r, "a\x7f", 2) == ROUTE_BAD_VALUE);
+	CHECK(match_raw(r, "\xc2\x85", 2) == ROUTE_BAD_VALUE);	/* C1 control NEL */
+	CHECK(match_raw(r, "temp\xc3\xa9rature", 12) == ROUTE_OK);
+	CHECK(match_raw(r, "\xf0\x9f\x8c\xa1", 4) == ROUTE_OK);	/* 4-byte emoji */
+	CHECK(match_raw(r, "a b", 3) == ROUTE_OK);
+	route_free(r);
+}
+
+static void test_value_ok(void)
+{
+	char big[ROUTE_MAX_VALUE + 1];
+
+	memset(big, 'a', sizeof(big));
+	CHECK(route_value_ok(big, ROUTE_MAX_VALUE));
+	CHECK(!route_value_ok(big, ROUTE_MAX_VALUE + 1));
+	CHECK(!route_value_ok(NULL, 1));
+	CHECK(route_value_ok("température", strlen("température")));
+	CHECK(!route_value_ok("\xe0\x80\xaf", 3));	/* overlong 3-byte */
+	CHECK(!route_value_ok("\xf0\x80\x80\xaf", 4));	/* overlong 4-byte */
+	CHECK(route_value_ok("\xed\x9f\xbf", 3));	/* U+D7FF, just below surrogates */
+	CHECK(route_value_ok("\xf4\x8f\xbf\xbf", 4));	/* U+10FFFF */
+}
+
+static void test_identity(void)
+{
+	char err[256], topic[64];
+	struct route *r = route_compile("x", "d/{identity}", err, sizeof(err));
+	struct route_seg seg = { "x", 1 };
+
+	CHECK(r != NULL);
+	if (!r)
+		return;
+	CHECK(route_match(r, &seg, 1, "a/b", topic, sizeof(topic)) == ROUTE_BAD_VALUE);
+	CHECK(route_match(r, &seg, 1, NULL, topic, sizeof(topic)) == ROUTE_BAD_VALUE);
+	CHECK(route_match(r, &seg, 1, "ok", topic, sizeof(topic)) == ROUTE_OK);
+	CHECK_STR(topic, "d/ok");
+	route_free(r);
+}
+
+static void test_too_long(void)
+{
+	char err[256], topic[ROUTE_MAX_TOPIC], small[16];
+	char v[ROUTE_MAX_VALUE];
+	struct route_seg seg[ROUTE_MAX_SEGMENTS];
+	struct route *r = route_compile("{rest+}", "t/{rest+}", err, sizeof(err));
+	size_t i;
+
+	CHECK(r != NULL);
+	if (!r)
+		return;
+	memset(v, 'v', sizeof(v));
+	for (i = 0; i < 4; i++)
+		seg[i] = (struct route_seg){ v, sizeof(v) };
+	/* "t/" + 4 * 255 + 3 slashes = 1025 bytes > 1023 */
+	CHECK(route_match(r, seg, 4, "d", topic, sizeof(topic)) == ROUTE_TOO_LONG);
+	CHECK(route_match(r, seg, 3, "d", topic, sizeof(topic)) == ROUTE_OK);
+	CHECK(strlen(topic) == 2 + 3 * 255 + 2);
+	seg[0] = (struct route_seg){ "abcdefghijklm", 13 };	/* "t/" + 13 = 15 bytes + NUL = 16 */
+	CHECK(route_match(r, seg, 1, "d", small, sizeof(small)) == ROUTE_OK);
+	CHECK_STR(small, "t/abcdefghijklm");
+	seg[0] = (struct route_seg){ "abcdefghijklmn", 14 };
+	CHECK(route_match(r, seg, 1, "d", small, sizeof(small)) == ROUTE_TOO_LONG);
+	CHECK(route_match(r, seg, 1, "d", small, 0) == ROUTE_TOO_LONG);
+	route_free(r);
+}
+
+static void expect_error(const char *pattern, const char *tmpl, const char *want)
+{
+	char err[256] = "";
+	struct route *r = route_compile(pattern, tmpl, err, sizeof(err));
+
+	CHECK(r == NULL);
+	route_free(r);
+	if (strstr(err, want) == NULL)
+		CHECK_STR(err, want);
+	else
+		CHECK(1);
+}
+
+static void test_compile_errors(void)
+{
+	expect_error("sensors/{name}", "d/{room}", "topic uses {room} but the path has no {room}");
+	expect_error("sensors/{name}", "", "topic is empty");
+	expect_error("sensors/{name}", "/d/{name}", "topic must not start with '/'");
+	expect_error("sensors/{name}", "d/+/{name}", "'+' or '#'");
+	expect_error("sensors/{name}", "d/#", "'+' or '#'");
+	expect_error("sensors/{name}", "d/{name", "'{' without a matching '}'");
+	expect_error("sensors/{name}", "d/name}", "'}' without a matching '{'");
+	expect_error("sensors/{name}", "d/{}", "not a valid name");
+	expect_error("sensors/{name}", "d/{name+}", "single segment");
+	expect_error("sensors/{name}", "d/\x01", "control character");
+	expect_error("sensors/{name}", "d/\xc0\xaf", "invalid UTF-8");
+	expect_error("", "d", "path is empty");
+	expect_error("/sensors", "d", "must not start with '/'");
+	expect_error("a//b", "d", "empty segment");
+	expect_error("a/", "d", "empty segment");
+	expect_error("a/{identity}", "d", "reserved");
+	expect_error("a/{1x}", "d", "not a valid name");
+	expect_error("a/{x-y}", "d", "not a valid name");
+	expect_error("a/{abcdefghijabcdefghijabcdefghijabc}", "d", "not a valid name");	/* 33 */
+	expect_error("a/{x}/{x}", "d", "uses {x} twice");
+	expect_error("{r+}/a", "d", "must be the last segment");
+	expect_error("a{x}", "d", "mixes text and braces");
+	expect_error("{x}y", "d", "is not a variable");
+	expect_error("{}", "d", "is not a variable");
+	expect_error("a/b/c/d/e/f/g/h/i/j/k/l/m/n/o/p/q/r/s/t/u/v/w/x/y/z/1/2/3/4/5/6/7", "d",
+		     "more than 32 segments");
+}
+
+static void test_compile_ok(void)
+{
+	char err[256];
+	struct route *r = route_compile("{abcdefghijabcdefghijabcdefghijab}", "t/{abcdefghijabcdefghijabcdefghijab}",
+					err, sizeof(err));
+
+	CHECK(r != NULL);	/* a 32-character name is allowed */
+	route_free(r);
+	r = route_compile("a/b/c/d/e/f/g/h/i/j/k/l/m/n/o/p/q/r/s/t/u/v/w/x/y/z/1/2/3/4/5/6", "d", err,
+			  sizeof(err));
+	CHECK(r != NULL);	/* 32 segments */
+	route_free(r);
+	r = route_compile("s/{_v9}", "m\xc3\xa9t\xc3\xa9o/{_v9}", err, sizeof(err));
+	CHECK(r != NULL);	/* UTF-8 text in the topic */
+	route_free(r);
+	CHECK_STR(route_result_str(ROUTE_BAD_VALUE), "bad path value");
+	route_free(NULL);
+}
+
+int main(void)
+{
+	test_basic();
+	test_literal_only();
+	test_rest();
+	test_max_segments();
+	test_injection();
+	test_value_ok();
+	test_identity();
+	test_too_long();
+	test_compile_errors();
+	test_compile_ok();
+	return check_done();
+}
