@@ -54,6 +54,40 @@ struct conf_mqtt {
 	int max_buffered;		/* default 100000, 1..10000000 */
 	int max_inflight;		/* default 1000, 1..65535 */
 	unsigned session_expiry;	/* s, default 86400 */
+	char *status_topic;		/* gateway status (Last Will "offline", "online" after connect);
+					 * default "coap2mqtt/<client_id>/status" */
+};
+
+/* observe: resources the gateway observes on devices (RFC 7641). */
+struct conf_observe {
+	char *devices;			/* fnmatch(3) glob on the PSK identity, default "*" */
+	char *path;			/* resource path ("temperature", "a/b"); NULL when discover */
+	bool discover;			/* GET /.well-known/core and observe every obs resource */
+	char *match;			/* with discover: fnmatch glob on the resource path, NULL = all */
+	char *topic;			/* topic template: {identity}, {path+} (the resource path) */
+	struct route *route;		/* compiled: pattern "{path+}" + topic */
+	int qos;			/* default 0 */
+	bool retain;			/* default false */
+	int line;
+};
+
+/* commands: MQTT messages that become CoAP requests to devices. */
+struct conf_command {
+	char *topic;			/* template: literal levels, {identity} (required), {path+} (required, last) */
+	char *filter;			/* MQTT subscription filter derived from topic: {x} → +, {x+} → # */
+	struct route *route;		/* compiled with ROUTE_IDENTITY_VAR: matches incoming topics and
+					 * fills response_topic */
+	unsigned method;		/* one enum conf_method bit, default CONF_M_PUT */
+	char *response_topic;		/* template over the same variables; NULL → only MQTT 5 Response Topic */
+	unsigned ttl;			/* s to wait for an offline device, 0..86400, default 30 */
+	int qos;			/* subscription and response QoS, default 1 */
+	int line;
+};
+
+struct conf_metrics {
+	char *listen;			/* "HOST:PORT" for Prometheus text over HTTP; NULL = off */
+	char *topic;			/* MQTT topic for periodic JSON; NULL = off */
+	unsigned interval;		/* s between JSON publishes, 1..86400, default 60 */
 };
 
 struct config {
@@ -66,6 +100,13 @@ struct config {
 	struct conf_mqtt mqtt;
 	struct conf_route *routes;
 	size_t n_routes;
+	struct conf_observe *observe;
+	size_t n_observe;
+	struct conf_command *commands;
+	size_t n_commands;
+	char *presence_topic;		/* template with {identity}; NULL = no presence messages */
+	struct route *presence_route;	/* compiled: pattern "" (no segments) + presence_topic */
+	struct conf_metrics metrics;
 };
 
 /* Loads and validates path. Every problem is printed to errs as "file:line:col: key: what"

@@ -31,6 +31,22 @@ struct route_seg {
 struct route *route_compile(const char *pattern, const char *tmpl, char *err, size_t errlen);
 void route_free(struct route *r);
 
+/* Flags for route_compile2. */
+#define ROUTE_IDENTITY_VAR 1	/* "{identity}" may be a pattern variable (command topics): its
+				 * value is checked like any other and also fills {identity} */
+
+struct route *route_compile2(const char *pattern, const char *tmpl, unsigned flags, char *err,
+			     size_t errlen);
+
+/* Like route_match, for routes compiled with ROUTE_IDENTITY_VAR: identity comes from the pattern.
+ * On ROUTE_OK, *identity points into segs (not NUL-ended) and the topic is filled. */
+enum route_result route_match_id(const struct route *r, const struct route_seg *segs, size_t nseg,
+				 struct route_seg *identity, char *topic, size_t topiclen);
+
+/* Splits an MQTT topic or a resource path on '/' into segs (pointing into s); returns the count,
+ * or 0 when there are more than max. An empty s gives 0 segments. */
+size_t route_split(const char *s, size_t len, struct route_seg *segs, size_t max);
+
 /* Matches segs against r and, on ROUTE_OK, writes the NUL-ended topic into topic[topiclen].
  * identity must already be valid as a topic value (route_value_ok). */
 enum route_result route_match(const struct route *r, const struct route_seg *segs, size_t nseg,
