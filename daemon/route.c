@@ -33,7 +33,9 @@ struct route {
 	size_t nseg;
 	struct tmpl_part *part;
 	size_t npart;
-	int uses_identity;
+	int uses_identity;	/* the template has a PART_IDENTITY (identity given to route_match) */
+	int id_seg;		/* ROUTE_IDENTITY_VAR: index of the {identity} pattern variable, or -1 */
+	unsigned flags;
 };
 
 static void route_err(char *err, size_t errlen, const char *fmt, ...)
@@ -165,9 +167,14 @@ static int compile_seg(struct route *r, const char *s, size_t len, int last, cha
 			  "at most %d characters)", (int)(len > 64 ? 64 : len), s, ROUTE_MAX_NAME);
 		return -1;
 	}
-	if (is_identity(seg->text, seg->len)) {
+	if (is_identity(seg->text, seg->len) && !(r->flags & ROUTE_IDENTITY_VAR)) {
 		route_err(err, errlen, "path variable {identity} is reserved (the device identity is always "
 			  "available to the topic)");
+		return -1;
+	}
+	if (is_identity(seg->text, seg->len) && plus) {
+		route_err(err, errlen, "path variable {identity+} is not allowed (an identity is one segment: "
+			  "{identity})");
 		return -1;
 	}
 	if (find_var(r, seg->text, seg->len) >= 0) {
@@ -179,6 +186,8 @@ static int compile_seg(struct route *r, const char *s, size_t len, int last, cha
 			  seg->text);
 		return -1;
 	}
+	if (is_identity(seg->text, seg->len))
+		r->id_seg = (int)r->nseg;
 	return 0;
 }
 
@@ -187,10 +196,8 @@ static int compile_pattern(struct route *r, char *err, size_t errlen)
 	const char *s = r->pat, *slash;
 	size_t len;
 
-	if (*s == '\0') {
-		route_err(err, errlen, "path is empty");
-		return -1;
-	}
+	if (*s == '\0')
+		return 0;	/* no segments: matches only an empty path (presence topics) */
 	if (*s == '/') {
 		route_err(err, errlen, "path must not start with '/' (write \"sensors/{name}\")");
 		return -1;
@@ -217,7 +224,8 @@ static int compile_placeholder(struct route *r, struct tmpl_part *part, const ch
 {
 	int i;
 
-	if (is_identity(name, len) && !plus) {
+	/* with ROUTE_IDENTITY_VAR, {identity} is a pattern variable like any other */
+	if (is_identity(name, len) && !plus && !(r->flags & ROUTE_IDENTITY_VAR)) {
 		part->kind = PART_IDENTITY;
 		r->uses_identity = 1;
 		return 0;
@@ -325,6 +333,12 @@ static int compile_template(struct route *r, char *err, size_t errlen)
 
 struct route *route_compile(const char *pattern, const char *tmpl, char *err, size_t errlen)
 {
+	return route_compile2(pattern, tmpl, 0, err, errlen);
+}
+
+struct route *route_compile2(const char *pattern, const char *tmpl, unsigned flags, char *err,
+			     size_t errlen)
+{
 	struct route *r;
 
 	if (pattern == NULL || tmpl == NULL) {
@@ -337,6 +351,8 @@ struct route *route_compile(const char *pattern, const char *tmpl, char *err, si
 		route_free(r);
 		return NULL;
 	}
+	r->flags = flags;
+	r->id_seg = -1;
 	if (compile_pattern(r, err, errlen) < 0 || compile_template(r, err, errlen) < 0) {
 		route_free(r);
 		return NULL;
@@ -358,7 +374,7 @@ void route_free(struct route *r)
 static enum route_result match_shape(const struct route *r, const struct route_seg *segs, size_t nseg)
 {
 	size_t i;
-	int rest = r->seg[r->nseg - 1].kind == SEG_REST;
+	int rest = r->nseg > 0 && r->seg[r->nseg - 1].kind == SEG_REST;
 
 	if (rest ? nseg < r->nseg : nseg != r->nseg)
 		return ROUTE_NO_MATCH;
@@ -456,6 +472,43 @@ enum route_result route_match(const struct route *r, const struct route_seg *seg
 	return fill(r, segs, nseg, identity, idlen, topic, cap);
 }
 
+/* The identity is set whenever the values are valid (ROUTE_OK, and ROUTE_TOO_LONG too, so that a
+ * caller can still answer the device's owner); a route without an {identity} pattern variable
+ * never matches here. */
+enum route_result route_match_id(const struct route *r, const struct route_seg *segs, size_t nseg,
+				 struct route_seg *identity, char *topic, size_t topiclen)
+{
+	enum route_result rr;
+
+	if (identity == NULL)
+		return ROUTE_NO_MATCH;
+	*identity = (struct route_seg){ NULL, 0 };
+	if (r == NULL || r->id_seg < 0)
+		return ROUTE_NO_MATCH;
+	rr = route_match(r, segs, nseg, NULL, topic, topiclen);
+	if (rr == ROUTE_OK || rr == ROUTE_TOO_LONG)
+		*identity = segs[r->id_seg];
+	return rr;
+}
+
+/* Empty segments are kept ("a//b" is three), so that matching refuses them as bad values. */
+size_t route_split(const char *s, size_t len, struct route_seg *segs, size_t max)
+{
+	size_t n = 0, start = 0, i;
+
+	if (s == NULL || segs == NULL || len == 0)
+		return 0;
+	for (i = 0; i <= len; i++) {
+		if (i < len && s[i] != '/')
+			continue;
+		if (n == max)
+			return 0;
+		segs[n++] = (struct route_seg){ s + start, i - start };
+		start = i + 1;
+	}
+	return n;
+}
+
 int route_uses_var(const struct route *r, const char *name)
 {
 	size_t len;
@@ -464,7 +517,7 @@ int route_uses_var(const struct route *r, const char *name)
 		return 0;
 	len = strlen(name);
 	if (is_identity(name, len))
-		return r->uses_identity;
+		return r->uses_identity || r->id_seg >= 0;
 	return find_var(r, name, len) >= 0;
 }
 

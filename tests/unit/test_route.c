@@ -1,4 +1,5 @@
 /* test_route.c: unit tests for path-pattern matching, topic filling and value checks. */
+#include <stdio.h>
 #include <string.h>
 
 #include "check.h"
@@ -246,7 +247,6 @@ static void test_compile_errors(void)
 	expect_error("sensors/{name}", "d/{name+}", "single segment");
 	expect_error("sensors/{name}", "d/\x01", "control character");
 	expect_error("sensors/{name}", "d/\xc0\xaf", "invalid UTF-8");
-	expect_error("", "d", "path is empty");
 	expect_error("/sensors", "d", "must not start with '/'");
 	expect_error("a//b", "d", "empty segment");
 	expect_error("a/", "d", "empty segment");
@@ -261,6 +261,151 @@ static void test_compile_errors(void)
 	expect_error("{}", "d", "is not a variable");
 	expect_error("a/b/c/d/e/f/g/h/i/j/k/l/m/n/o/p/q/r/s/t/u/v/w/x/y/z/1/2/3/4/5/6/7", "d",
 		     "more than 32 segments");
+}
+
+/* route_compile2 with ROUTE_IDENTITY_VAR: command topics carry the identity as a pattern variable. */
+static void test_identity_var(void)
+{
+	char err[256] = "", topic[ROUTE_MAX_TOPIC];
+	struct route *r = route_compile2("devices/{identity}/set/{path+}",
+					 "devices/{identity}/set-response/{path+}", ROUTE_IDENTITY_VAR, err,
+					 sizeof(err));
+	struct route_seg id, segs[NSEG_MAX];
+	const char *t;
+	size_t n;
+
+	CHECK(r != NULL);
+	if (!r) {
+		fprintf(stderr, "%s\n", err);
+		return;
+	}
+	CHECK(route_uses_var(r, "identity"));
+	CHECK(route_uses_var(r, "path"));
+	t = "devices/dev-9/set/led/1";
+	n = route_split(t, strlen(t), segs, NSEG_MAX);
+	CHECK(n == 5);
+	CHECK(route_match_id(r, segs, n, &id, topic, sizeof(topic)) == ROUTE_OK);
+	CHECK(id.len == 5 && memcmp(id.s, "dev-9", 5) == 0 && id.s == t + 8);
+	CHECK_STR(topic, "devices/dev-9/set-response/led/1");
+	/* route_match ignores the identity argument: the value comes from the topic */
+	CHECK(route_match(r, segs, n, "other", topic, sizeof(topic)) == ROUTE_OK);
+	CHECK_STR(topic, "devices/dev-9/set-response/led/1");
+
+	t = "devices/a+b/set/led";	/* the identity is checked like any value */
+	n = route_split(t, strlen(t), segs, NSEG_MAX);
+	CHECK(route_match_id(r, segs, n, &id, topic, sizeof(topic)) == ROUTE_BAD_VALUE);
+	CHECK(id.s == NULL && id.len == 0);
+	t = "devices//set/led";		/* an empty level is kept by route_split, then refused */
+	n = route_split(t, strlen(t), segs, NSEG_MAX);
+	CHECK(n == 4);
+	CHECK(route_match_id(r, segs, n, &id, topic, sizeof(topic)) == ROUTE_BAD_VALUE);
+	t = "devices/d/set/a//b";
+	n = route_split(t, strlen(t), segs, NSEG_MAX);
+	CHECK(route_match_id(r, segs, n, &id, topic, sizeof(topic)) == ROUTE_BAD_VALUE);
+	t = "devices/d/set/";
+	n = route_split(t, strlen(t), segs, NSEG_MAX);
+	CHECK(route_match_id(r, segs, n, &id, topic, sizeof(topic)) == ROUTE_BAD_VALUE);
+	t = "devices/d/get/led";
+	n = route_split(t, strlen(t), segs, NSEG_MAX);
+	CHECK(route_match_id(r, segs, n, &id, topic, sizeof(topic)) == ROUTE_NO_MATCH);
+	t = "devices/d/set";
+	n = route_split(t, strlen(t), segs, NSEG_MAX);
+	CHECK(route_match_id(r, segs, n, &id, topic, sizeof(topic)) == ROUTE_NO_MATCH);
+	/* too long for the buffer: the identity is still known */
+	t = "devices/dev-9/set/led/1";
+	n = route_split(t, strlen(t), segs, NSEG_MAX);
+	CHECK(route_match_id(r, segs, n, &id, topic, 8) == ROUTE_TOO_LONG);
+	CHECK(id.len == 5 && memcmp(id.s, "dev-9", 5) == 0);
+	CHECK(route_match_id(r, segs, n, NULL, topic, sizeof(topic)) == ROUTE_NO_MATCH);
+	route_free(r);
+
+	/* a route without an {identity} pattern variable never matches through route_match_id */
+	r = route_compile("sensors/{name}", "d/{identity}/{name}", err, sizeof(err));
+	CHECK(r != NULL);
+	if (r) {
+		struct path p = split("sensors/t");
+
+		CHECK(route_match_id(r, p.seg, p.n, &id, topic, sizeof(topic)) == ROUTE_NO_MATCH);
+		route_free(r);
+	}
+	r = route_compile2("a/{x}", "b/{x}", ROUTE_IDENTITY_VAR, err, sizeof(err));
+	CHECK(r != NULL);
+	CHECK(!route_uses_var(r, "identity"));
+	route_free(r);
+}
+
+static void expect_error2(const char *pattern, const char *tmpl, unsigned flags, const char *want)
+{
+	char err[256] = "";
+	struct route *r = route_compile2(pattern, tmpl, flags, err, sizeof(err));
+
+	CHECK(r == NULL);
+	route_free(r);
+	CHECK_STR(err, want);
+}
+
+static void test_identity_var_errors(void)
+{
+	expect_error2("a/{identity}", "d", 0, "path variable {identity} is reserved (the device identity "
+		      "is always available to the topic)");
+	expect_error2("a/{identity+}", "d", 0, "path variable {identity} is reserved (the device identity "
+		      "is always available to the topic)");
+	expect_error2("a/{identity+}", "d", ROUTE_IDENTITY_VAR, "path variable {identity+} is not allowed "
+		      "(an identity is one segment: {identity})");
+	expect_error2("{identity}/{identity}", "d", ROUTE_IDENTITY_VAR, "path uses {identity} twice");
+	expect_error2("a/{x+}", "d/{identity}", ROUTE_IDENTITY_VAR,
+		      "topic uses {identity} but the path has no {identity}");
+	expect_error2("{identity}/{x+}", "d/{identity+}", ROUTE_IDENTITY_VAR,
+		      "topic uses {identity+} but {identity} in the path is a single segment");
+	expect_error2("{identity}/{x+}", "d/+/{x+}", ROUTE_IDENTITY_VAR,
+		      "topic must not contain '+' or '#' (MQTT wildcards)");
+}
+
+/* An empty pattern has no segments: presence topics are filled from the identity alone. */
+static void test_empty_pattern(void)
+{
+	char err[256] = "", topic[64];
+	struct route *r = route_compile2("", "devices/{identity}/status", 0, err, sizeof(err));
+	struct route_seg seg = { "x", 1 };
+
+	CHECK(r != NULL);
+	if (!r)
+		return;
+	CHECK(route_match(r, NULL, 0, "dev-1", topic, sizeof(topic)) == ROUTE_OK);
+	CHECK_STR(topic, "devices/dev-1/status");
+	CHECK(route_match(r, &seg, 1, "dev-1", topic, sizeof(topic)) == ROUTE_NO_MATCH);
+	CHECK(route_match(r, NULL, 0, "a/b", topic, sizeof(topic)) == ROUTE_BAD_VALUE);
+	CHECK(route_match(r, NULL, 0, "dev-1", topic, 8) == ROUTE_TOO_LONG);
+	CHECK(route_uses_var(r, "identity"));
+	route_free(r);
+	r = route_compile("", "fixed/topic", err, sizeof(err));	/* route_compile is route_compile2(0) */
+	CHECK(r != NULL);
+	if (r) {
+		CHECK(route_match(r, NULL, 0, NULL, topic, sizeof(topic)) == ROUTE_OK);
+		CHECK_STR(topic, "fixed/topic");
+		route_free(r);
+	}
+	expect_error2("", "devices/{identity}/{name}", 0, "topic uses {name} but the path has no {name}");
+}
+
+static void test_split(void)
+{
+	struct route_seg s[4];
+	const char *t = "a/b/c";
+
+	CHECK(route_split(t, 5, s, 4) == 3);
+	CHECK(s[0].s == t && s[0].len == 1 && s[1].s == t + 2 && s[2].s == t + 4 && s[2].len == 1);
+	CHECK(route_split("a//b", 4, s, 4) == 3 && s[1].len == 0 && s[2].len == 1 && s[2].s[0] == 'b');
+	CHECK(route_split("/a", 2, s, 4) == 2 && s[0].len == 0 && s[1].len == 1);
+	CHECK(route_split("a/", 2, s, 4) == 2 && s[0].len == 1 && s[1].len == 0);
+	CHECK(route_split("/", 1, s, 4) == 2 && s[0].len == 0 && s[1].len == 0);
+	CHECK(route_split("x", 1, s, 4) == 1 && s[0].len == 1);
+	CHECK(route_split("", 0, s, 4) == 0);
+	CHECK(route_split("a/b/c", 3, s, 4) == 2 && s[1].len == 1);	/* only len bytes are read */
+	CHECK(route_split("a/b/c/d", 7, s, 4) == 4);			/* exactly max */
+	CHECK(route_split("a/b/c/d/e", 9, s, 4) == 0);			/* more than max */
+	CHECK(route_split("a", 1, s, 0) == 0);
+	CHECK(route_split(NULL, 3, s, 4) == 0);
 }
 
 static void test_compile_ok(void)
@@ -294,5 +439,9 @@ int main(void)
 	test_too_long();
 	test_compile_errors();
 	test_compile_ok();
+	test_identity_var();
+	test_identity_var_errors();
+	test_empty_pattern();
+	test_split();
 	return check_done();
 }
