@@ -1,19 +1,25 @@
-/* device.c: per-session device state — identity, peer, recent CON exchanges — created on first
- * use and freed when libcoap deletes the session. */
+/* device.c: devices by identity — the current session, presence on MQTT — and per-session state
+ * (peer, recent CON exchanges, handshake deadline), driven by libcoap session events. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include <event2/event.h>
 
+#include "config.h"
 #include "device.h"
+#include "hmap.h"
 #include "keys.h"
 #include "log.h"
 #include "loop.h"
+#include "mqtt.h"
 #include "stats.h"
 
-struct device {
+#define DEV_HANDSHAKE_S 10	/* a PSK handshake not done by then has failed (wrong key) */
+
+struct dev_sess {
 	coap_session_t *session;
+	struct device *dev;		/* set once established */
 	char identity[KEYS_MAX_IDENTITY + 1];
 	char peer[64];
 	struct {
@@ -21,20 +27,152 @@ struct device {
 		uint8_t code;		/* 0 = slot unused */
 	} recent[DEV_DEDUP_SLOTS];
 	unsigned next_slot;
-	int up;
+	int closed;			/* DTLS_CLOSED seen */
 	struct event *hs_timer;		/* handshake deadline, armed once the identity is known */
 };
 
-#define DEV_HANDSHAKE_S 10	/* a PSK handshake not done by then has failed (wrong key) */
+struct device {
+	char identity[KEYS_MAX_IDENTITY + 1];
+	struct dev_sess *cur;		/* established session, NULL when offline */
+	void *observe, *command;	/* owned by observe.c / command.c */
+};
 
-static size_t n_devices;
+static struct {
+	const struct config *conf;
+	struct hmap *by_id;		/* identity → struct device */
+	struct dev_hooks hooks;
+	size_t n_sess, n_online;
+} D;
 
-size_t dev_count(void)
+size_t dev_sessions(void)
 {
-	return n_devices;
+	return D.n_sess;
 }
 
-static void dev_fill_identity(struct device *d)
+size_t dev_online(void)
+{
+	return D.n_online;
+}
+
+int dev_init(const struct config *c, const struct dev_hooks *hooks)
+{
+	D.conf = c;
+	D.hooks = *hooks;
+	D.by_id = hmap_new();
+	return D.by_id ? 0 : -1;
+}
+
+void dev_set_config(const struct config *c)
+{
+	D.conf = c;
+}
+
+/* ---- presence ---- */
+
+static void presence(const struct device *d, const char *state, const char *reason)
+{
+	char topic[ROUTE_MAX_TOPIC];
+	struct mqtt_msg m;
+
+	if (!D.conf->presence_route ||
+	    route_match(D.conf->presence_route, NULL, 0, d->identity, topic, sizeof(topic)) != ROUTE_OK)
+		return;
+	m = (struct mqtt_msg){ .topic = topic, .payload = state, .len = strlen(state), .qos = 1,
+			       .retain = 1, .content_format = 0, .identity = d->identity,
+			       .reason = reason };
+	if (mqtt_publish(&m, NULL, NULL) != MQTT_SEND_OK)
+		log_warn("identity=%s presence %s not published: buffer full", d->identity, state);
+}
+
+/* ---- devices by identity ---- */
+
+struct device *dev_find(const char *identity, size_t len)
+{
+	struct device *d = hmap_get(D.by_id, identity, len);
+
+	if (d)
+		return d;
+	if (len > KEYS_MAX_IDENTITY || !keys_find(loop_keys(), identity, len))
+		return NULL;
+	d = calloc(1, sizeof(*d));
+	if (!d)
+		return NULL;
+	memcpy(d->identity, identity, len);
+	if (hmap_put(D.by_id, identity, len, d) < 0) {
+		free(d);
+		return NULL;
+	}
+	return d;
+}
+
+const char *dev_identity(const struct device *d)
+{
+	return d->identity;
+}
+
+coap_session_t *dev_session(const struct device *d)
+{
+	return d->cur ? d->cur->session : NULL;
+}
+
+const char *dev_peer(const struct device *d)
+{
+	return d->cur ? d->cur->peer : "-";
+}
+
+void **dev_observe_slot(struct device *d)
+{
+	return &d->observe;
+}
+
+void **dev_command_slot(struct device *d)
+{
+	return &d->command;
+}
+
+static void dev_up(struct dev_sess *s)
+{
+	struct device *d = dev_find(s->identity, strlen(s->identity));
+
+	if (!d) {
+		log_warn("peer=%s identity=%s session up but the identity is no longer configured",
+			 s->peer, s->identity);
+		return;
+	}
+	if (d->cur && d->cur != s) {
+		log_info("peer=%s identity=%s session replaced by peer=%s", d->cur->peer, d->identity,
+			 s->peer);
+		d->cur->dev = NULL;
+		if (D.hooks.down)
+			D.hooks.down(d, "replaced");
+	} else {
+		D.n_online++;
+	}
+	d->cur = s;
+	s->dev = d;
+	presence(d, "online", NULL);
+	if (D.hooks.up)
+		D.hooks.up(d);
+}
+
+static void dev_down(struct dev_sess *s, const char *reason)
+{
+	struct device *d = s->dev;
+
+	if (!d || d->cur != s)
+		return;
+	log_info("peer=%s identity=%s offline reason=%s", s->peer, d->identity, reason);
+	if (D.hooks.down)
+		D.hooks.down(d, reason);
+	d->cur = NULL;
+	s->dev = NULL;
+	D.n_online--;
+	presence(d, "offline", reason);
+}
+
+/* ---- per-session state ---- */
+
+static void sess_fill_identity(struct dev_sess *d)
 {
 	const coap_bin_const_t *id = coap_session_get_psk_identity(d->session);
 
@@ -47,9 +185,9 @@ static void dev_fill_identity(struct device *d)
 	d->identity[id->length] = '\0';
 }
 
-struct device *dev_get(coap_session_t *s)
+struct dev_sess *dev_sess_get(coap_session_t *s)
 {
-	struct device *d = coap_session_get_app_data(s);
+	struct dev_sess *d = coap_session_get_app_data(s);
 
 	if (d)
 		return d;
@@ -59,24 +197,24 @@ struct device *dev_get(coap_session_t *s)
 		return NULL;
 	}
 	d->session = s;
-	dev_fill_identity(d);
+	sess_fill_identity(d);
 	loop_peer(s, d->peer, sizeof(d->peer));
 	coap_session_set_app_data(s, d);
-	n_devices++;
+	D.n_sess++;
 	return d;
 }
 
-const char *dev_identity(const struct device *d)
+const char *dev_sess_identity(const struct dev_sess *d)
 {
 	return d->identity;
 }
 
-const char *dev_peer(const struct device *d)
+const char *dev_sess_peer(const struct dev_sess *d)
 {
 	return d->peer;
 }
 
-uint8_t dev_dedup_find(const struct device *d, coap_mid_t mid)
+uint8_t dev_dedup_find(const struct dev_sess *d, coap_mid_t mid)
 {
 	for (unsigned i = 0; i < DEV_DEDUP_SLOTS; i++)
 		if (d->recent[i].code && d->recent[i].mid == mid)
@@ -84,7 +222,7 @@ uint8_t dev_dedup_find(const struct device *d, coap_mid_t mid)
 	return 0;
 }
 
-void dev_dedup_store(struct device *d, coap_mid_t mid, uint8_t code)
+void dev_dedup_store(struct dev_sess *d, coap_mid_t mid, uint8_t code)
 {
 	for (unsigned i = 0; i < DEV_DEDUP_SLOTS; i++)
 		if (d->recent[i].code && d->recent[i].mid == mid) {
@@ -98,7 +236,7 @@ void dev_dedup_store(struct device *d, coap_mid_t mid, uint8_t code)
 
 static void on_handshake_deadline(evutil_socket_t fd, short what, void *arg)
 {
-	struct device *d = arg;
+	struct dev_sess *d = arg;
 
 	(void)fd;
 	(void)what;
@@ -110,7 +248,7 @@ static void on_handshake_deadline(evutil_socket_t fd, short what, void *arg)
 
 void dev_handshake_start(coap_session_t *s, const char *identity)
 {
-	struct device *d = dev_get(s);
+	struct dev_sess *d = dev_sess_get(s);
 	struct timeval tv = { DEV_HANDSHAKE_S, 0 };
 
 	if (!d)
@@ -122,52 +260,99 @@ void dev_handshake_start(coap_session_t *s, const char *identity)
 		evtimer_add(d->hs_timer, &tv);
 }
 
-static void dev_free(coap_session_t *s, const char *reason)
+static void sess_free(coap_session_t *s)
 {
-	struct device *d = coap_session_get_app_data(s);
+	struct dev_sess *d = coap_session_get_app_data(s);
 
 	if (!d)
 		return;
-	if (d->up)
-		log_info("peer=%s identity=%s session ended reason=%s", d->peer, d->identity, reason);
+	dev_down(d, d->closed ? "closed" : "idle timeout");
 	coap_session_set_app_data(s, NULL);
 	if (d->hs_timer)
 		event_free(d->hs_timer);
-	n_devices--;
+	D.n_sess--;
 	free(d);
 }
 
 void dev_session_event(coap_session_t *s, coap_event_t ev)
 {
-	struct device *d;
+	struct dev_sess *d;
 
 	switch (ev) {
 	case COAP_EVENT_DTLS_CONNECTED:
-		d = dev_get(s);
+		d = dev_sess_get(s);
 		if (!d)
 			break;
-		dev_fill_identity(d);	/* known only once the handshake is done */
-		d->up = 1;
+		sess_fill_identity(d);	/* known for sure once the handshake is done */
 		if (d->hs_timer)
 			evtimer_del(d->hs_timer);
 		stats_inc(STAT_HANDSHAKE_OK);
 		log_info("peer=%s identity=%s handshake ok cipher=%s", d->peer, d->identity,
 			 loop_cipher(s));
+		dev_up(d);
 		break;
 	case COAP_EVENT_DTLS_ERROR:
 		stats_inc(STAT_HANDSHAKE_FAILED);
 		break;
 	case COAP_EVENT_DTLS_CLOSED:
 		d = coap_session_get_app_data(s);
-		if (d && d->up) {
-			log_info("peer=%s identity=%s dtls closed", d->peer, d->identity);
-			d->up = 0;
+		if (d) {
+			d->closed = 1;
+			dev_down(d, "closed");
 		}
 		break;
 	case COAP_EVENT_SERVER_SESSION_DEL:
-		dev_free(s, "deleted");
+		sess_free(s);
 		break;
 	default:
 		break;
 	}
+}
+
+static void each_fn(void *val, void *arg)
+{
+	void (*fn)(struct device *) = *(void (**)(struct device *))arg;
+
+	fn(val);
+}
+
+static void each_online_fn(void *val, void *arg)
+{
+	struct device *d = val;
+
+	if (d->cur)
+		each_fn(val, arg);
+}
+
+void dev_each(void (*fn)(struct device *d))
+{
+	hmap_each(D.by_id, each_fn, &fn);
+}
+
+void dev_each_online(void (*fn)(struct device *d))
+{
+	hmap_each(D.by_id, each_online_fn, &fn);
+}
+
+/* ---- teardown ---- */
+
+static void dev_free_one(void *val, void *arg)
+{
+	struct device *d = val;
+
+	(void)arg;
+	if (d->cur) {
+		presence(d, "offline", "gateway stopped");
+		d->cur->dev = NULL;
+		d->cur = NULL;
+	}
+	free(d);
+}
+
+void dev_shutdown(void)
+{
+	hmap_each(D.by_id, dev_free_one, NULL);
+	hmap_free(D.by_id);
+	D.by_id = NULL;
+	D.n_online = 0;
 }

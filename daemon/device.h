@@ -1,4 +1,5 @@
-/* device.h: per-session device state (identity, peer, recent exchanges) driven by libcoap events. */
+/* device.h: devices by identity (current session, presence) and per-session state (peer,
+ * recent exchanges), driven by libcoap session events. */
 #ifndef C2M_DEVICE_H
 #define C2M_DEVICE_H
 
@@ -8,23 +9,51 @@
 
 #define DEV_DEDUP_SLOTS 8	/* recent CON exchanges remembered per session */
 
-struct device;
+struct config;
+struct dev_sess;		/* one DTLS (or NoSec) session */
+struct device;			/* one identity; outlives its sessions */
 
-/* The device bound to a server session, created on first use. NULL when out of memory. */
-struct device *dev_get(coap_session_t *s);
-const char *dev_identity(const struct device *d);
-const char *dev_peer(const struct device *d);
+/* What observe.c and command.c do when a device comes online or goes offline (wired by main). */
+struct dev_hooks {
+	void (*up)(struct device *d);
+	void (*down)(struct device *d, const char *reason);
+};
+
+int dev_init(const struct config *c, const struct dev_hooks *hooks);
+void dev_set_config(const struct config *c);
+/* Publishes "offline" for every device online and frees all state. */
+void dev_shutdown(void);
+
+/* The state bound to a server session, created on first use. NULL when out of memory. */
+struct dev_sess *dev_sess_get(coap_session_t *s);
+const char *dev_sess_identity(const struct dev_sess *d);
+const char *dev_sess_peer(const struct dev_sess *d);
 
 /* Recent exchanges by message ID, so a retransmitted CON is answered, not processed again.
  * dev_dedup_find returns the response code stored for mid, or 0. */
-uint8_t dev_dedup_find(const struct device *d, coap_mid_t mid);
-void dev_dedup_store(struct device *d, coap_mid_t mid, uint8_t code);
+uint8_t dev_dedup_find(const struct dev_sess *d, coap_mid_t mid);
+void dev_dedup_store(struct dev_sess *d, coap_mid_t mid, uint8_t code);
 
 /* The PSK callback accepted identity for s: the handshake must now complete in time. */
 void dev_handshake_start(coap_session_t *s, const char *identity);
-
 /* libcoap session events for server sessions. */
 void dev_session_event(coap_session_t *s, coap_event_t ev);
-size_t dev_count(void);
+
+/* The device of a configured identity (created on first use); NULL if not configured. */
+struct device *dev_find(const char *identity, size_t len);
+const char *dev_identity(const struct device *d);
+/* The device's live, established session, or NULL when offline. */
+coap_session_t *dev_session(const struct device *d);
+const char *dev_peer(const struct device *d);
+/* Opaque per-device slots for the observe and command modules. */
+void **dev_observe_slot(struct device *d);
+void **dev_command_slot(struct device *d);
+
+/* Calls fn for every known device / every device online (reload, shutdown: O(devices)). */
+void dev_each(void (*fn)(struct device *d));
+void dev_each_online(void (*fn)(struct device *d));
+
+size_t dev_sessions(void);
+size_t dev_online(void);
 
 #endif

@@ -3,16 +3,19 @@
 #include <errno.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/random.h>
 
 #include <event2/event.h>
 #include <wolfssl/options.h>
 #include <wolfssl/ssl.h>
 
+#include "command.h"
 #include "config.h"
 #include "device.h"
 #include "keys.h"
 #include "log.h"
 #include "loop.h"
+#include "observe.h"
 #include "uplink.h"
 
 #define LOOP_EPOLL_BATCH 64
@@ -152,6 +155,40 @@ static int on_coap_event(coap_session_t *s, const coap_event_t ev)
 	return 0;
 }
 
+void loop_token(uint8_t *buf, size_t len)
+{
+	static uint64_t counter;
+
+	if (getrandom(buf, len, GRND_NONBLOCK) == (ssize_t)len)
+		return;
+	/* no kernel entropy yet (early boot): libcoap's generator plus a counter keeps them unique */
+	coap_prng(buf, len);
+	counter++;
+	for (size_t i = 0; i < len && i < sizeof(counter); i++)
+		buf[i] ^= (uint8_t)(counter >> (8 * i));
+}
+
+/* Responses and notifications to the gateway's own requests (observe, commands). */
+static coap_response_t on_response(coap_session_t *s, const coap_pdu_t *sent,
+				   const coap_pdu_t *rcvd, const coap_mid_t mid)
+{
+	char peer[64];
+
+	(void)mid;
+	if (observe_response(s, sent, rcvd) || command_response(s, sent, rcvd))
+		return COAP_RESPONSE_OK;
+	log_debug("peer=%s response with an unknown token: reset", loop_peer(s, peer, sizeof(peer)));
+	return COAP_RESPONSE_FAIL;	/* libcoap answers RST (RFC 7641 §3.6) */
+}
+
+static void on_nack(coap_session_t *s, const coap_pdu_t *sent, const coap_nack_reason_t reason,
+		    const coap_mid_t mid)
+{
+	(void)mid;
+	if (sent && !observe_nack(s, sent, reason))
+		command_nack(s, sent, reason);
+}
+
 static void on_libcoap_log(coap_log_t level, const char *message)
 {
 	enum log_level l = level <= COAP_LOG_ERR ? LOG_LVL_ERROR :
@@ -285,6 +322,9 @@ static int coap_setup(const struct config *c)
 	coap_context_set_block_mode(L.coap, COAP_BLOCK_USE_LIBCOAP | COAP_BLOCK_SINGLE_BODY |
 					    COAP_BLOCK_NOT_RANDOM_BLOCK1);
 	coap_register_event_handler(L.coap, on_coap_event);
+	coap_register_response_handler(L.coap, on_response);
+	coap_register_nack_handler(L.coap, on_nack);
+	coap_context_set_max_block_size(L.coap, c->coap.block_size);
 	r = uplink_resource(c);
 	if (!r) {
 		log_error("loop: cannot create the request handler");

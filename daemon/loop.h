@@ -23,6 +23,8 @@ void loop_close_listeners(void);
 void loop_shutdown(void);
 /* Asks for libcoap's timers to be re-armed soon (after something was sent that needs them). */
 void loop_kick(void);
+/* Fills buf with unpredictable bytes (tokens). */
+void loop_token(uint8_t *buf, size_t len);
 /* "addr:port" of the session's peer into buf. */
 const char *loop_peer(const coap_session_t *s, char *buf, size_t len);
 

@@ -10,12 +10,14 @@
 #include <wolfssl/options.h>
 #include <wolfssl/ssl.h>
 
+#include "command.h"
 #include "config.h"
 #include "device.h"
 #include "keys.h"
 #include "log.h"
 #include "loop.h"
 #include "mqtt.h"
+#include "observe.h"
 #include "uplink.h"
 
 #define SHUTDOWN_MQTT_MS 2000	/* of the 5 s a service manager grants */
@@ -79,6 +81,9 @@ static void on_reload(evutil_socket_t sig, short what, void *arg)
 	}
 	loop_set_config(c, k);
 	uplink_set_config(c);
+	dev_set_config(c);
+	observe_set_config(c);
+	command_set_config(c);
 	log_set_level(c->log_level);
 	keys_free(G.keys);
 	conf_free(G.conf);
@@ -145,8 +150,21 @@ static void on_mqtt_state(int connected)
 	uplink_mqtt_state(connected);
 }
 
+static void on_device_up(struct device *d)
+{
+	observe_device_up(d);
+	command_device_up(d);
+}
+
+static void on_device_down(struct device *d, const char *reason)
+{
+	observe_device_down(d, reason);
+	command_device_down(d, reason);
+}
+
 static int run(void)
 {
+	static const struct dev_hooks hooks = { on_device_up, on_device_down };
 	char listen[256] = "";
 	int rc;
 
@@ -158,7 +176,8 @@ static int run(void)
 	if (G.conf->n_devices == 0)
 		log_warn("no devices configured: every handshake will be refused");
 	if (loop_init(G.conf, G.keys) < 0 || signals_init(loop_base()) < 0 ||
-	    mqtt_init(loop_base(), &G.conf->mqtt, on_mqtt_state) < 0)
+	    mqtt_init(loop_base(), &G.conf->mqtt, on_mqtt_state, command_on_message) < 0 ||
+	    dev_init(G.conf, &hooks) < 0 || observe_init(G.conf) < 0 || command_init(G.conf) < 0)
 		return 1;
 	for (size_t i = 0; i < G.conf->coap.n_listen; i++)
 		snprintf(listen + strlen(listen), sizeof(listen) - strlen(listen), "%s%s", i ? "," : "",
@@ -191,7 +210,11 @@ int main(int argc, char **argv)
 	}
 	log_set_level(G.conf->log_level);
 	rc = run();
-	/* teardown in reverse: broker (persist or finish in-flight), answers, CoAP, loop */
+	/* teardown in reverse: commands and observations answered or cancelled, presence, broker
+	 * (persist or finish in-flight), pending answers, CoAP, loop */
+	command_shutdown();
+	observe_shutdown();
+	dev_shutdown();
 	mqtt_shutdown(SHUTDOWN_MQTT_MS);
 	uplink_shutdown();
 	signals_shutdown();

@@ -19,7 +19,7 @@
 #include "log.h"
 #include "mqtt.h"
 
-enum ev_kind { EV_PUB_DONE, EV_CONNECTED, EV_CONNECT_FAILED, EV_LOST };
+enum ev_kind { EV_PUB_DONE, EV_CONNECTED, EV_CONNECT_FAILED, EV_LOST, EV_MESSAGE };
 
 /* One queued event from a Paho thread. A publish's context doubles as its event. */
 struct mqtt_ev {
@@ -30,6 +30,8 @@ struct mqtt_ev {
 	struct mqtt_ev *next;		/* completion queue */
 	struct mqtt_ev *lprev, *lnext;	/* live publishes, for shutdown */
 	char why[160];
+	struct mqtt_in in;		/* EV_MESSAGE: strings and bytes follow the struct */
+	char data[];
 };
 
 static struct {
@@ -39,6 +41,10 @@ static struct {
 	struct event *wake_ev, *retry_ev;
 	int efd;
 	mqtt_state_fn on_state;
+	mqtt_in_fn on_message;
+	char **subs;			/* subscription filters (copies) */
+	int *subs_qos;
+	size_t n_subs;
 	pthread_mutex_t mu;
 	struct mqtt_ev *qhead, *qtail;	/* completion queue (under mu) */
 	struct mqtt_ev *live;		/* accepted publishes not yet completed (under mu) */
@@ -213,12 +219,69 @@ static void on_lost(void *ctx, char *cause)
 	queue_event(EV_LOST, cause ? cause : "connection lost");
 }
 
+static const MQTTLenString *prop_data(MQTTProperties *props, enum MQTTPropertyCodes id)
+{
+	MQTTProperty *p = MQTTProperties_getProperty(props, id);
+
+	return p ? &p->value.data : NULL;
+}
+
+/* Copies one arrived message into a single allocation: struct, topic, payload, properties. */
+static struct mqtt_ev *message_copy(const char *topic, size_t tlen, const MQTTAsync_message *m)
+{
+	MQTTProperties *props = (MQTTProperties *)&m->properties;
+	const MQTTLenString *rt = prop_data(props, MQTTPROPERTY_CODE_RESPONSE_TOPIC);
+	const MQTTLenString *cd = prop_data(props, MQTTPROPERTY_CODE_CORRELATION_DATA);
+	const MQTTLenString *ct = prop_data(props, MQTTPROPERTY_CODE_CONTENT_TYPE);
+	size_t plen = (size_t)m->payloadlen, rlen = rt ? (size_t)rt->len : 0;
+	size_t clen = cd ? (size_t)cd->len : 0, tylen = ct ? (size_t)ct->len : 0;
+	struct mqtt_ev *ev = calloc(1, sizeof(*ev) + tlen + 1 + plen + 1 + rlen + 1 + clen + tylen + 1);
+	char *p;
+
+	if (!ev)
+		return NULL;
+	ev->kind = EV_MESSAGE;
+	p = ev->data;
+	memcpy(p, topic, tlen);
+	ev->in.topic = p;
+	p += tlen + 1;
+	memcpy(p, m->payload, plen);
+	ev->in.payload = p;
+	ev->in.len = plen;
+	p += plen + 1;
+	if (rt) {
+		memcpy(p, rt->data, rlen);
+		ev->in.response_topic = p;
+		p += rlen + 1;
+	}
+	if (cd) {
+		memcpy(p, cd->data, clen);
+		ev->in.correlation = p;
+		ev->in.correlation_len = clen;
+		p += clen;
+	}
+	if (ct) {
+		memcpy(p, ct->data, tylen);
+		ev->in.content_type = p;
+	}
+	return ev;
+}
+
 static int on_arrived(void *ctx, char *topic, int topic_len, MQTTAsync_message *m)
 {
+	size_t tlen = topic_len > 0 ? (size_t)topic_len : strlen(topic);
+	struct mqtt_ev *ev = NULL;
+
 	(void)ctx;
-	(void)topic_len;
+	if (m->payloadlen < 0 || m->payloadlen > MQTT_MAX_IN_PAYLOAD || tlen > 65535)
+		log_warn("mqtt: message on %.*s dropped: payload of %d bytes over %d", (int)tlen, topic,
+			 m->payloadlen, MQTT_MAX_IN_PAYLOAD);
+	else if ((ev = message_copy(topic, tlen, m)) == NULL)
+		log_error("mqtt: message on %.*s dropped: out of memory", (int)tlen, topic);
 	MQTTAsync_freeMessage(&m);
 	MQTTAsync_free(topic);
+	if (ev)
+		queue_push(ev);
 	return 1;
 }
 
@@ -230,6 +293,8 @@ static int on_ssl_error(const char *str, size_t len, void *u)
 }
 
 static void connect_now(void);
+static void subscribe_all(void);
+static void status_online(void);
 
 static void set_state(int up, const char *why)
 {
@@ -237,8 +302,11 @@ static void set_state(int up, const char *why)
 
 	if (up) {
 		M.retry_s = 1;
-		if (!was)
+		if (!was) {
 			log_info("mqtt: broker=%s connected buffered=%zu", M.uri, mqtt_outstanding());
+			status_online();
+			subscribe_all();
+		}
 	} else if (was) {
 		log_warn("mqtt: broker=%s connection lost: %s; buffering (reconnect automatic)", M.uri,
 			 why);
@@ -262,6 +330,10 @@ static void handle_event(struct mqtt_ev *ev)
 		break;
 	case EV_LOST:
 		set_state(0, ev->why);
+		break;
+	case EV_MESSAGE:
+		if (M.on_message)
+			M.on_message(&ev->in);
 		break;
 	case EV_CONNECT_FAILED: {
 		struct timeval tv = { .tv_sec = M.retry_s };
@@ -315,6 +387,7 @@ static void connect_now(void)
 	MQTTProperties props = MQTTProperties_initializer;
 	MQTTProperty p = { .identifier = MQTTPROPERTY_CODE_SESSION_EXPIRY_INTERVAL };
 	MQTTAsync_connectOptions *o = c->version == 5 ? &co5 : &co;
+	MQTTAsync_willOptions will = MQTTAsync_willOptions_initializer;
 	int rc;
 
 	o->keepAliveInterval = c->keepalive;
@@ -325,6 +398,14 @@ static void connect_now(void)
 	o->connectTimeout = 10;
 	o->username = c->username;
 	o->password = c->password;
+	if (c->status_topic) {
+		/* the broker announces "offline" for the gateway when the connection dies */
+		will.topicName = c->status_topic;
+		will.message = "offline";
+		will.retained = 1;
+		will.qos = 1;
+		o->will = &will;
+	}
 	if (c->version == 5) {
 		/* keep the session so messages in flight survive a restart (design.md) */
 		o->cleanstart = 0;
@@ -378,7 +459,8 @@ static int make_store_dir(const char *dir)
 	return 0;
 }
 
-int mqtt_init(struct event_base *base, const struct conf_mqtt *c, mqtt_state_fn on_state)
+int mqtt_init(struct event_base *base, const struct conf_mqtt *c, mqtt_state_fn on_state,
+	      mqtt_in_fn on_message)
 {
 	MQTTAsync_createOptions cro = MQTTAsync_createOptions_initializer;
 	struct timespec ts;
@@ -387,6 +469,7 @@ int mqtt_init(struct event_base *base, const struct conf_mqtt *c, mqtt_state_fn 
 	M.conf = c;
 	M.base = base;
 	M.on_state = on_state;
+	M.on_message = on_message;
 	M.retry_s = 1;
 	clock_gettime(CLOCK_REALTIME, &ts);
 	snprintf(M.boot_id, sizeof(M.boot_id), "%" PRIx64,
@@ -472,6 +555,18 @@ enum mqtt_send mqtt_publish(const struct mqtt_msg *m, mqtt_done_fn done, void *a
 			add_str_prop(&msg.properties, MQTTPROPERTY_CODE_USER_PROPERTY, "identity",
 				     m->identity);
 		add_str_prop(&msg.properties, MQTTPROPERTY_CODE_USER_PROPERTY, "msg-id", msgid);
+		if (m->reason)
+			add_str_prop(&msg.properties, MQTTPROPERTY_CODE_USER_PROPERTY, "reason", m->reason);
+		if (m->coap_code)
+			add_str_prop(&msg.properties, MQTTPROPERTY_CODE_USER_PROPERTY, "coap-code",
+				     m->coap_code);
+		if (m->correlation) {
+			MQTTProperty p = { .identifier = MQTTPROPERTY_CODE_CORRELATION_DATA };
+
+			p.value.data.data = (char *)m->correlation;
+			p.value.data.len = (int)m->correlation_len;
+			MQTTProperties_add(&msg.properties, &p);
+		}
 		ro.onSuccess5 = on_pub_ok5;
 		ro.onFailure5 = on_pub_fail5;
 	} else {
@@ -533,5 +628,80 @@ void mqtt_shutdown(int timeout_ms)
 		close(M.efd);
 	M.wake_ev = M.retry_ev = NULL;
 	M.efd = -1;
+	mqtt_set_subscriptions(NULL, NULL, 0);
 	atomic_store(&M.connected, 0);
+}
+
+int mqtt_content_format(const char *type)
+{
+	for (size_t i = 0; type && i < sizeof(content_types) / sizeof(content_types[0]); i++)
+		if (strcmp(content_types[i].type, type) == 0)
+			return content_types[i].cf;
+	return -1;
+}
+
+static void status_online(void)
+{
+	MQTTAsync_message msg = MQTTAsync_message_initializer;
+
+	if (!M.conf->status_topic)
+		return;
+	msg.payload = "online";
+	msg.payloadlen = 6;
+	msg.qos = 1;
+	msg.retained = 1;
+	if (MQTTAsync_sendMessage(M.client, M.conf->status_topic, &msg, NULL) != MQTTASYNC_SUCCESS)
+		log_warn("mqtt: status online on %s not published", M.conf->status_topic);
+}
+
+static void subscribe_all(void)
+{
+	MQTTAsync_responseOptions ro = MQTTAsync_responseOptions_initializer;
+	int rc;
+
+	if (M.n_subs == 0 || !mqtt_connected())
+		return;
+	rc = MQTTAsync_subscribeMany(M.client, (int)M.n_subs, M.subs, M.subs_qos, &ro);
+	if (rc != MQTTASYNC_SUCCESS)
+		log_error("mqtt: subscribe to %zu command filters failed: code %d", M.n_subs, rc);
+	else
+		for (size_t i = 0; i < M.n_subs; i++)
+			log_info("mqtt: subscribed filter=%s qos=%d", M.subs[i], M.subs_qos[i]);
+}
+
+void mqtt_set_subscriptions(char *const *filters, const int *qos, size_t n)
+{
+	MQTTAsync_responseOptions ro = MQTTAsync_responseOptions_initializer;
+	char **old = M.subs;
+	int *old_qos = M.subs_qos;
+	size_t n_old = M.n_subs;
+	size_t i, j;
+
+	/* filters no longer wanted are unsubscribed */
+	for (i = 0; i < n_old && M.client && mqtt_connected(); i++) {
+		for (j = 0; j < n && strcmp(old[i], filters[j]) != 0; j++)
+			;
+		if (j == n)
+			MQTTAsync_unsubscribe(M.client, old[i], &ro);
+	}
+	M.subs = NULL;
+	M.subs_qos = NULL;
+	M.n_subs = 0;
+	if (n) {
+		M.subs = calloc(n, sizeof(*M.subs));
+		M.subs_qos = calloc(n, sizeof(*M.subs_qos));
+		for (i = 0; M.subs && M.subs_qos && i < n; i++) {
+			if ((M.subs[i] = strdup(filters[i])) == NULL)
+				break;
+			M.subs_qos[i] = qos[i];
+			M.n_subs++;
+		}
+		if (M.n_subs < n)
+			log_error("mqtt: out of memory storing subscriptions");
+	}
+	for (i = 0; i < n_old; i++)
+		free(old[i]);
+	free(old);
+	free(old_qos);
+	subscribe_all();
 }

@@ -26,7 +26,25 @@ struct mqtt_msg {
 	int retain;
 	int content_format;	/* CoAP Content-Format, -1 when absent */
 	const char *identity;	/* PSK identity, sent as user property "identity" */
+	const char *reason;	/* user property "reason", or NULL */
+	const char *coap_code;	/* user property "coap-code" ("2.04"), or NULL */
+	const void *correlation;	/* MQTT 5 Correlation Data, or NULL */
+	size_t correlation_len;
 };
+
+/* A message from the broker on a subscribed filter (valid during the callback only). */
+struct mqtt_in {
+	const char *topic;
+	const void *payload;
+	size_t len;
+	const char *response_topic;	/* MQTT 5 Response Topic, or NULL */
+	const void *correlation;	/* MQTT 5 Correlation Data, or NULL */
+	size_t correlation_len;
+	const char *content_type;	/* MQTT 5 Content Type, or NULL */
+};
+
+/* Called on the loop thread for each message that arrives. */
+typedef void (*mqtt_in_fn)(const struct mqtt_in *m);
 
 enum mqtt_send {
 	MQTT_SEND_OK,		/* taken: persisted (QoS ≥ 1) or queued (QoS 0) */
@@ -34,7 +52,14 @@ enum mqtt_send {
 	MQTT_SEND_FAILED,	/* store or client failure (5.03) */
 };
 
-int mqtt_init(struct event_base *base, const struct conf_mqtt *c, mqtt_state_fn on_state);
+int mqtt_init(struct event_base *base, const struct conf_mqtt *c, mqtt_state_fn on_state,
+	      mqtt_in_fn on_message);
+/* Replaces the subscription filters (subscribed now when connected, and after every connect). */
+void mqtt_set_subscriptions(char *const *filters, const int *qos, size_t n);
+/* The CoAP Content-Format for an MQTT 5 Content Type, -1 when unknown. */
+int mqtt_content_format(const char *content_type);
+/* Incoming messages larger than this are dropped with a warning. */
+#define MQTT_MAX_IN_PAYLOAD (1024 * 1024)
 /* Disconnects (waiting up to timeout_ms for in-flight work), aborts what is left. */
 void mqtt_shutdown(int timeout_ms);
 

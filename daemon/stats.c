@@ -17,6 +17,10 @@ static const char *const names[STAT__COUNT] = {
 	[STAT_HANDSHAKE_OK] = "handshakes_ok",
 	[STAT_HANDSHAKE_FAILED] = "handshakes_failed",
 	[STAT_UNKNOWN_IDENTITY] = "unknown_identity",
+	[STAT_NOTIFICATIONS] = "notifications",
+	[STAT_STALE_NOTIFICATIONS] = "stale_notifications",
+	[STAT_COMMANDS] = "commands",
+	[STAT_COMMAND_ERRORS] = "command_errors",
 };
 
 void stats_inc(enum stat_id id)

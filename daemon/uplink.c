@@ -159,13 +159,13 @@ static void pending_unlink(struct pending *p)
 static void pending_answer(struct pending *p, uint8_t code)
 {
 	coap_pdu_t *pdu;
-	struct device *dev;
+	struct dev_sess *dev;
 
 	if (p->answered)
 		return;
 	p->answered = 1;
 	count_code(code);
-	dev = dev_get(p->session);
+	dev = dev_sess_get(p->session);
 	if (dev)
 		dev_dedup_store(dev, p->mid, code);
 	if (coap_session_get_state(p->session) != COAP_SESSION_STATE_ESTABLISHED)
@@ -182,8 +182,8 @@ static void pending_answer(struct pending *p, uint8_t code)
 				coap_encode_var_safe(buf, sizeof(buf), UPLINK_RETRY_S), buf);
 	}
 	if (coap_send(p->session, pdu) == COAP_INVALID_MID)
-		log_warn("peer=%s identity=%s separate response not sent", dev ? dev_peer(dev) : "?",
-			 dev ? dev_identity(dev) : "?");
+		log_warn("peer=%s identity=%s separate response not sent", dev ? dev_sess_peer(dev) : "?",
+			 dev ? dev_sess_identity(dev) : "?");
 	loop_kick();
 }
 
@@ -249,7 +249,7 @@ static int publish_await(coap_session_t *s, const coap_pdu_t *req, const struct 
 static void on_request(coap_resource_t *res, coap_session_t *s, const coap_pdu_t *req,
 		       const coap_string_t *query, coap_pdu_t *resp)
 {
-	struct device *dev = dev_get(s);
+	struct dev_sess *dev = dev_sess_get(s);
 	struct decision d;
 	struct mqtt_msg m;
 	const uint8_t *data = NULL;
@@ -269,11 +269,11 @@ static void on_request(coap_resource_t *res, coap_session_t *s, const coap_pdu_t
 		/* retransmission of a CON already handled: same answer, nothing published again */
 		stats_inc(STAT_DUPLICATES);
 		coap_pdu_set_code(resp, code);
-		log_debug("peer=%s identity=%s mid=%u duplicate answered %u.%02u", dev_peer(dev),
-			  dev_identity(dev), (unsigned)mid, code >> 5, code & 31);
+		log_debug("peer=%s identity=%s mid=%u duplicate answered %u.%02u", dev_sess_peer(dev),
+			  dev_sess_identity(dev), (unsigned)mid, code >> 5, code & 31);
 		return;
 	}
-	decide(req, dev_identity(dev), &d);
+	decide(req, dev_sess_identity(dev), &d);
 	coap_get_data_large(req, &len, &data, &offset, &total);
 	if (d.route && total > U.conf->coap.max_payload) {
 		uint8_t buf[4];
@@ -290,13 +290,13 @@ static void on_request(coap_resource_t *res, coap_session_t *s, const coap_pdu_t
 		count_code(d.code);
 		if (con)
 			dev_dedup_store(dev, mid, d.code);
-		log_info("peer=%s identity=%s mid=%u refused %u.%02u: %s", dev_peer(dev), dev_identity(dev),
+		log_info("peer=%s identity=%s mid=%u refused %u.%02u: %s", dev_sess_peer(dev), dev_sess_identity(dev),
 			 (unsigned)mid, d.code >> 5, d.code & 31, d.diag);
 		return;
 	}
 	m = (struct mqtt_msg){ .topic = d.topic, .payload = data, .len = len, .qos = d.route->qos,
 			       .retain = d.route->retain, .content_format = content_format(req),
-			       .identity = dev_identity(dev) };
+			       .identity = dev_sess_identity(dev) };
 	if (con && d.route->ack == CONF_ACK_BROKER && mqtt_connected()) {
 		if (publish_await(s, req, &m) == 0) {
 			stats_inc(STAT_PUBLISHED);
@@ -312,7 +312,7 @@ static void on_request(coap_resource_t *res, coap_session_t *s, const coap_pdu_t
 		case MQTT_SEND_FULL:
 			log_warn("peer=%s identity=%s topic=%s refused 5.03: buffer full (%zu readings "
 				 "waiting for the broker); raise mqtt.max_buffered or check the broker",
-				 dev_peer(dev), dev_identity(dev), d.topic, mqtt_outstanding());
+				 dev_sess_peer(dev), dev_sess_identity(dev), d.topic, mqtt_outstanding());
 			code = COAP_RESPONSE_CODE(503);
 			break;
 		default:
@@ -327,8 +327,8 @@ static void on_request(coap_resource_t *res, coap_session_t *s, const coap_pdu_t
 	count_code(code);
 	if (con)
 		dev_dedup_store(dev, mid, code);
-	log_debug("peer=%s identity=%s mid=%u topic=%s bytes=%zu %u.%02u", dev_peer(dev),
-		  dev_identity(dev), (unsigned)mid, d.topic, len, code >> 5, code & 31);
+	log_debug("peer=%s identity=%s mid=%u topic=%s bytes=%zu %u.%02u", dev_sess_peer(dev),
+		  dev_sess_identity(dev), (unsigned)mid, d.topic, len, code >> 5, code & 31);
 }
 
 coap_resource_t *uplink_resource(const struct config *c)

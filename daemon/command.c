@@ -1,0 +1,461 @@
+/* command.c: MQTT → CoAP. A message on a command topic becomes a CON request on the device's live
+ * session (NSTART 1: one outstanding request per device, the rest queued in order, each bounded by
+ * its ttl); the response, or an error when there is none, is published to the response topic. */
+#include <stdlib.h>
+#include <string.h>
+
+#include <event2/event.h>
+
+#include "command.h"
+#include "config.h"
+#include "device.h"
+#include "hmap.h"
+#include "log.h"
+#include "loop.h"
+#include "mqtt.h"
+#include "route.h"
+#include "stats.h"
+
+#define CMD_TOKEN_LEN 8
+#define CMD_MAX_PER_DEVICE 256		/* queued commands per device */
+#define CMD_MAX_TOTAL 100000		/* queued commands in all */
+
+struct cmd {
+	struct device *dev;
+	coap_pdu_code_t method;
+	char path[ROUTE_MAX_TOPIC];
+	char resp_topic[ROUTE_MAX_TOPIC];	/* "" = nowhere to answer */
+	int qos;
+	int content_format;
+	uint8_t *payload;
+	size_t len;
+	uint8_t *corr;
+	size_t corr_len;
+	uint8_t token[CMD_TOKEN_LEN];
+	coap_session_t *session;		/* set once sent */
+	struct event *ttl_timer;
+	struct cmd *next;
+};
+
+struct cmdq {
+	struct cmd *head, *tail;	/* head is in flight when head->session is set */
+	size_t n;
+};
+
+static struct {
+	const struct config *conf;
+	struct route **path_routes;	/* per rule: topic pattern → "{rest+}" (the Uri-Path) */
+	size_t n_routes;
+	struct hmap *by_token;
+	size_t queued;
+} C;
+
+size_t command_queued(void)
+{
+	return C.queued;
+}
+
+static struct cmdq *queue_of(struct device *d, int create)
+{
+	struct cmdq **slot = (struct cmdq **)dev_command_slot(d);
+
+	if (!*slot && create)
+		*slot = calloc(1, sizeof(**slot));
+	return *slot;
+}
+
+/* ---- answers to MQTT ---- */
+
+static void answer(const struct cmd *c, const char *code, const void *data, size_t len, int cf)
+{
+	struct mqtt_msg m;
+
+	if (!c->resp_topic[0]) {
+		log_info("identity=%s path=/%s command answered %s; no response topic",
+			 dev_identity(c->dev), c->path, code);
+		return;
+	}
+	m = (struct mqtt_msg){ .topic = c->resp_topic, .payload = data, .len = len, .qos = c->qos,
+			       .content_format = cf, .identity = dev_identity(c->dev),
+			       .coap_code = code, .correlation = c->corr,
+			       .correlation_len = c->corr_len };
+	if (mqtt_publish(&m, NULL, NULL) != MQTT_SEND_OK)
+		log_warn("identity=%s command response to %s dropped: MQTT buffer full",
+			 dev_identity(c->dev), c->resp_topic);
+}
+
+static void answer_error(const struct cmd *c, const char *code, const char *why)
+{
+	char text[160];
+
+	snprintf(text, sizeof(text), "%s %s", code, why);
+	log_warn("peer=%s identity=%s path=/%s command failed: %s", dev_peer(c->dev),
+		 dev_identity(c->dev), c->path, text);
+	stats_inc(STAT_COMMAND_ERRORS);
+	answer(c, code, text, strlen(text), 0);
+}
+
+/* ---- queue ---- */
+
+static void cmd_free(struct cmd *c)
+{
+	hmap_del(C.by_token, c->token, sizeof(c->token));
+	if (c->ttl_timer)
+		event_free(c->ttl_timer);
+	free(c->payload);
+	free(c->corr);
+	free(c);
+	C.queued--;
+}
+
+static void unlink_cmd(struct cmdq *q, struct cmd *c)
+{
+	struct cmd **pp = &q->head, *prev = NULL;
+
+	for (; *pp; prev = *pp, pp = &(*pp)->next)
+		if (*pp == c) {
+			*pp = c->next;
+			if (q->tail == c)
+				q->tail = prev;
+			q->n--;
+			return;
+		}
+}
+
+static void send_next(struct device *d);
+
+/* The head command is done (answered or failed): drop it and start the next. */
+static void finish(struct cmd *c)
+{
+	struct device *d = c->dev;
+
+	unlink_cmd(queue_of(d, 0), c);
+	cmd_free(c);
+	send_next(d);
+}
+
+static void on_ttl(evutil_socket_t fd, short what, void *arg)
+{
+	struct cmd *c = arg;
+
+	(void)fd;
+	(void)what;
+	if (c->session)
+		return;		/* in flight: retransmission decides */
+	answer_error(c, "5.04", dev_session(c->dev) ? "timeout: queued behind other commands" :
+		     "device offline");
+	unlink_cmd(queue_of(c->dev, 0), c);
+	cmd_free(c);
+}
+
+static int cmd_send(struct cmd *c, coap_session_t *s)
+{
+	coap_pdu_t *pdu = coap_new_pdu(COAP_MESSAGE_CON, c->method, s);
+	struct route_seg segs[ROUTE_MAX_SEGMENTS];
+	size_t n = route_split(c->path, strlen(c->path), segs, ROUTE_MAX_SEGMENTS);
+	uint8_t buf[4];
+
+	if (!pdu)
+		return -1;
+	loop_token(c->token, sizeof(c->token));
+	coap_add_token(pdu, sizeof(c->token), c->token);
+	for (size_t i = 0; i < n; i++)
+		coap_add_option(pdu, COAP_OPTION_URI_PATH, segs[i].len, (const uint8_t *)segs[i].s);
+	if (c->content_format >= 0)
+		coap_add_option(pdu, COAP_OPTION_CONTENT_FORMAT,
+				coap_encode_var_safe(buf, sizeof(buf), (unsigned)c->content_format), buf);
+	/* larger than one datagram: libcoap sends it block-wise (RFC 7959 Block1) */
+	if (c->len && !coap_add_data_large_request(s, pdu, c->len, c->payload, NULL, NULL)) {
+		coap_delete_pdu(pdu);
+		return -1;
+	}
+	if (hmap_put(C.by_token, c->token, sizeof(c->token), c) < 0) {
+		coap_delete_pdu(pdu);
+		return -1;
+	}
+	if (coap_send(s, pdu) == COAP_INVALID_MID) {
+		hmap_del(C.by_token, c->token, sizeof(c->token));
+		return -1;
+	}
+	c->session = s;
+	loop_kick();
+	return 0;
+}
+
+static void send_next(struct device *d)
+{
+	struct cmdq *q = queue_of(d, 0);
+	coap_session_t *s = dev_session(d);
+
+	while (q && q->head && !q->head->session && s) {
+		struct cmd *c = q->head;
+
+		if (cmd_send(c, s) == 0) {
+			stats_inc(STAT_COMMANDS);
+			log_debug("identity=%s path=/%s command sent", dev_identity(d), c->path);
+			return;
+		}
+		answer_error(c, "5.00", "could not send the request");
+		unlink_cmd(q, c);
+		cmd_free(c);
+	}
+}
+
+/* ---- MQTT in ---- */
+
+static coap_pdu_code_t method_code(unsigned m)
+{
+	switch (m) {
+	case CONF_M_GET: return COAP_REQUEST_CODE_GET;
+	case CONF_M_POST: return COAP_REQUEST_CODE_POST;
+	case CONF_M_DELETE: return COAP_REQUEST_CODE_DELETE;
+	default: return COAP_REQUEST_CODE_PUT;
+	}
+}
+
+static int topic_ok(const char *t)
+{
+	return t && *t && strlen(t) < ROUTE_MAX_TOPIC && !strpbrk(t, "+#");
+}
+
+static struct cmd *cmd_new(struct device *d, const struct conf_command *r, const struct mqtt_in *m,
+			   const char *path, const char *resp)
+{
+	struct cmd *c = calloc(1, sizeof(*c));
+
+	if (!c)
+		return NULL;
+	C.queued++;
+	c->dev = d;
+	c->method = method_code(r->method);
+	c->qos = r->qos;
+	c->content_format = mqtt_content_format(m->content_type);
+	snprintf(c->path, sizeof(c->path), "%s", path);
+	snprintf(c->resp_topic, sizeof(c->resp_topic), "%s", resp);
+	c->payload = m->len ? malloc(m->len) : NULL;
+	c->corr = m->correlation_len ? malloc(m->correlation_len) : NULL;
+	c->ttl_timer = evtimer_new(loop_base(), on_ttl, c);
+	if ((m->len && !c->payload) || (m->correlation_len && !c->corr) || !c->ttl_timer) {
+		cmd_free(c);
+		return NULL;
+	}
+	memcpy(c->payload, m->payload, m->len);
+	c->len = m->len;
+	if (c->corr)
+		memcpy(c->corr, m->correlation, m->correlation_len);
+	c->corr_len = m->correlation_len;
+	return c;
+}
+
+static void enqueue(struct device *d, const struct conf_command *r, const struct mqtt_in *m,
+		    const char *path, const char *resp)
+{
+	struct cmdq *q = queue_of(d, 1);
+	struct cmd *c;
+	struct timeval tv = { (time_t)r->ttl, 0 };
+
+	if (!q || q->n >= CMD_MAX_PER_DEVICE || C.queued >= CMD_MAX_TOTAL ||
+	    (c = cmd_new(d, r, m, path, resp)) == NULL) {
+		struct cmd tmp = { .dev = d, .qos = r->qos };
+
+		snprintf(tmp.path, sizeof(tmp.path), "%s", path);
+		snprintf(tmp.resp_topic, sizeof(tmp.resp_topic), "%s", resp);
+		tmp.corr = (uint8_t *)m->correlation;
+		tmp.corr_len = m->correlation_len;
+		answer_error(&tmp, "5.03", "command queue full");
+		return;
+	}
+	if (!dev_session(d) && r->ttl == 0) {
+		answer_error(c, "5.04", "device offline");
+		cmd_free(c);
+		return;
+	}
+	evtimer_add(c->ttl_timer, &tv);
+	if (q->tail)
+		q->tail->next = c;
+	else
+		q->head = c;
+	q->tail = c;
+	q->n++;
+	send_next(d);
+}
+
+void command_on_message(const struct mqtt_in *m)
+{
+	struct route_seg segs[ROUTE_MAX_SEGMENTS], id;
+	size_t n = route_split(m->topic, strlen(m->topic), segs, ROUTE_MAX_SEGMENTS);
+
+	for (size_t i = 0; i < C.conf->n_commands && i < C.n_routes; i++) {
+		const struct conf_command *r = &C.conf->commands[i];
+		char resp[ROUTE_MAX_TOPIC], path[ROUTE_MAX_TOPIC];
+		struct device *d;
+
+		if (route_match_id(r->route, segs, n, &id, resp, sizeof(resp)) != ROUTE_OK ||
+		    route_match_id(C.path_routes[i], segs, n, &id, path, sizeof(path)) != ROUTE_OK)
+			continue;
+		if (m->response_topic)
+			snprintf(resp, sizeof(resp), "%s", topic_ok(m->response_topic) ?
+				 m->response_topic : "");
+		else if (!r->response_topic)
+			resp[0] = '\0';
+		d = dev_find(id.s, id.len);
+		if (!d) {
+			log_warn("topic=%s command refused: %.*s is not a configured device", m->topic,
+				 (int)id.len, id.s);
+			return;
+		}
+		enqueue(d, r, m, path, resp);
+		return;
+	}
+	log_warn("topic=%s command refused: no command rule fits (bad identity or path value?)",
+		 m->topic);
+}
+
+/* ---- CoAP in ---- */
+
+int command_response(coap_session_t *s, const coap_pdu_t *sent, const coap_pdu_t *rcvd)
+{
+	coap_bin_const_t tok = coap_pdu_get_token(rcvd);
+	struct cmd *c = hmap_get(C.by_token, tok.s, tok.length);
+	coap_pdu_code_t code = coap_pdu_get_code(rcvd);
+	const uint8_t *data = NULL;
+	size_t len = 0, off = 0, total = 0;
+	coap_opt_iterator_t oi;
+	coap_opt_t *cf;
+	char cs[24];
+
+	(void)sent;
+	if (!c || c->session != s)
+		return 0;
+	coap_get_data_large(rcvd, &len, &data, &off, &total);
+	cf = coap_check_option(rcvd, COAP_OPTION_CONTENT_FORMAT, &oi);
+	snprintf(cs, sizeof(cs), "%u.%02u", code >> 5, code & 31);
+	log_debug("identity=%s path=/%s command answered %s bytes=%zu", dev_identity(c->dev), c->path,
+		  cs, len);
+	answer(c, cs, data, len, cf ? (int)coap_decode_var_bytes(coap_opt_value(cf),
+								 coap_opt_length(cf)) : -1);
+	finish(c);
+	return 1;
+}
+
+int command_nack(coap_session_t *s, const coap_pdu_t *sent, coap_nack_reason_t reason)
+{
+	coap_bin_const_t tok = coap_pdu_get_token(sent);
+	struct cmd *c = hmap_get(C.by_token, tok.s, tok.length);
+
+	if (!c || c->session != s)
+		return 0;
+	answer_error(c, "5.04", reason == COAP_NACK_TOO_MANY_RETRIES ? "timeout: no answer" :
+		     reason == COAP_NACK_RST ? "reset by the device" : "not deliverable");
+	finish(c);
+	return 1;
+}
+
+void command_device_up(struct device *d)
+{
+	send_next(d);
+}
+
+void command_device_down(struct device *d, const char *reason)
+{
+	struct cmdq *q = queue_of(d, 0);
+
+	/* the one in flight is lost with its session; queued ones wait for their ttl */
+	if (q && q->head && q->head->session) {
+		struct cmd *c = q->head;
+		char why[64];
+
+		snprintf(why, sizeof(why), "device disconnected (%s)", reason);
+		answer_error(c, "5.04", why);
+		unlink_cmd(q, c);
+		cmd_free(c);
+	}
+}
+
+/* ---- configuration ---- */
+
+static void free_routes(void)
+{
+	for (size_t i = 0; i < C.n_routes; i++)
+		route_free(C.path_routes[i]);
+	free(C.path_routes);
+	C.path_routes = NULL;
+	C.n_routes = 0;
+}
+
+/* The Uri-Path is the topic's last {name+} value: compile topic → "{name+}" per rule. */
+static int build_routes(const struct config *c)
+{
+	C.path_routes = calloc(c->n_commands ? c->n_commands : 1, sizeof(*C.path_routes));
+	if (!C.path_routes)
+		return -1;
+	for (size_t i = 0; i < c->n_commands; i++) {
+		const char *t = c->commands[i].topic, *last = strrchr(t, '{');
+		char tmpl[80], err[160];
+
+		if (!last || strlen(last) >= sizeof(tmpl))
+			return -1;
+		snprintf(tmpl, sizeof(tmpl), "%s", last);
+		C.path_routes[i] = route_compile2(t, tmpl, ROUTE_IDENTITY_VAR, err, sizeof(err));
+		if (!C.path_routes[i]) {
+			log_error("command topic %s: %s", t, err);
+			return -1;
+		}
+		C.n_routes++;
+	}
+	return 0;
+}
+
+static void subscribe(const struct config *c)
+{
+	char *filters[c->n_commands ? c->n_commands : 1];
+	int qos[c->n_commands ? c->n_commands : 1];
+
+	for (size_t i = 0; i < c->n_commands; i++) {
+		filters[i] = c->commands[i].filter;
+		qos[i] = c->commands[i].qos;
+	}
+	mqtt_set_subscriptions(filters, qos, c->n_commands);
+}
+
+int command_init(const struct config *c)
+{
+	C.conf = c;
+	C.by_token = hmap_new();
+	if (!C.by_token || build_routes(c) < 0)
+		return -1;
+	subscribe(c);
+	return 0;
+}
+
+void command_set_config(const struct config *c)
+{
+	free_routes();
+	C.conf = c;
+	if (build_routes(c) < 0)
+		log_error("reload: command rules could not be prepared; commands are refused");
+	subscribe(c);
+}
+
+static void drain(struct device *d)
+{
+	struct cmdq *q = queue_of(d, 0);
+
+	while (q && q->head) {
+		struct cmd *c = q->head;
+
+		answer_error(c, "5.03", "gateway stopping");
+		unlink_cmd(q, c);
+		cmd_free(c);
+	}
+	free(q);
+	*dev_command_slot(d) = NULL;
+}
+
+void command_shutdown(void)
+{
+	dev_each(drain);
+	free_routes();
+	hmap_free(C.by_token);
+	C.by_token = NULL;
+}
