@@ -21,6 +21,7 @@
 #define LOOP_EPOLL_BATCH 64
 #define LOOP_EPOLL_ROUNDS 8		/* batches per wake-up before yielding to other events */
 #define LOOP_PREPARE_MS 100		/* libcoap timer scan at most this often when idle */
+#define LOOP_MAX_BODY (64 * 1024)	/* largest block-wise body from a device, at least */
 
 static struct {
 	struct event_base *base;
@@ -325,6 +326,10 @@ static int coap_setup(const struct config *c)
 	coap_register_response_handler(L.coap, on_response);
 	coap_register_nack_handler(L.coap, on_nack);
 	coap_context_set_max_block_size(L.coap, c->coap.block_size);
+	/* reassembled bodies are bounded (deps-patches/libcoap/0003): uploads are refused with 4.13
+	 * above max_payload in uplink.c, responses and notifications may be larger */
+	coap_context_set_max_body_size(L.coap, c->coap.max_payload > LOOP_MAX_BODY ?
+					       c->coap.max_payload : LOOP_MAX_BODY);
 	r = uplink_resource(c);
 	if (!r) {
 		log_error("loop: cannot create the request handler");
