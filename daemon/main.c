@@ -18,15 +18,20 @@
 #include "loop.h"
 #include "mqtt.h"
 #include "observe.h"
+#include "stats.h"
 #include "uplink.h"
 
 #define SHUTDOWN_MQTT_MS 2000	/* of the 5 s a service manager grants */
+#define STATUS_PERIOD_US 5000000	/* STATUS= to the service manager */
 
 static struct {
 	const char *conf_path;
 	struct config *conf;
 	struct keys *keys;
 	struct event *sig_term, *sig_int, *sig_hup;
+	struct event *health;		/* watchdog keep-alive and STATUS= from the loop itself */
+	uint64_t last_published;
+	uint64_t health_us;
 } G;
 
 static void usage(FILE *f)
@@ -94,6 +99,36 @@ static void on_reload(evutil_socket_t sig, short what, void *arg)
 	sd_notify(0, "READY=1");
 }
 
+/* Runs on the loop: a stuck loop stops the keep-alives and the service manager restarts us. */
+static void on_health(evutil_socket_t fd, short what, void *arg)
+{
+	uint64_t pub = stats_get(STAT_PUBLISHED);
+	double rate = (double)(pub - G.last_published) * 1e6 / (double)G.health_us;
+
+	(void)fd;
+	(void)what;
+	(void)arg;
+	G.last_published = pub;
+	sd_notifyf(0, "WATCHDOG=1\nSTATUS=sessions=%zu online=%zu readings/s=%.1f broker=%s "
+		   "buffered=%zu observing=%zu commands=%zu", dev_sessions(), dev_online(), rate,
+		   mqtt_connected() ? "connected" : "disconnected", mqtt_outstanding(), observe_active(),
+		   command_queued());
+}
+
+static int health_init(struct event_base *base)
+{
+	uint64_t wd = 0;
+	struct timeval tv;
+
+	G.health_us = STATUS_PERIOD_US;
+	if (sd_watchdog_enabled(0, &wd) > 0 && wd / 2 < G.health_us)
+		G.health_us = wd / 2;
+	tv.tv_sec = (time_t)(G.health_us / 1000000);
+	tv.tv_usec = (suseconds_t)(G.health_us % 1000000);
+	G.health = event_new(base, -1, EV_PERSIST, on_health, NULL);
+	return G.health && event_add(G.health, &tv) == 0 ? 0 : -1;
+}
+
 static int signals_init(struct event_base *base)
 {
 	signal(SIGPIPE, SIG_IGN);
@@ -114,6 +149,8 @@ static void signals_shutdown(void)
 		event_free(G.sig_int);
 	if (G.sig_hup)
 		event_free(G.sig_hup);
+	if (G.health)
+		event_free(G.health);
 }
 
 static int parse_args(int argc, char **argv, int *check)
@@ -176,6 +213,7 @@ static int run(void)
 	if (G.conf->n_devices == 0)
 		log_warn("no devices configured: every handshake will be refused");
 	if (loop_init(G.conf, G.keys) < 0 || signals_init(loop_base()) < 0 ||
+	    health_init(loop_base()) < 0 ||
 	    mqtt_init(loop_base(), &G.conf->mqtt, on_mqtt_state, command_on_message) < 0 ||
 	    dev_init(G.conf, &hooks) < 0 || observe_init(G.conf) < 0 || command_init(G.conf) < 0)
 		return 1;
