@@ -334,6 +334,28 @@ void dev_each_online(void (*fn)(struct device *d))
 	hmap_each(D.by_id, each_online_fn, &fn);
 }
 
+static void apply_keys_fn(void *val, void *arg)
+{
+	struct device *d = val;
+	const struct keys *k = arg;
+	const struct key_entry *e = keys_find(k, d->identity, strlen(d->identity));
+	coap_session_t *s = dev_session(d);
+	const coap_bin_const_t *key = s ? coap_session_get_psk_key(s) : NULL;
+	const char *why = !e ? "device removed" : key && (key->length != e->key_len ||
+		memcmp(key->s, e->key, e->key_len) != 0) ? "key changed" : NULL;
+
+	if (!s || !why)
+		return;
+	log_info("peer=%s identity=%s closing session: %s", d->cur->peer, d->identity, why);
+	dev_down(d->cur, why);
+	coap_session_disconnected(s, COAP_NACK_TLS_FAILED);
+}
+
+void dev_apply_keys(const struct keys *k)
+{
+	hmap_each(D.by_id, apply_keys_fn, (void *)k);
+}
+
 /* ---- teardown ---- */
 
 static void dev_free_one(void *val, void *arg)

@@ -10,6 +10,7 @@
 #define DEV_DEDUP_SLOTS 8	/* recent CON exchanges remembered per session */
 
 struct config;
+struct keys;
 struct dev_sess;		/* one DTLS (or NoSec) session */
 struct device;			/* one identity; outlives its sessions */
 
@@ -48,6 +49,10 @@ const char *dev_peer(const struct device *d);
 /* Opaque per-device slots for the observe and command modules. */
 void **dev_observe_slot(struct device *d);
 void **dev_command_slot(struct device *d);
+
+/* After a reload: closes the sessions of devices that were removed or whose key changed; the
+ * others keep their sessions. */
+void dev_apply_keys(const struct keys *k);
 
 /* Calls fn for every known device / every device online (reload, shutdown: O(devices)). */
 void dev_each(void (*fn)(struct device *d));

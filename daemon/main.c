@@ -87,6 +87,7 @@ static void on_reload(evutil_socket_t sig, short what, void *arg)
 	loop_set_config(c, k);
 	uplink_set_config(c);
 	dev_set_config(c);
+	dev_apply_keys(k);
 	observe_set_config(c);
 	command_set_config(c);
 	log_set_level(c->log_level);
