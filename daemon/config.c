@@ -23,6 +23,7 @@
 #define CONF_MAX_DEPTH 16			/* nested lists / mappings */
 #define CONF_MAX_ITEMS KEYS_MAX_ENTRIES	/* entries in one list (devices, routes) */
 #define CONF_MAX_LISTEN 64			/* coap.listen URIs */
+#define CONF_MAX_COMMANDS 1024			/* commands: each is a subscription; checked pairwise */
 #define CONF_MAX_ERRORS 200			/* messages kept and printed; the rest are counted */
 #define CONF_MAX_STR 4096			/* bytes in a string value */
 #define CONF_MAX_PASSWORD 1024			/* bytes in password_file's first line */
@@ -33,6 +34,8 @@
 #define DEFAULT_CA_FILE "/etc/ssl/certs/ca-certificates.crt"
 #define DEFAULT_PERSISTENCE_DIR "/var/lib/coap2mqtt"
 #define MANDATORY_CIPHER "TLS_PSK_WITH_AES_128_CCM_8"
+#define CRED_PREFIX "$CREDENTIALS_DIRECTORY/"	/* systemd LoadCredential= folder */
+#define STATUS_FMT "coap2mqtt/%s/status"		/* default mqtt.status_topic */
 
 enum cn_type { CN_SCALAR, CN_SEQ, CN_MAP, CN_BAD };
 
@@ -61,6 +64,7 @@ struct cctx {
 	char *dir;		/* directory of file, NULL when relative paths need no prefix */
 	FILE *errs;
 	int nerr;
+	int nprinted;		/* errors file_err printed at once, not kept */
 	struct cmsg msg[CONF_MAX_ERRORS];
 	size_t nmsg;
 	const struct cnode *here;	/* position for messages from the keys file parser */
@@ -133,8 +137,9 @@ static void conf_flush(struct cctx *x)
 		fprintf(x->errs, "%s\n", x->msg[i].text);
 		free(x->msg[i].text);
 	}
-	if (x->errs != NULL && x->nerr > (int)x->nmsg)
-		fprintf(x->errs, "%s: %d more errors not shown\n", x->file, x->nerr - (int)x->nmsg);
+	if (x->errs != NULL && x->nerr > (int)x->nmsg + x->nprinted)
+		fprintf(x->errs, "%s: %d more errors not shown\n", x->file,
+			x->nerr - (int)x->nmsg - x->nprinted);
 	x->nmsg = 0;
 }
 
@@ -442,6 +447,7 @@ static void file_err(struct cctx *x, const char *fmt, ...)
 	x->nerr++;
 	if (x->errs == NULL)
 		return;
+	x->nprinted++;
 	fprintf(x->errs, "%s: ", x->file);
 	va_start(ap, fmt);
 	vfprintf(x->errs, fmt, ap);
@@ -452,7 +458,7 @@ static void file_err(struct cctx *x, const char *fmt, ...)
 /* Reads the whole of fd (at most CONF_MAX_FILE bytes) into *buf; -1 after reporting. */
 static int read_all(struct cctx *x, int fd, unsigned char **buf, size_t *len)
 {
-	ssize_t r;
+	ssize_t r = 0;
 
 	*buf = malloc(CONF_MAX_FILE + 1);
 	if (*buf == NULL) {
@@ -695,6 +701,57 @@ static bool get_path(struct cctx *x, const struct cnode *n, char **out)
 	if (*out == NULL)
 		conf_oom(x);
 	return *out != NULL;
+}
+
+/* A file to read: like get_path, and "$CREDENTIALS_DIRECTORY/NAME" names a file passed by systemd's
+ * LoadCredential= (the variable then must be set). */
+static bool get_file(struct cctx *x, const struct cnode *n, char **out)
+{
+	const char *dir;
+	char *s = NULL;
+	size_t pl = strlen(CRED_PREFIX), dl;
+	int rc;
+
+	if (n->type != CN_SCALAR || strncmp(n->val, CRED_PREFIX, pl) != 0)
+		return get_path(x, n, out);
+	if (!get_str(x, n, CONF_MAX_STR, &s))
+		return false;
+	dir = getenv("CREDENTIALS_DIRECTORY");
+	if (dir == NULL || *dir == '\0') {
+		conf_err(x, n, "CREDENTIALS_DIRECTORY is not set (use LoadCredential= in the unit)");
+		free(s);
+		return false;
+	}
+	for (dl = strlen(dir); dl > 1 && dir[dl - 1] == '/'; dl--)
+		;
+	free(*out);
+	rc = asprintf(out, "%.*s/%s", (int)dl, dir, s + pl);
+	free(s);
+	if (rc < 0) {
+		*out = NULL;
+		conf_oom(x);
+	}
+	return *out != NULL;
+}
+
+/* A fixed MQTT topic the gateway publishes on (status, metrics): no wildcards, no placeholders. */
+static bool get_topic(struct cctx *x, const struct cnode *n, char **out)
+{
+	char err[256] = "";
+	struct route *r = NULL;
+
+	if (!get_str(x, n, CONF_MAX_STR, out))
+		return false;
+	if (strpbrk(*out, "{}") != NULL)
+		conf_err(x, n, "must not contain '{' or '}' (this topic has no placeholders)");
+	else if ((r = route_compile2("", *out, 0, err, sizeof(err))) == NULL)
+		conf_err(x, n, "%s", strncmp(err, "topic ", 6) == 0 ? err + 6 : err);
+	route_free(r);
+	if (r != NULL)
+		return true;
+	free(*out);
+	*out = NULL;
+	return false;
 }
 
 /* ---- mappings ---- */
@@ -1050,7 +1107,7 @@ static void conf_devices_file(struct cctx *x, const struct cnode *n)
 {
 	struct config *c = x->c;
 
-	if (n == NULL || !get_path(x, n, &c->devices_file))
+	if (n == NULL || !get_file(x, n, &c->devices_file))
 		return;
 	x->here = n;
 	x->nerr += keys_parse_file(c->devices_file, &c->devices, &c->n_devices, keys_sink, x);
@@ -1110,7 +1167,7 @@ static void mqtt_password(struct cctx *x, const struct cnode *n)
 	size_t len;
 	int fd;
 
-	if (!get_path(x, n, &path) || !file_check(x, n, "password_file", path, true) ||
+	if (!get_file(x, n, &path) || !file_check(x, n, "password_file", path, true) ||
 	    (fd = open(path, O_RDONLY | O_CLOEXEC)) < 0) {
 		free(path);
 		return;
@@ -1139,7 +1196,7 @@ static void mqtt_files(struct cctx *x, const struct cnode **v)
 	struct conf_mqtt *m = &x->c->mqtt;
 
 	if (v[3])
-		get_path(x, v[3], &m->ca_file);
+		get_file(x, v[3], &m->ca_file);
 	else
 		m->ca_file = cstrdup(x, DEFAULT_CA_FILE);
 	if (m->tls && m->ca_file)
@@ -1148,9 +1205,9 @@ static void mqtt_files(struct cctx *x, const struct cnode **v)
 		conf_err(x, v[4], "needs key_file too (both or neither)");
 	if (v[5] && !v[4])
 		conf_err(x, v[5], "needs cert_file too (both or neither)");
-	if (v[4] && get_path(x, v[4], &m->cert_file) && m->tls)
+	if (v[4] && get_file(x, v[4], &m->cert_file) && m->tls)
 		file_check(x, v[4], "cert_file", m->cert_file, false);
-	if (v[5] && get_path(x, v[5], &m->key_file) && m->tls)
+	if (v[5] && get_file(x, v[5], &m->key_file) && m->tls)
 		file_check(x, v[5], "key_file", m->key_file, true);
 	if ((v[4] || v[5]) && v[0] && m->url && !m->tls)
 		conf_err(x, v[4] ? v[4] : v[5], "a client certificate needs mqtts://");
@@ -1192,12 +1249,35 @@ static void mqtt_numbers(struct cctx *x, const struct cnode **v)
 		m->session_expiry = (unsigned)ll;
 }
 
+/* status_topic as given, else coap2mqtt/<client_id>/status (idnode: client_id, for messages). */
+static void mqtt_status_topic(struct cctx *x, const struct cnode *n, const struct cnode *idnode)
+{
+	struct conf_mqtt *m = &x->c->mqtt;
+
+	if (n != NULL) {
+		get_topic(x, n, &m->status_topic);
+		return;
+	}
+	if (m->client_id == NULL)
+		return;
+	if (strpbrk(m->client_id, "+#{}") != NULL) {
+		conf_err(x, idnode, "%s makes the default status_topic " STATUS_FMT " invalid (it may not "
+			 "hold '+', '#', '{' or '}'; set status_topic)", show(m->client_id,
+			 strlen(m->client_id)).s, m->client_id);
+		return;
+	}
+	if (asprintf(&m->status_topic, STATUS_FMT, m->client_id) < 0) {
+		m->status_topic = NULL;
+		conf_oom(x);
+	}
+}
+
 static void conf_mqtt(struct cctx *x, const struct cnode *n, const struct cnode *root)
 {
 	static const char *const names[] = { "url", "insecure", "client_id", "ca_file", "cert_file",
 		"key_file", "username", "password_file", "keepalive", "version", "persistence_dir",
-		"max_buffered", "max_inflight", "session_expiry", NULL };
-	const struct cnode *v[15];
+		"max_buffered", "max_inflight", "session_expiry", "status_topic", NULL };
+	const struct cnode *v[16];
 	struct conf_mqtt *m = &x->c->mqtt;
 
 	*m = (struct conf_mqtt){ .keepalive = 30, .version = 5, .max_buffered = 100000,
@@ -1226,6 +1306,7 @@ static void conf_mqtt(struct cctx *x, const struct cnode *n, const struct cnode 
 		m->client_id = cstrdup(x, DEFAULT_CLIENT_ID);
 	if (m->persistence_dir == NULL)
 		m->persistence_dir = cstrdup(x, DEFAULT_PERSISTENCE_DIR);
+	mqtt_status_topic(x, v[14], v[2]);
 }
 
 /* ---- routes ---- */
@@ -1388,6 +1469,370 @@ static void conf_routes(struct cctx *x, const struct cnode *n)
 	route_dups(x);
 }
 
+/* ---- observe ---- */
+
+/* A resource path on a device: no leading '/', no empty segment, each segment fit for a topic. */
+static bool observe_path(struct cctx *x, const struct cnode *n, struct conf_observe *o)
+{
+	struct route_seg seg[ROUTE_MAX_SEGMENTS];
+	size_t nseg, i;
+
+	if (!get_str(x, n, ROUTE_MAX_VALUE, &o->path))
+		return false;
+	if (o->path[0] == '/') {
+		conf_err(x, n, "must not start with '/' (write \"temperature\" or \"a/b\")");
+		return false;
+	}
+	nseg = route_split(o->path, n->len, seg, ROUTE_MAX_SEGMENTS);
+	if (nseg == 0) {
+		conf_err(x, n, "has more than %d segments", ROUTE_MAX_SEGMENTS);
+		return false;
+	}
+	for (i = 0; i < nseg; i++) {
+		if (seg[i].len == 0) {
+			conf_err(x, n, "has an empty segment (between two '/' or at the end)");
+			return false;
+		}
+		if (!route_value_ok(seg[i].s, seg[i].len)) {
+			conf_err(x, n, "segment %s is not valid in an MQTT topic (UTF-8 without '+', '#' or "
+				 "control characters)", show(seg[i].s, seg[i].len).s);
+			return false;
+		}
+	}
+	return true;
+}
+
+/* discover: true or path, exactly one; match only with discover. */
+static void observe_what(struct cctx *x, const struct cnode *n, const struct cnode **v,
+			 struct conf_observe *o)
+{
+	bool disc_ok = v[2] == NULL || get_bool(x, v[2], &o->discover);
+
+	if (v[1] && o->discover)
+		conf_err(x, v[2], "give path or discover: true, not both");
+	else if (!v[1] && !o->discover && disc_ok)
+		conf_err(x, n, "path or discover: true is required");
+	if (v[1] && !o->discover)
+		observe_path(x, v[1], o);
+	if (v[3] && !o->discover && disc_ok)
+		conf_err(x, v[3], "only with discover: true (it filters the discovered resources)");
+	else if (v[3] && o->discover)
+		get_str(x, v[3], CONF_MAX_STR, &o->match);
+}
+
+static void observe_rule(struct cctx *x, const struct cnode *n, struct conf_observe *o)
+{
+	static const char *const names[] = { "devices", "path", "discover", "match", "topic", "qos",
+					     "retain", NULL };
+	static const int qos[] = { 0, 1, 2 };
+	const struct cnode *v[8];
+	char err[256] = "";
+
+	*o = (struct conf_observe){ .line = n->line };
+	if (!want_type(x, n, CN_MAP) || !conf_fields(x, n, names, v))
+		return;
+	if (v[0])
+		get_str(x, v[0], CONF_MAX_STR, &o->devices);
+	else
+		o->devices = cstrdup(x, "*");
+	observe_what(x, n, v, o);
+	if (v[4] == NULL)
+		conf_err(x, n, "topic is required");
+	else if (get_str(x, v[4], CONF_MAX_STR, &o->topic) &&
+		 (o->route = route_compile2("{path+}", o->topic, 0, err, sizeof(err))) == NULL)
+		conf_err(x, v[4], "%s", strncmp(err, "topic ", 6) == 0 ? err + 6 : err);
+	if (v[5])
+		get_choice(x, v[5], qos, 3, "0, 1 or 2", &o->qos);
+	if (v[6])
+		get_bool(x, v[6], &o->retain);
+}
+
+static void conf_observes(struct cctx *x, const struct cnode *n)
+{
+	struct config *c = x->c;
+	const struct cnode *it;
+
+	if (n == NULL || !want_type(x, n, CN_SEQ) || n->nkids == 0)
+		return;
+	c->observe = ccalloc(x, n->nkids, sizeof(*c->observe));
+	if (c->observe == NULL)
+		return;
+	for (it = kid(x, n); it; it = sib(x, it))
+		observe_rule(x, it, &c->observe[c->n_observe++]);
+}
+
+/* ---- commands ---- */
+
+static bool is_var_level(const struct route_seg *l)
+{
+	return l->len >= 2 && l->s[0] == '{' && l->s[l->len - 1] == '}';
+}
+
+static bool is_rest_level(const struct route_seg *l)
+{
+	return is_var_level(l) && l->len >= 3 && l->s[l->len - 2] == '+';
+}
+
+/* Checks the levels of a command topic (literals without wildcards, a {identity} level, a {name+}
+ * level last) and builds its subscription filter: {x} → +, {x+} → #. The braces themselves are
+ * checked by route_compile2 afterwards. */
+static bool command_levels(struct cctx *x, const struct cnode *n, struct conf_command *cmd)
+{
+	struct route_seg lv[ROUTE_MAX_SEGMENTS];
+	size_t nl = route_split(cmd->topic, strlen(cmd->topic), lv, ROUTE_MAX_SEGMENTS), i, pos = 0;
+	bool identity = false;
+
+	if (nl == 0) {
+		conf_err(x, n, "has more than %d levels", ROUTE_MAX_SEGMENTS);
+		return false;
+	}
+	for (i = 0; i < nl; i++) {
+		const struct route_seg *l = &lv[i];
+
+		if (!is_var_level(l) && (memchr(l->s, '+', l->len) || memchr(l->s, '#', l->len))) {
+			conf_err(x, n, "must not contain '+' or '#' (MQTT wildcards; write {name} for one "
+				 "level, {name+} for the rest)");
+			return false;
+		}
+		if (!is_var_level(l) && l->len > 0 && !route_value_ok(l->s, l->len)) {
+			conf_err(x, n, "level %s is not valid UTF-8", show(l->s, l->len).s);
+			return false;
+		}
+		identity |= lv[i].len == 10 && memcmp(lv[i].s, "{identity}", 10) == 0;
+	}
+	if (!identity) {
+		conf_err(x, n, "must contain a {identity} level (the device the command goes to)");
+		return false;
+	}
+	if (!is_rest_level(&lv[nl - 1])) {
+		conf_err(x, n, "must end with a {name+} level (the resource path, e.g. {path+})");
+		return false;
+	}
+	if ((cmd->filter = ccalloc(x, strlen(cmd->topic) + 1, 1)) == NULL)
+		return false;
+	for (i = 0; i < nl; i++) {
+		if (i > 0)
+			cmd->filter[pos++] = '/';
+		if (is_var_level(&lv[i])) {
+			cmd->filter[pos++] = is_rest_level(&lv[i]) ? '#' : '+';
+		} else {
+			memcpy(cmd->filter + pos, lv[i].s, lv[i].len);
+			pos += lv[i].len;
+		}
+	}
+	return true;
+}
+
+/* Compiles topic (as the pattern) + response_topic or topic; v: topic, method, response_topic. */
+static void command_route(struct cctx *x, const struct cnode **v, struct conf_command *cmd)
+{
+	char err[256] = "";
+
+	cmd->route = route_compile2(cmd->topic, cmd->response_topic ? cmd->response_topic : cmd->topic,
+				    ROUTE_IDENTITY_VAR, err, sizeof(err));
+	if (cmd->route != NULL)
+		return;
+	if (strncmp(err, "topic ", 6) == 0)
+		conf_err(x, cmd->response_topic ? v[2] : v[0], "%s", err + 6);
+	else
+		conf_err(x, v[0], "%s", strncmp(err, "path ", 5) == 0 ? err + 5 : err);
+}
+
+static void command_method(struct cctx *x, const struct cnode *n, unsigned *out)
+{
+	static const char *const mnames[] = { "GET", "POST", "PUT", "DELETE" };
+	const char *s = scalar(x, n, "one method");
+	unsigned i;
+
+	if (s == NULL)
+		return;
+	for (i = 0; i < 4 && strcasecmp(s, mnames[i]) != 0; i++)
+		;
+	if (i == 4)
+		conf_err(x, n, "%s is not GET, POST, PUT or DELETE", show(s, n->len).s);
+	else
+		*out = 1u << i;	/* the same order as enum conf_method */
+}
+
+/* nodes[0..1]: the topic and response_topic nodes, for the checks across commands. */
+static void command_rule(struct cctx *x, const struct cnode *n, struct conf_command *cmd,
+			 const struct cnode **nodes)
+{
+	static const char *const names[] = { "topic", "method", "response_topic", "ttl", "qos", NULL };
+	static const int qos[] = { 0, 1, 2 };
+	const struct cnode *v[6];
+	long long ll;
+	bool ok = false;
+
+	*cmd = (struct conf_command){ .method = CONF_M_PUT, .ttl = 30, .qos = 1, .line = n->line };
+	if (!want_type(x, n, CN_MAP) || !conf_fields(x, n, names, v))
+		return;
+	nodes[0] = v[0];
+	nodes[1] = v[2];
+	if (v[0] == NULL)
+		conf_err(x, n, "topic is required");
+	else if (get_str(x, v[0], CONF_MAX_STR, &cmd->topic))
+		ok = command_levels(x, v[0], cmd);
+	if (v[1])
+		command_method(x, v[1], &cmd->method);
+	if (v[2] && !get_str(x, v[2], CONF_MAX_STR, &cmd->response_topic))
+		ok = false;
+	if (ok)
+		command_route(x, v, cmd);
+	if (v[3] && get_int(x, v[3], 0, 86400, &ll))
+		cmd->ttl = (unsigned)ll;
+	if (v[4])
+		get_choice(x, v[4], qos, 3, "0, 1 or 2", &cmd->qos);
+}
+
+static int command_cmp(const void *a, const void *b)
+{
+	const struct conf_command *ca = *(const struct conf_command *const *)a;
+	const struct conf_command *cb = *(const struct conf_command *const *)b;
+	int c = strcmp(ca->filter, cb->filter);
+
+	return c ? c : (ca->line > cb->line) - (ca->line < cb->line);
+}
+
+/* Two commands on one subscription filter would both take every message: reported (sorted). */
+static void command_dups(struct cctx *x, const struct cnode **nodes)
+{
+	struct config *c = x->c;
+	struct conf_command **s = ccalloc(x, c->n_commands, sizeof(*s));
+	size_t i, n = 0, first = 0;
+
+	if (s == NULL)
+		return;
+	for (i = 0; i < c->n_commands; i++)
+		if (c->commands[i].route != NULL)
+			s[n++] = &c->commands[i];
+	qsort(s, n, sizeof(*s), command_cmp);
+	for (i = 1; i < n; i++) {
+		if (strcmp(s[i]->filter, s[first]->filter) != 0) {
+			first = i;
+			continue;
+		}
+		conf_err(x, nodes[2 * (size_t)(s[i] - c->commands)], "subscribes to %s like the command at "
+			 "line %d", show(s[i]->filter, strlen(s[i]->filter)).s, s[first]->line);
+	}
+	free(s);
+}
+
+/* 1 when MQTT filter f matches topic t ('+' one level, '#' the rest, zero levels included). */
+static bool filter_matches(const char *f, const char *t)
+{
+	for (;;) {
+		size_t fl = strcspn(f, "/"), tl = strcspn(t, "/");
+
+		if (fl == 1 && f[0] == '#')
+			return true;
+		if (!(fl == 1 && f[0] == '+') && (fl != tl || memcmp(f, t, fl) != 0))
+			return false;
+		if (f[fl] == '\0' || t[tl] == '\0')
+			return f[fl] == t[tl] || strcmp(f + fl, "/#") == 0;
+		f += fl + 1;
+		t += tl + 1;
+	}
+}
+
+/* A response_topic that some command filter takes in again would feed the gateway's answers back
+ * to devices. Checked on a sample with "{}" for every value: no literal level may hold braces,
+ * so a value never equals a literal level by accident. */
+static void command_loops(struct cctx *x, const struct cnode **nodes)
+{
+	struct config *c = x->c;
+	struct route_seg lv[ROUTE_MAX_SEGMENTS], id;
+	char sample[ROUTE_MAX_TOPIC];
+	size_t i, j, k, nl;
+
+	for (i = 0; i < c->n_commands; i++) {
+		const struct conf_command *cmd = &c->commands[i];
+
+		if (cmd->route == NULL || cmd->response_topic == NULL)
+			continue;
+		nl = route_split(cmd->topic, strlen(cmd->topic), lv, ROUTE_MAX_SEGMENTS);
+		for (k = 0; k < nl; k++)
+			if (is_var_level(&lv[k]))
+				lv[k] = (struct route_seg){ "{}", 2 };
+		if (route_match_id(cmd->route, lv, nl, &id, sample, sizeof(sample)) != ROUTE_OK)
+			continue;
+		for (j = 0; j < c->n_commands; j++) {
+			if (c->commands[j].route == NULL || !filter_matches(c->commands[j].filter, sample))
+				continue;
+			conf_err(x, nodes[2 * i + 1], "would come back in as a command (it fits %s, the "
+				 "topic of line %d)", show(c->commands[j].filter,
+				 strlen(c->commands[j].filter)).s, c->commands[j].line);
+			break;
+		}
+	}
+}
+
+static void conf_commands(struct cctx *x, const struct cnode *n)
+{
+	struct config *c = x->c;
+	const struct cnode *it, **nodes;
+
+	if (n == NULL || !want_type(x, n, CN_SEQ) || n->nkids == 0)
+		return;
+	if (n->nkids > CONF_MAX_COMMANDS) {
+		conf_err(x, n, "more than %d entries (each one is a subscription)", CONF_MAX_COMMANDS);
+		return;
+	}
+	c->commands = ccalloc(x, n->nkids, sizeof(*c->commands));
+	nodes = ccalloc(x, 2 * n->nkids, sizeof(*nodes));	/* topic, response_topic per command */
+	if (c->commands == NULL || nodes == NULL) {
+		free(nodes);
+		return;
+	}
+	for (it = kid(x, n); it; it = sib(x, it)) {
+		command_rule(x, it, &c->commands[c->n_commands], &nodes[2 * c->n_commands]);
+		c->n_commands++;
+	}
+	command_dups(x, nodes);
+	command_loops(x, nodes);
+	free(nodes);
+}
+
+/* ---- presence, metrics ---- */
+
+static void conf_presence(struct cctx *x, const struct cnode *n)
+{
+	struct config *c = x->c;
+	char err[256] = "", *but;
+
+	if (n == NULL || is_null(n) || !get_str(x, n, CONF_MAX_STR, &c->presence_topic))
+		return;
+	c->presence_route = route_compile2("", c->presence_topic, 0, err, sizeof(err));
+	if (c->presence_route == NULL && strncmp(err, "topic uses ", 11) == 0 &&
+	    (but = strstr(err, " but the path has no ")) != NULL)
+		conf_err(x, n, "%.*s (only {identity} is available here)", (int)(but - err - 6), err + 6);
+	else if (c->presence_route == NULL)
+		conf_err(x, n, "%s", strncmp(err, "topic ", 6) == 0 ? err + 6 : err);
+	else if (!route_uses_var(c->presence_route, "identity"))
+		conf_err(x, n, "must contain {identity} (else every device would share one retained topic)");
+}
+
+static void conf_metrics(struct cctx *x, const struct cnode *n)
+{
+	static const char *const names[] = { "listen", "topic", "interval", NULL };
+	const struct cnode *v[4];
+	struct conf_metrics *mt = &x->c->metrics;
+	const char *why;
+	long long ll;
+
+	mt->interval = 60;
+	if (!conf_fields(x, n, names, v))
+		return;
+	if (v[0] && !is_null(v[0]) && get_str(x, v[0], CONF_MAX_STR, &mt->listen) &&
+	    (why = parse_hostport(mt->listen, true, NULL, NULL)) != NULL)
+		conf_err(x, v[0], "%s is not HOST:PORT or [IPv6]:PORT (%s)", show(mt->listen, v[0]->len).s,
+			 why);
+	if (v[1] && !is_null(v[1]))
+		get_topic(x, v[1], &mt->topic);
+	if (v[2] && get_int(x, v[2], 1, 86400, &ll))
+		mt->interval = (unsigned)ll;
+}
+
 /* ---- top level ---- */
 
 static void conf_log_level(struct cctx *x, const struct cnode *n)
@@ -1411,8 +1856,9 @@ static void conf_log_level(struct cctx *x, const struct cnode *n)
 static void conf_top(struct cctx *x)
 {
 	static const char *const names[] = { "log_level", "coap", "devices", "devices_file", "mqtt",
-					     "routes", NULL };
-	const struct cnode *v[7], *root = x->nnode ? &x->node[0] : NULL;
+					     "routes", "observe", "commands", "presence_topic", "metrics",
+					     NULL };
+	const struct cnode *v[11], *root = x->nnode ? &x->node[0] : NULL;
 
 	x->c->log_level = LOG_LVL_INFO;
 	if (root && !is_null(root) && root->type != CN_MAP && root->type != CN_BAD) {
@@ -1428,6 +1874,10 @@ static void conf_top(struct cctx *x)
 	conf_devices_file(x, v[3]);
 	conf_mqtt(x, v[4], root);
 	conf_routes(x, v[5]);
+	conf_observes(x, v[6]);
+	conf_commands(x, v[7]);
+	conf_presence(x, v[8]);
+	conf_metrics(x, v[9]);
 }
 
 static char *dir_of(const char *path)
@@ -1500,6 +1950,25 @@ void conf_free(struct config *c)
 		free(c->routes[i].topic);
 	}
 	free(c->routes);
+	for (i = 0; i < c->n_observe; i++) {
+		route_free(c->observe[i].route);
+		free(c->observe[i].devices);
+		free(c->observe[i].path);
+		free(c->observe[i].match);
+		free(c->observe[i].topic);
+	}
+	free(c->observe);
+	for (i = 0; i < c->n_commands; i++) {
+		route_free(c->commands[i].route);
+		free(c->commands[i].topic);
+		free(c->commands[i].filter);
+		free(c->commands[i].response_topic);
+	}
+	free(c->commands);
+	route_free(c->presence_route);
+	free(c->presence_topic);
+	free(c->metrics.listen);
+	free(c->metrics.topic);
 	free(c->mqtt.url);
 	free(c->mqtt.host);
 	free(c->mqtt.client_id);
@@ -1511,6 +1980,7 @@ void conf_free(struct config *c)
 		explicit_bzero(c->mqtt.password, strlen(c->mqtt.password));
 	free(c->mqtt.password);
 	free(c->mqtt.persistence_dir);
+	free(c->mqtt.status_topic);
 	free(c->file);
 	free(c);
 }

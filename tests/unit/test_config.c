@@ -12,6 +12,8 @@
 
 static char tmpdir[64];
 
+#define MQTT_OK "mqtt:\n  url: mqtt://b\n  insecure: true\n"
+
 struct loaded {
 	struct config *c;
 	char *errs;		/* everything written to errs, NUL-ended */
@@ -103,6 +105,64 @@ static struct loaded load_text(const char *name, const char *content)
 	return load_tmp(name);
 }
 
+/* full.yaml's observe, commands, presence_topic and metrics, through their compiled routes too. */
+static void test_full_new(const struct config *c)
+{
+	char topic[ROUTE_MAX_TOPIC];
+	struct route_seg seg[ROUTE_MAX_SEGMENTS], id;
+	const char *t = "devices/dev-a/set/led/1";
+	size_t n;
+
+	CHECK(c->n_observe == 3);
+	if (c->n_observe == 3) {
+		CHECK_STR(c->observe[0].devices, "sensor-*");
+		CHECK_STR(c->observe[0].path, "temperature");
+		CHECK(!c->observe[0].discover && c->observe[0].match == NULL);
+		CHECK(c->observe[0].qos == 1 && c->observe[0].retain);
+		CHECK(c->observe[0].line == 49);
+		n = route_split(c->observe[0].path, strlen(c->observe[0].path), seg, ROUTE_MAX_SEGMENTS);
+		CHECK(route_match(c->observe[0].route, seg, n, "sensor-1", topic, sizeof(topic)) == ROUTE_OK);
+		CHECK_STR(topic, "devices/sensor-1/temperature");
+		CHECK_STR(c->observe[1].devices, "*");
+		CHECK(c->observe[1].discover && c->observe[1].path == NULL);
+		CHECK_STR(c->observe[1].match, "sensors/*");
+		CHECK(c->observe[1].qos == 2 && !c->observe[1].retain);
+		n = route_split("sensors/hum/1", 13, seg, ROUTE_MAX_SEGMENTS);
+		CHECK(route_match(c->observe[1].route, seg, n, "d", topic, sizeof(topic)) == ROUTE_OK);
+		CHECK_STR(topic, "devices/d/sensors/hum/1");
+		CHECK_STR(c->observe[2].path, "a/b");
+		CHECK(!c->observe[2].discover && c->observe[2].qos == 0);
+		n = route_split("a/b", 3, seg, ROUTE_MAX_SEGMENTS);
+		CHECK(route_match(c->observe[2].route, seg, n, "d", topic, sizeof(topic)) == ROUTE_OK);
+		CHECK_STR(topic, "obs/d/a/b");
+	}
+	CHECK(c->n_commands == 2);
+	if (c->n_commands == 2) {
+		CHECK_STR(c->commands[0].topic, "devices/{identity}/set/{path+}");
+		CHECK_STR(c->commands[0].filter, "devices/+/set/#");
+		CHECK_STR(c->commands[0].response_topic, "devices/{identity}/set-response/{path+}");
+		CHECK(c->commands[0].method == CONF_M_POST);
+		CHECK(c->commands[0].ttl == 0 && c->commands[0].qos == 2);
+		CHECK(c->commands[0].line == 62);
+		n = route_split(t, strlen(t), seg, ROUTE_MAX_SEGMENTS);
+		CHECK(route_match_id(c->commands[0].route, seg, n, &id, topic, sizeof(topic)) == ROUTE_OK);
+		CHECK(id.len == 5 && memcmp(id.s, "dev-a", 5) == 0);
+		CHECK_STR(topic, "devices/dev-a/set-response/led/1");
+		CHECK_STR(c->commands[1].filter, "cmd/+/+/#");
+		CHECK(c->commands[1].response_topic == NULL);
+		CHECK(c->commands[1].method == CONF_M_PUT);
+		CHECK(c->commands[1].ttl == 30 && c->commands[1].qos == 1);
+		CHECK(route_match_id(c->commands[1].route, seg, n, &id, topic, sizeof(topic)) ==
+		      ROUTE_NO_MATCH);
+	}
+	CHECK_STR(c->presence_topic, "devices/{identity}/status");
+	CHECK(route_match(c->presence_route, NULL, 0, "dev-a", topic, sizeof(topic)) == ROUTE_OK);
+	CHECK_STR(topic, "devices/dev-a/status");
+	CHECK_STR(c->metrics.listen, "[::1]:9464");
+	CHECK_STR(c->metrics.topic, "gw/test/metrics");
+	CHECK(c->metrics.interval == 15);
+}
+
 static void test_full(void)
 {
 	char want[256];
@@ -183,12 +243,14 @@ static void test_full(void)
 		CHECK(c->routes[0].qos == 2);
 		CHECK(c->routes[0].retain);
 		CHECK(c->routes[0].ack == CONF_ACK_BROKER);
-		CHECK(c->routes[0].line == 35);
+		CHECK(c->routes[0].line == 36);
 		CHECK(c->routes[1].methods == CONF_M_POST);
 		CHECK(c->routes[1].qos == 0);
 		CHECK(!c->routes[1].retain);
 		CHECK(c->routes[1].ack == CONF_ACK_STORED);
 	}
+	CHECK_STR(c->mqtt.status_topic, "gw/test/status");
+	test_full_new(c);
 	unload(&l);
 }
 
@@ -228,6 +290,30 @@ static void test_defaults(void)
 	CHECK(c->mqtt.max_inflight == 1000);
 	CHECK(c->mqtt.session_expiry == 86400);
 	CHECK(c->n_routes == 0);
+	CHECK_STR(c->mqtt.status_topic, "coap2mqtt/coap2mqtt/status");
+	CHECK(c->n_observe == 0 && c->observe == NULL);
+	CHECK(c->n_commands == 0 && c->commands == NULL);
+	CHECK(c->presence_topic == NULL && c->presence_route == NULL);
+	CHECK(c->metrics.listen == NULL && c->metrics.topic == NULL && c->metrics.interval == 60);
+	unload(&l);
+
+	/* observe and commands take their defaults; status_topic follows client_id */
+	l = load_text("d3.yaml", MQTT_OK "  client_id: gw-7\nobserve:\n  - {path: t, topic: \"o/{identity}\"}\n"
+		      "commands:\n  - topic: \"{identity}/{p+}\"\nmetrics: {}\npresence_topic: ~\n");
+	CHECK(l.c != NULL);
+	if (l.c) {
+		CHECK_STR(l.c->mqtt.status_topic, "coap2mqtt/gw-7/status");
+		CHECK(l.c->n_observe == 1 && l.c->n_commands == 1);
+		CHECK_STR(l.c->observe[0].devices, "*");
+		CHECK(l.c->observe[0].qos == 0 && !l.c->observe[0].retain && !l.c->observe[0].discover);
+		CHECK_STR(l.c->commands[0].filter, "+/#");
+		CHECK(l.c->commands[0].method == CONF_M_PUT && l.c->commands[0].response_topic == NULL);
+		CHECK(l.c->commands[0].ttl == 30 && l.c->commands[0].qos == 1);
+		CHECK(l.c->metrics.listen == NULL && l.c->metrics.interval == 60);
+		CHECK(l.c->presence_topic == NULL);
+	} else {
+		fprintf(stderr, "%s", l.errs);
+	}
 	unload(&l);
 
 	/* mqtts:// without a port → 8883; a route's options default too */
@@ -279,7 +365,7 @@ static void test_errors_file(void)
 		"errors.yaml:47:11: path: \"ok/{x}\" is already routed at line 45",
 		"errors.yaml:49:5: routes: path is required",
 		"errors.yaml:50:1: unknown key \"unknown_top\" (allowed: log_level, coap, devices, "
-		"devices_file, mqtt, routes)",
+		"devices_file, mqtt, routes, observe, commands, presence_topic, metrics)",
 	};
 	struct loaded l = load("errors.yaml");
 	size_t i;
@@ -298,6 +384,52 @@ static void test_errors_file(void)
 	unload(&l);
 }
 
+/* errors_ext.yaml: the same for observe, commands, presence_topic, status_topic and metrics. */
+static void test_errors_ext(void)
+{
+	static const char *const want[] = {
+		"errors_ext.yaml:6:17: status_topic: must not contain '+' or '#' (MQTT wildcards)",
+		"errors_ext.yaml:9:15: discover: give path or discover: true, not both",
+		"errors_ext.yaml:12:12: match: only with discover: true (it filters the discovered resources)",
+		"errors_ext.yaml:14:5: observe: path or discover: true is required",
+		"errors_ext.yaml:15:11: path: must not start with '/' (write \"temperature\" or \"a/b\")",
+		"errors_ext.yaml:16:12: topic: uses {room} but the path has no {room}",
+		"errors_ext.yaml:17:10: qos: 3 is not 0, 1 or 2",
+		"errors_ext.yaml:20:5: observe: unknown key \"colour\" (allowed: devices, path, discover, "
+		"match, topic, qos, retain)",
+		"errors_ext.yaml:22:12: topic: must contain a {identity} level (the device the command goes to)",
+		"errors_ext.yaml:23:12: topic: must not contain '+' or '#' (MQTT wildcards; write {name} for "
+		"one level, {name+} for the rest)",
+		"errors_ext.yaml:24:12: topic: must end with a {name+} level (the resource path, e.g. {path+})",
+		"errors_ext.yaml:26:13: method: \"PATCH\" is not GET, POST, PUT or DELETE",
+		"errors_ext.yaml:27:10: ttl: 86401 is out of range 0..86400",
+		"errors_ext.yaml:28:12: topic: subscribes to \"devices/+/set/#\" like the command at line 25",
+		"errors_ext.yaml:29:21: response_topic: would come back in as a command (it fits "
+		"\"devices/+/set/#\", the topic of line 25)",
+		"errors_ext.yaml:31:21: response_topic: uses {room} but the path has no {room}",
+		"errors_ext.yaml:32:17: presence_topic: must contain {identity} (else every device would "
+		"share one retained topic)",
+		"errors_ext.yaml:34:11: listen: \"127.0.0.1:70000\" is not HOST:PORT or [IPv6]:PORT (the port "
+		"is out of range 1..65535)",
+		"errors_ext.yaml:35:10: topic: must not contain '+' or '#' (MQTT wildcards)",
+		"errors_ext.yaml:36:13: interval: 0 is out of range 1..86400",
+	};
+	struct loaded l = load("errors_ext.yaml");
+	size_t i;
+	const char *last = l.errs;
+
+	CHECK(l.c == NULL);
+	for (i = 0; i < sizeof(want) / sizeof(want[0]); i++) {
+		CHECK(has_line(l.errs, want[i]));
+		if (l.errs && strstr(l.errs, want[i])) {
+			CHECK(strstr(l.errs, want[i]) >= last);	/* sorted by position */
+			last = strstr(l.errs, want[i]);
+		}
+	}
+	CHECK(count_lines(l.errs) == (int)(sizeof(want) / sizeof(want[0])));
+	unload(&l);
+}
+
 static void expect(const char *name, const char *yaml, const char *line_suffix)
 {
 	char want[512];
@@ -309,7 +441,64 @@ static void expect(const char *name, const char *yaml, const char *line_suffix)
 	unload(&l);
 }
 
-#define MQTT_OK "mqtt:\n  url: mqtt://b\n  insecure: true\n"
+/* The new keys, one error each; the exact line includes position and key. */
+static void test_errors_inline_new(void)
+{
+	expect("obs-both.yaml", MQTT_OK "observe:\n  - path: t\n    discover: true\n    topic: x/{identity}\n",
+	       "6:15: discover: give path or discover: true, not both");
+	expect("obs-match.yaml", MQTT_OK "observe:\n  - path: t\n    match: \"s/*\"\n    topic: x/{identity}\n",
+	       "6:12: match: only with discover: true (it filters the discovered resources)");
+	expect("obs-key.yaml", MQTT_OK "observe:\n  - path: t\n    topic: x\n    colour: red\n",
+	       "7:5: observe: unknown key \"colour\" (allowed: devices, path, discover, match, topic, qos, "
+	       "retain)");
+	expect("obs-topic.yaml", MQTT_OK "observe:\n  - path: t\n", "5:5: observe: topic is required");
+	expect("obs-empty.yaml", MQTT_OK "observe:\n  - {path: a//b, topic: x}\n",
+	       "5:12: path: has an empty segment (between two '/' or at the end)");
+	expect("obs-long.yaml", MQTT_OK "observe:\n  - {path: " "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+	       "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+	       "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+	       "aaaa, topic: x}\n", "5:12: path: is longer than 255 bytes");
+	expect("obs-seg.yaml", MQTT_OK "observe:\n  - {path: \"a/b+c\", topic: x}\n",
+	       "5:12: path: segment \"b+c\" is not valid in an MQTT topic (UTF-8 without '+', '#' or control "
+	       "characters)");
+	expect("cmd-id.yaml", MQTT_OK "commands:\n  - topic: \"devices/{id}/set/{path+}\"\n",
+	       "5:12: topic: must contain a {identity} level (the device the command goes to)");
+	expect("cmd-plus.yaml", MQTT_OK "commands:\n  - topic: \"devices/+/{identity}/{path+}\"\n",
+	       "5:12: topic: must not contain '+' or '#' (MQTT wildcards; write {name} for one level, "
+	       "{name+} for the rest)");
+	expect("cmd-hash.yaml", MQTT_OK "commands:\n  - topic: \"devices/{identity}/#\"\n",
+	       "5:12: topic: must not contain '+' or '#' (MQTT wildcards; write {name} for one level, "
+	       "{name+} for the rest)");
+	expect("cmd-mixed.yaml", MQTT_OK "commands:\n  - topic: \"d/{identity}/x{y}/{p+}\"\n",
+	       "5:12: topic: segment \"x{y}\" mixes text and braces (a variable is a whole segment: {name})");
+	expect("cmd-empty.yaml", MQTT_OK "commands:\n  - topic: \"d//{identity}/{p+}\"\n",
+	       "5:12: topic: has an empty segment (between two '/' or at the end)");
+	expect("cmd-idplus.yaml", MQTT_OK "commands:\n  - topic: \"d/{identity}/{identity+}\"\n",
+	       "5:12: topic: variable {identity+} is not allowed (an identity is one segment: {identity})");
+	expect("cmd-list.yaml", MQTT_OK "commands:\n  - topic: \"d/{identity}/{p+}\"\n    method: [PUT, POST]\n",
+	       "6:13: method: expected one method, found a list");
+	expect("cmd-same.yaml", MQTT_OK "commands:\n  - topic: \"d/{identity}/{p+}\"\n"
+	       "    response_topic: \"d/{identity}/{p+}\"\n",
+	       "6:21: response_topic: would come back in as a command (it fits \"d/+/#\", the topic of line 5)");
+	expect("cmd-dup.yaml", MQTT_OK "commands:\n  - topic: \"d/{identity}/{p+}\"\n  - topic: \"d/{identity}/{p+}\"\n",
+	       "6:12: topic: subscribes to \"d/+/#\" like the command at line 5");
+	expect("pres.yaml", MQTT_OK "presence_topic: devices/status\n",
+	       "4:17: presence_topic: must contain {identity} (else every device would share one retained topic)");
+	expect("pres-var.yaml", MQTT_OK "presence_topic: \"devices/{identity}/{room}\"\n",
+	       "4:17: presence_topic: uses {room} (only {identity} is available here)");
+	expect("status.yaml", MQTT_OK "  status_topic: \"gw/{identity}\"\n",
+	       "4:17: status_topic: must not contain '{' or '}' (this topic has no placeholders)");
+	expect("status-cid.yaml", MQTT_OK "  client_id: gw+1\n",
+	       "4:14: client_id: \"gw+1\" makes the default status_topic coap2mqtt/gw+1/status invalid (it "
+	       "may not hold '+', '#', '{' or '}'; set status_topic)");
+	expect("met-port.yaml", MQTT_OK "metrics:\n  listen: \"127.0.0.1:70000\"\n",
+	       "5:11: listen: \"127.0.0.1:70000\" is not HOST:PORT or [IPv6]:PORT (the port is out of range "
+	       "1..65535)");
+	expect("met-noport.yaml", MQTT_OK "metrics:\n  listen: localhost\n",
+	       "5:11: listen: \"localhost\" is not HOST:PORT or [IPv6]:PORT (no :PORT)");
+	expect("met-key.yaml", MQTT_OK "metrics:\n  port: 9464\n",
+	       "5:3: metrics: unknown key \"port\" (allowed: listen, topic, interval)");
+}
 
 static void test_errors_inline(void)
 {
@@ -356,6 +545,7 @@ static void test_errors_inline(void)
 	expect("meth.yaml", MQTT_OK "routes:\n  - path: a\n    topic: t\n    methods: []\n",
 	       "7:14: methods: needs at least one of GET, POST, PUT or DELETE");
 	expect("nul.yaml", "mqtt:\n  url: \"mqtt://b\\0x\"\n  insecure: true\n", "2:8: url: contains a NUL character");
+	test_errors_inline_new();
 }
 
 static void test_files(void)
@@ -398,6 +588,56 @@ static void test_files(void)
 	unload(&l);
 }
 
+/* "$CREDENTIALS_DIRECTORY/NAME" (systemd LoadCredential=) for devices_file, password_file, key_file. */
+static void test_credentials(void)
+{
+	static const char *const yaml = "mqtt:\n  url: mqtts://b\n  ca_file: ca.pem\n"
+		"  cert_file: client.crt\n  key_file: $CREDENTIALS_DIRECTORY/client.key\n"
+		"  username: u\n  password_file: \"$CREDENTIALS_DIRECTORY/pw\"\n"
+		"devices_file: $CREDENTIALS_DIRECTORY/devices.keys\n";
+	char dir[128], want[512];
+	struct loaded l;
+
+	snprintf(dir, sizeof(dir), "%s/creds", tmpdir);
+	CHECK(mkdir(dir, 0700) == 0 || errno == EEXIST);
+	write_file("ca.pem", "x\n", 0644);
+	write_file("client.crt", "x\n", 0644);
+	write_file("creds/client.key", "x\n", 0400);
+	write_file("creds/pw", "from-credential\n", 0400);
+	write_file("creds/devices.keys", "cred-dev 12345678\n", 0400);
+
+	snprintf(want, sizeof(want), "%s/", dir);	/* a trailing '/' is not doubled */
+	CHECK(setenv("CREDENTIALS_DIRECTORY", want, 1) == 0);
+	l = load_text("cred.yaml", yaml);
+	CHECK(l.c != NULL);
+	if (l.c) {
+		snprintf(want, sizeof(want), "%s/devices.keys", dir);
+		CHECK_STR(l.c->devices_file, want);
+		CHECK(l.c->n_devices == 1 && strcmp(l.c->devices[0].identity, "cred-dev") == 0);
+		CHECK_STR(l.c->mqtt.password, "from-credential");
+		snprintf(want, sizeof(want), "%s/client.key", dir);
+		CHECK_STR(l.c->mqtt.key_file, want);
+	} else {
+		fprintf(stderr, "%s", l.errs);
+	}
+	unload(&l);
+
+	CHECK(unsetenv("CREDENTIALS_DIRECTORY") == 0);
+	l = load_text("cred.yaml", yaml);
+	CHECK(l.c == NULL);
+	snprintf(want, sizeof(want), "%s/cred.yaml:5:13: key_file: CREDENTIALS_DIRECTORY is not set (use "
+		 "LoadCredential= in the unit)", tmpdir);
+	CHECK(has_line(l.errs, want));
+	snprintf(want, sizeof(want), "%s/cred.yaml:7:18: password_file: CREDENTIALS_DIRECTORY is not set "
+		 "(use LoadCredential= in the unit)", tmpdir);
+	CHECK(has_line(l.errs, want));
+	snprintf(want, sizeof(want), "%s/cred.yaml:8:15: devices_file: CREDENTIALS_DIRECTORY is not set "
+		 "(use LoadCredential= in the unit)", tmpdir);
+	CHECK(has_line(l.errs, want));
+	CHECK(count_lines(l.errs) == 3);
+	unload(&l);
+}
+
 /* Limits: file size, nesting, list length. */
 static void test_limits(void)
 {
@@ -428,6 +668,12 @@ static void test_limits(void)
 		memcpy(p, "1,", 2);
 	strcpy(p, "1]\n");
 	expect("many.yaml", s, "4:9: routes: more than 100000 entries");
+
+	p = s + sprintf(s, MQTT_OK "commands: [");
+	for (i = 0; i <= 1024; i++, p += 2)
+		memcpy(p, "1,", 2);
+	strcpy(p, "1]\n");
+	expect("manycmd.yaml", s, "4:11: commands: more than 1024 entries (each one is a subscription)");
 	free(s);
 }
 
@@ -449,6 +695,15 @@ static void test_example(void)
 	CHECK(l.c->n_routes == 3);
 	CHECK(l.c->n_routes == 3 && l.c->routes[1].ack == CONF_ACK_BROKER);
 	CHECK(l.c->mqtt.tls && l.c->mqtt.port == 8883);
+	CHECK_STR(l.c->mqtt.status_topic, "coap2mqtt/coap2mqtt/status");
+	CHECK(l.c->n_observe == 2);
+	CHECK(l.c->n_observe == 2 && l.c->observe[0].retain && l.c->observe[0].qos == 0 &&
+	      l.c->observe[1].discover && strcmp(l.c->observe[1].match, "sensors/*") == 0);
+	CHECK(l.c->n_commands == 1);
+	CHECK(l.c->n_commands == 1 && strcmp(l.c->commands[0].filter, "devices/+/set/#") == 0 &&
+	      l.c->commands[0].method == CONF_M_PUT && l.c->commands[0].ttl == 30);
+	CHECK(l.c->presence_route != NULL);
+	CHECK(l.c->metrics.listen == NULL && l.c->metrics.topic == NULL && l.c->metrics.interval == 60);
 	unload(&l);
 }
 
@@ -471,8 +726,10 @@ int main(void)
 	test_full();
 	test_defaults();
 	test_errors_file();
+	test_errors_ext();
 	test_errors_inline();
 	test_files();
+	test_credentials();
 	test_limits();
 	test_example();
 	cleanup();
