@@ -1,0 +1,1855 @@
+/* sim.c: coap2mqtt-sim, N simulated devices sending readings over DTLS-PSK CoAP (libcoap). */
+#include <coap3/coap.h>
+#include <openssl/ssl.h>
+
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <math.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/random.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef C2M_VERSION
+#define C2M_VERSION "dev"
+#endif
+
+#define SIM_MAX_DEVICES		10000
+#define SIM_MAX_WINDOW		1000
+#define SIM_MAX_SLOTS		1000000		/* devices * window */
+#define SIM_MAX_PAYLOAD		(1024 * 1024)
+#define SIM_MAX_IDENTITY	128
+#define SIM_MAX_KEY		64
+#define SIM_MAX_SEGMENTS	64
+#define SIM_MAX_SEGMENT		255		/* Uri-Path option length */
+#define SIM_SHOW_PAYLOAD	64
+#define SIM_TOKEN_LEN		8		/* slot(2) seq(4) random(2) */
+#define SIM_NON_WAIT_US		2000000		/* NON_TIMEOUT: an unanswered NON frees its slot */
+#define SIM_NON_DRAIN_US	500000		/* after the last NON, wait for answers */
+#define SIM_STOP_DRAIN_US	1000000		/* after SIGINT/SIGTERM, wait for answers */
+#define SIM_HOUSEKEEP_US	250000
+#define SIM_BACKOFF_MIN_US	1000000
+#define SIM_BACKOFF_MAX_US	30000000
+#define SIM_NEVER		INT64_MAX
+
+#define SIM_DEFAULT_PAYLOAD	"{\"device\":\"{id}\",\"seq\":{seq},\"value\":{value}}"
+
+enum { EXIT_USAGE = 2 };
+
+struct opts {
+	const char *uri;
+	const char *identity;		/* literal, or a printf format with one %d */
+	bool identity_set;
+	uint8_t key[SIM_MAX_KEY];
+	size_t key_len;
+	bool key_set;
+	const char *keys_file;
+	long devices;
+	bool devices_set;
+	long first;
+	long count;
+	long interval_ms;
+	long ramp_ms;
+	long window;
+	coap_pdu_type_t type;
+	coap_pdu_code_t method;
+	const char *path;
+	const char *payload;
+	const char *payload_file;
+	long content_format;
+	long block_size;
+	double timeout_s;
+	bool timeout_set;
+	double ack_timeout_s;		/* 0 = libcoap's default */
+	double handshake_s;		/* 0 = libcoap's own limit */
+	long max_handshakes;		/* 0 = unlimited */
+	long max_retransmit;		/* -1 = libcoap's default */
+	const char *cipher;
+	int verbosity;			/* 0 quiet, 1 normal, 2 verbose, 3 debug */
+};
+
+struct slot {
+	uint32_t seq;			/* 0 = free */
+	uint16_t rnd;
+	int64_t sent_us;
+};
+
+enum dev_state {
+	DEV_IDLE,			/* no session; the next reading opens one */
+	DEV_OPEN,			/* session exists (handshake or up) */
+	DEV_DEAD,			/* session failed inside a callback; released by the loop */
+	DEV_GAVE_UP,			/* handshake failed with --count > 0: no more readings */
+};
+
+struct device {
+	char *identity;
+	uint8_t key[SIM_MAX_KEY];
+	size_t key_len;
+	coap_session_t *session;
+	enum dev_state state;
+	bool up;			/* this session completed its handshake */
+	bool hs_counted;		/* counted in sim.handshaking */
+	bool reconnect;			/* open a new session once nothing is outstanding */
+	uint32_t seq;			/* last sequence number used */
+	unsigned outstanding;
+	struct slot *slots;
+	int64_t next_due_us;
+	int64_t opened_us;
+	int64_t backoff_us;
+	double base_value;
+	uint64_t rng;
+};
+
+struct path_tmpl {
+	char *seg[SIM_MAX_SEGMENTS];	/* raw segments: {id}, {seq}, %XX still in place */
+	size_t n;
+};
+
+struct sim {
+	struct opts o;
+	coap_context_t *ctx;
+	coap_address_t dst;
+	coap_proto_t proto;
+	char *sni;
+	struct device *dev;
+	size_t ndev;
+	struct path_tmpl path;
+	uint8_t *file_payload;
+	size_t file_len;
+	bool have_file;
+	uint64_t sent, answered, ok, errors, timeouts, dtls_failed;
+	uint64_t con_pending, non_pending;
+	size_t gave_up;
+	long handshaking;		/* DTLS handshakes in progress */
+	int64_t deadline_us;		/* 0 = none */
+	int64_t last_send_us;
+	int64_t stop_us;		/* 0 = running */
+	int64_t con_expire_us;
+	int64_t handshake_us;		/* 0 = no limit of our own */
+	int (*sec_default)(const SSL *, const SSL_CTX *, int, int, int, void *, void *);
+};
+
+static volatile sig_atomic_t sim_signals;
+
+/* ---- small helpers ---- */
+
+static int64_t
+now_us(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+static uint64_t
+rng_next(uint64_t *s)
+{
+	*s ^= *s << 13;
+	*s ^= *s >> 7;
+	*s ^= *s << 17;
+	return *s;
+}
+
+static uint64_t
+rng_seed(void)
+{
+	uint64_t v = 0;
+
+	if (getrandom(&v, sizeof(v), GRND_NONBLOCK) != (ssize_t)sizeof(v))
+		v = (uint64_t)now_us() ^ ((uint64_t)getpid() << 32);
+	return v ? v : 0x9e3779b97f4a7c15ULL;
+}
+
+/* Writes bytes as text for a key=value line: printable ASCII as is, the rest escaped. */
+static void
+escape(const uint8_t *p, size_t n, bool quoted, char *out, size_t outsz)
+{
+	size_t o = 0;
+
+	for (size_t i = 0; i < n && o + 5 < outsz; i++) {
+		uint8_t c = p[i];
+
+		if (c == '\\' || (c == '"' && quoted))
+			o += (size_t)snprintf(out + o, outsz - o, "\\%c", c);
+		else if (c == '\n')
+			o += (size_t)snprintf(out + o, outsz - o, "\\n");
+		else if (c > ' ' && c < 0x7f)
+			out[o++] = (char)c;
+		else if (c == ' ' && quoted)
+			out[o++] = ' ';
+		else
+			o += (size_t)snprintf(out + o, outsz - o, "\\x%02x", c);
+	}
+	out[o] = '\0';
+}
+
+static const char *
+dev_name(const struct device *d)
+{
+	static char buf[SIM_MAX_IDENTITY * 4 + 1];
+
+	escape((const uint8_t *)d->identity, strlen(d->identity), false, buf, sizeof(buf));
+	return buf;
+}
+
+static int
+hex_val(char c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	if (c >= 'A' && c <= 'F')
+		return c - 'A' + 10;
+	return -1;
+}
+
+/* Decodes hex (optionally "hex:"-prefixed) into out; returns the length or -1. */
+static int
+hex_decode(const char *hex, uint8_t *out, size_t outlen)
+{
+	size_t n;
+
+	if (strncasecmp(hex, "hex:", 4) == 0)
+		hex += 4;
+	n = strlen(hex);
+	if (n == 0 || n % 2 != 0 || n / 2 > outlen)
+		return -1;
+	for (size_t i = 0; i < n / 2; i++) {
+		int hi = hex_val(hex[2 * i]), lo = hex_val(hex[2 * i + 1]);
+
+		if (hi < 0 || lo < 0)
+			return -1;
+		out[i] = (uint8_t)(hi << 4 | lo);
+	}
+	return (int)(n / 2);
+}
+
+/* ---- command line ---- */
+
+static void
+usage(FILE *f)
+{
+	fputs(
+"usage: coap2mqtt-sim [options]\n"
+"Runs N simulated devices, each with its own DTLS-PSK CoAP session, sending readings.\n"
+"\n"
+"  --uri URI            gateway, default coaps://127.0.0.1:5684 (coap:// = NoSec);\n"
+"                       a path in the URI goes before --path\n"
+"  --identity ID        PSK identity, default sensor-%03d (one device: sensor-001); a\n"
+"                       printf format with one %d numbers the devices from --first\n"
+"                       (needed with --devices > 1); a literal % is written %%\n"
+"  --first K            number of the first device, default 1\n"
+"  --key KEY            PSK key as text (all devices share it)\n"
+"  --key-hex HEX        PSK key as hex instead\n"
+"  --keys FILE          devices from a keys file instead: \"identity key\" or\n"
+"                       \"identity hex:HEX\" per line, '#' comments; the first N entries\n"
+"  --devices N          number of devices (sessions), 1..10000, default 1 (--keys: all)\n"
+"  --count M            readings per device, default 1; 0 = until SIGINT/SIGTERM\n"
+"  --interval MS        between one device's readings, default 1000; 0 = as fast as\n"
+"                       the window allows\n"
+"  --ramp MS            spread the devices' first readings evenly over MS (each keeps its\n"
+"                       phase), default the interval; 0 = all at once\n"
+"  --window W           outstanding requests per device, 1..1000, default 1; it is also\n"
+"                       the session's NSTART (an unanswered NON stops counting after\n"
+"                       min(2 s, interval))\n"
+"  --type con|non       message type, default con\n"
+"  --method post|put    request method, default post\n"
+"  --path PATH          Uri-Path split on '/', default sensors/temperature; {id} and {seq}\n"
+"                       are replaced and %XX decoded to raw bytes within each segment\n"
+"  --payload TEXT       {id}, {seq}, {value} replaced, default\n"
+"                       " SIM_DEFAULT_PAYLOAD "\n"
+"  --payload-file FILE  send the file's bytes verbatim (at most 1 MiB, block-wise if large)\n"
+"  --content-format N   Content-Format, default 50 (application/json); -1 = none\n"
+"  --block-size N       largest Block1 size: 16, 32, ..., 1024 (default 1024)\n"
+"  --timeout S          overall deadline in seconds; default 60 with --count > 0, none with\n"
+"                       --count 0; 0 = none. Unanswered requests then count as timeouts\n"
+"  --ack-timeout S      CoAP ACK_TIMEOUT, at least 1 (libcoap's limit), default 2\n"
+"  --max-retransmit N   CoAP MAX_RETRANSMIT, 1..20 (also bounds DTLS handshake retries),\n"
+"                       default 4\n"
+"  --handshake-timeout S  a DTLS handshake not done by then fails (dtls-failed), default 5;\n"
+"                       0 = libcoap's own limit (31 s or more). A wrong key shows only this\n"
+"                       way: DTLS silently drops records it cannot decrypt\n"
+"  --max-handshakes N   DTLS handshakes in progress at once, default 100 (what a libcoap\n"
+"                       server accepts by default); 0 = no limit\n"
+"  --cipher LIST        offer only these DTLS cipher suites (OpenSSL or IANA names,\n"
+"                       ':'-separated), e.g. PSK-AES128-CCM8\n"
+"  --quiet              print only dtls-failed lines and the summary\n"
+"  --verbose            also dtls-connected events and libcoap's info log (stderr);\n"
+"                       twice: libcoap's debug log\n"
+"  --help, --version\n"
+"\n"
+"Output on stdout, one line per event:\n"
+"  device=ID seq=N code=2.04 rtt_ms=4.1 payload=\"...\"  a response (payload escaped,\n"
+"                                                     first 64 bytes; rtt from first send)\n"
+"  device=ID seq=N event=timeout                      no response (retries exhausted,\n"
+"                                                     or deadline)\n"
+"  device=ID seq=N event=failed reason=R              request failed (rst, tls, ...)\n"
+"  device=ID event=dtls-failed                        handshake failed or not done by the\n"
+"                                                     handshake timeout or at exit\n"
+"  device=ID event=dtls-closed                        an up session ended; it reconnects\n"
+"  device=ID event=dtls-connected cipher=C            (--verbose) handshake done\n"
+"  sent=N answered=N ok=N errors=N timeouts=N         on exit; ok = 2.xx responses,\n"
+"                                                     errors = other responses and\n"
+"                                                     failed requests\n"
+"A device whose handshake fails stops (with --count 0 it retries, backing off to 30 s);\n"
+"a CON timeout makes the device open a new session for its next reading.\n"
+"Exit status: 0 when all readings were sent and every CON got a 2.xx, with no errors,\n"
+"timeouts or failed handshakes; 1 otherwise; 2 for usage errors.\n", f);
+}
+
+static bool
+parse_long(const char *name, const char *arg, long min, long max, long *out)
+{
+	char *end;
+	long v;
+
+	errno = 0;
+	v = strtol(arg, &end, 10);
+	if (errno != 0 || end == arg || *end != '\0' || v < min || v > max) {
+		fprintf(stderr, "coap2mqtt-sim: %s: '%s' is not a number in %ld..%ld\n",
+		    name, arg, min, max);
+		return false;
+	}
+	*out = v;
+	return true;
+}
+
+static bool
+parse_double(const char *name, const char *arg, double min, double max, double *out)
+{
+	char *end;
+	double v;
+
+	errno = 0;
+	v = strtod(arg, &end);
+	if (errno != 0 || end == arg || *end != '\0' || !(v >= min && v <= max)) {
+		fprintf(stderr, "coap2mqtt-sim: %s: '%s' is not a number in %g..%g\n",
+		    name, arg, min, max);
+		return false;
+	}
+	*out = v;
+	return true;
+}
+
+/* Counts integer conversions in an identity format; -1 when it holds anything else. */
+static int
+id_format_convs(const char *f)
+{
+	int n = 0;
+
+	for (const char *p = f; *p; p++) {
+		if (*p != '%')
+			continue;
+		if (*++p == '%')
+			continue;
+		p += strspn(p, "-+ 0#");
+		p += strspn(p, "0123456789");
+		if (*p != 'd' && *p != 'i' && *p != 'u' && *p != 'x' && *p != 'X')
+			return -1;
+		n++;
+	}
+	return n;
+}
+
+static void
+opts_defaults(struct opts *o)
+{
+	memset(o, 0, sizeof(*o));
+	o->uri = "coaps://127.0.0.1:5684";
+	o->identity = "sensor-%03d";
+	o->devices = 1;
+	o->first = 1;
+	o->count = 1;
+	o->interval_ms = 1000;
+	o->window = 1;
+	o->ramp_ms = -1;
+	o->type = COAP_MESSAGE_CON;
+	o->method = COAP_REQUEST_CODE_POST;
+	o->path = "sensors/temperature";
+	o->payload = SIM_DEFAULT_PAYLOAD;
+	o->content_format = COAP_MEDIATYPE_APPLICATION_JSON;
+	o->max_retransmit = -1;
+	o->handshake_s = 5;
+	o->max_handshakes = 100;
+	o->verbosity = 1;
+}
+
+enum {
+	OPT_URI = 256, OPT_IDENTITY, OPT_FIRST, OPT_KEY, OPT_KEY_HEX, OPT_KEYS, OPT_DEVICES,
+	OPT_COUNT, OPT_INTERVAL, OPT_RAMP, OPT_WINDOW, OPT_TYPE, OPT_METHOD, OPT_PATH,
+	OPT_PAYLOAD, OPT_PAYLOAD_FILE, OPT_CF, OPT_BLOCK, OPT_TIMEOUT, OPT_ACK_TIMEOUT,
+	OPT_MAX_RETRANSMIT, OPT_HANDSHAKE, OPT_MAX_HS, OPT_CIPHER, OPT_QUIET, OPT_VERBOSE, OPT_HELP,
+	OPT_VERSION,
+};
+
+static const struct option long_opts[] = {
+	{ "uri", required_argument, NULL, OPT_URI },
+	{ "identity", required_argument, NULL, OPT_IDENTITY },
+	{ "first", required_argument, NULL, OPT_FIRST },
+	{ "key", required_argument, NULL, OPT_KEY },
+	{ "key-hex", required_argument, NULL, OPT_KEY_HEX },
+	{ "keys", required_argument, NULL, OPT_KEYS },
+	{ "devices", required_argument, NULL, OPT_DEVICES },
+	{ "count", required_argument, NULL, OPT_COUNT },
+	{ "interval", required_argument, NULL, OPT_INTERVAL },
+	{ "ramp", required_argument, NULL, OPT_RAMP },
+	{ "window", required_argument, NULL, OPT_WINDOW },
+	{ "type", required_argument, NULL, OPT_TYPE },
+	{ "method", required_argument, NULL, OPT_METHOD },
+	{ "path", required_argument, NULL, OPT_PATH },
+	{ "payload", required_argument, NULL, OPT_PAYLOAD },
+	{ "payload-file", required_argument, NULL, OPT_PAYLOAD_FILE },
+	{ "content-format", required_argument, NULL, OPT_CF },
+	{ "block-size", required_argument, NULL, OPT_BLOCK },
+	{ "timeout", required_argument, NULL, OPT_TIMEOUT },
+	{ "ack-timeout", required_argument, NULL, OPT_ACK_TIMEOUT },
+	{ "max-retransmit", required_argument, NULL, OPT_MAX_RETRANSMIT },
+	{ "handshake-timeout", required_argument, NULL, OPT_HANDSHAKE },
+	{ "max-handshakes", required_argument, NULL, OPT_MAX_HS },
+	{ "cipher", required_argument, NULL, OPT_CIPHER },
+	{ "quiet", no_argument, NULL, OPT_QUIET },
+	{ "verbose", no_argument, NULL, OPT_VERBOSE },
+	{ "help", no_argument, NULL, OPT_HELP },
+	{ "version", no_argument, NULL, OPT_VERSION },
+	{ NULL, 0, NULL, 0 },
+};
+
+static bool
+opt_key(struct opts *o, const char *arg, bool hex)
+{
+	int n;
+
+	if (hex) {
+		n = hex_decode(arg, o->key, sizeof(o->key));
+	} else {
+		n = (int)strlen(arg);
+		if (n > 0 && n <= SIM_MAX_KEY)
+			memcpy(o->key, arg, (size_t)n);
+		else
+			n = -1;
+	}
+	if (n <= 0) {
+		fprintf(stderr, "coap2mqtt-sim: %s: a key of 1..%d bytes is needed%s\n",
+		    hex ? "--key-hex" : "--key", SIM_MAX_KEY,
+		    hex ? " (an even number of hex digits)" : "");
+		return false;
+	}
+	o->key_len = (size_t)n;
+	o->key_set = true;
+	return true;
+}
+
+static bool
+opt_enum(const char *name, const char *arg, const char *a, const char *b, int va, int vb,
+    int *out)
+{
+	if (strcasecmp(arg, a) == 0)
+		*out = va;
+	else if (strcasecmp(arg, b) == 0)
+		*out = vb;
+	else {
+		fprintf(stderr, "coap2mqtt-sim: %s: '%s' is not %s or %s\n", name, arg, a, b);
+		return false;
+	}
+	return true;
+}
+
+static int
+opt_num(const char *name, const char *arg, long min, long max, long *out)
+{
+	return parse_long(name, arg, min, max, out) ? 0 : -1;
+}
+
+static int
+opt_real(const char *name, const char *arg, double min, double max, double *out)
+{
+	return parse_double(name, arg, min, max, out) ? 0 : -1;
+}
+
+static int
+opt_type(struct opts *o, const char *arg)
+{
+	int v;
+
+	if (!opt_enum("--type", arg, "con", "non", COAP_MESSAGE_CON, COAP_MESSAGE_NON, &v))
+		return -1;
+	o->type = (coap_pdu_type_t)v;
+	return 0;
+}
+
+static int
+opt_method(struct opts *o, const char *arg)
+{
+	int v;
+
+	if (!opt_enum("--method", arg, "post", "put", COAP_REQUEST_CODE_POST,
+	    COAP_REQUEST_CODE_PUT, &v))
+		return -1;
+	o->method = (coap_pdu_code_t)v;
+	return 0;
+}
+
+/* One option; returns 0 ok, 1 stop with success (help/version), -1 usage error. */
+static int
+opt_one(struct opts *o, int c, const char *arg)
+{
+	switch (c) {
+	case OPT_URI:		o->uri = arg; return 0;
+	case OPT_IDENTITY:	o->identity = arg; o->identity_set = true; return 0;
+	case OPT_FIRST:
+		return opt_num("--first", arg, 0, INT_MAX - SIM_MAX_DEVICES, &o->first);
+	case OPT_KEY:		return opt_key(o, arg, false) ? 0 : -1;
+	case OPT_KEY_HEX:	return opt_key(o, arg, true) ? 0 : -1;
+	case OPT_KEYS:		o->keys_file = arg; return 0;
+	case OPT_DEVICES:
+		o->devices_set = true;
+		return opt_num("--devices", arg, 1, SIM_MAX_DEVICES, &o->devices);
+	case OPT_COUNT:		return opt_num("--count", arg, 0, UINT32_MAX - 1, &o->count);
+	case OPT_INTERVAL:	return opt_num("--interval", arg, 0, 86400000, &o->interval_ms);
+	case OPT_RAMP:		return opt_num("--ramp", arg, 0, 86400000, &o->ramp_ms);
+	case OPT_WINDOW:	return opt_num("--window", arg, 1, SIM_MAX_WINDOW, &o->window);
+	case OPT_TYPE:		return opt_type(o, arg);
+	case OPT_METHOD:	return opt_method(o, arg);
+	case OPT_PATH:		o->path = arg; return 0;
+	case OPT_PAYLOAD:	o->payload = arg; return 0;
+	case OPT_PAYLOAD_FILE:	o->payload_file = arg; return 0;
+	case OPT_CF:
+		return opt_num("--content-format", arg, -1, 65535, &o->content_format);
+	case OPT_BLOCK:		return opt_num("--block-size", arg, 16, 1024, &o->block_size);
+	case OPT_TIMEOUT:
+		o->timeout_set = true;
+		return opt_real("--timeout", arg, 0, 31536000, &o->timeout_s);
+	case OPT_ACK_TIMEOUT:	return opt_real("--ack-timeout", arg, 1, 600, &o->ack_timeout_s);
+	case OPT_MAX_RETRANSMIT:
+		return opt_num("--max-retransmit", arg, 1, 20, &o->max_retransmit);
+	case OPT_HANDSHAKE:
+		return opt_real("--handshake-timeout", arg, 0, 3600, &o->handshake_s);
+	case OPT_MAX_HS:
+		return opt_num("--max-handshakes", arg, 0, SIM_MAX_DEVICES, &o->max_handshakes);
+	case OPT_CIPHER:	o->cipher = arg; return 0;
+	case OPT_QUIET:		o->verbosity = 0; return 0;
+	case OPT_VERBOSE:	o->verbosity = o->verbosity < 1 ? 2 : o->verbosity + 1; return 0;
+	case OPT_HELP:		usage(stdout); return 1;
+	case OPT_VERSION:
+		printf("coap2mqtt-sim %s (libcoap %s)\n", C2M_VERSION, LIBCOAP_PACKAGE_VERSION);
+		return 1;
+	default:		usage(stderr); return -1;
+	}
+}
+
+/* Checks that need more than one option. */
+static bool
+opts_check(struct opts *o)
+{
+	int convs = id_format_convs(o->identity);
+
+	if (o->keys_file && (o->identity_set || o->key_set)) {
+		fprintf(stderr, "coap2mqtt-sim: --keys replaces --identity and --key/--key-hex\n");
+		return false;
+	}
+	if (!o->keys_file && (convs < 0 || convs > 1)) {
+		fprintf(stderr, "coap2mqtt-sim: --identity: '%s' may hold one %%d and no other "
+		    "conversion (use %%%% for a literal %%)\n", o->identity);
+		return false;
+	}
+	if (!o->keys_file && convs == 0 && o->devices > 1) {
+		fprintf(stderr, "coap2mqtt-sim: --identity: with --devices %ld it needs one %%d, "
+		    "e.g. sensor-%%03d\n", o->devices);
+		return false;
+	}
+	if (o->block_size && (o->block_size & (o->block_size - 1))) {
+		fprintf(stderr, "coap2mqtt-sim: --block-size: %ld is not a power of 2 in "
+		    "16..1024\n", o->block_size);
+		return false;
+	}
+	if (!o->timeout_set)
+		o->timeout_s = o->count > 0 ? 60 : 0;
+	if (o->ramp_ms < 0)
+		o->ramp_ms = o->interval_ms;
+	return true;
+}
+
+static int
+opts_parse(struct opts *o, int argc, char **argv)
+{
+	int c, r;
+
+	opts_defaults(o);
+	while ((c = getopt_long(argc, argv, "", long_opts, NULL)) != -1) {
+		r = opt_one(o, c, optarg);
+		if (r != 0)
+			return r;
+	}
+	if (optind < argc) {
+		fprintf(stderr, "coap2mqtt-sim: unexpected argument '%s' (see --help)\n",
+		    argv[optind]);
+		return -1;
+	}
+	return opts_check(o) ? 0 : -1;
+}
+
+/* ---- devices: keys file, identities ---- */
+
+static bool
+dev_set(struct device *d, const char *identity, const uint8_t *key, size_t key_len)
+{
+	size_t n = strlen(identity);
+
+	if (n == 0 || n > SIM_MAX_IDENTITY || key_len > SIM_MAX_KEY)
+		return false;
+	d->identity = strdup(identity);
+	if (!d->identity)
+		return false;
+	memcpy(d->key, key, key_len);
+	d->key_len = key_len;
+	return true;
+}
+
+/* One keys-file line: "identity key" or "identity hex:HEX"; returns an error text or NULL. */
+static const char *
+keys_line(char *line, struct device *d)
+{
+	char *save, *id, *key, *extra;
+	uint8_t k[SIM_MAX_KEY];
+	int n;
+
+	id = strtok_r(line, " \t", &save);
+	key = strtok_r(NULL, " \t", &save);
+	extra = strtok_r(NULL, " \t", &save);
+	if (!key || (extra && extra[0] != '#'))
+		return "expected \"identity key\" or \"identity hex:HEX\"";
+	if (strlen(id) > SIM_MAX_IDENTITY)
+		return "identity longer than 128 bytes";
+	if (strncasecmp(key, "hex:", 4) == 0)
+		n = hex_decode(key, k, sizeof(k));
+	else if ((n = (int)strlen(key)) <= SIM_MAX_KEY)
+		memcpy(k, key, (size_t)n);
+	else
+		n = -1;
+	if (n <= 0)
+		return "key must be 1..64 bytes (hex: an even number of hex digits)";
+	return dev_set(d, id, k, (size_t)n) ? NULL : "out of memory";
+}
+
+/* Loads up to max entries (0 = all) from a keys file into s->dev. */
+static bool
+keys_load(struct sim *s, const char *file, size_t max)
+{
+	FILE *f = fopen(file, "r");
+	char *line = NULL;
+	size_t cap = 0, lineno = 0, alloc = 0;
+	int errors = 0;
+
+	if (!f) {
+		fprintf(stderr, "coap2mqtt-sim: %s: %s\n", file, strerror(errno));
+		return false;
+	}
+	while (getline(&line, &cap, f) != -1 && (max == 0 || s->ndev < max)) {
+		char *p = line + strspn(line, " \t");
+		const char *err;
+
+		lineno++;
+		p[strcspn(p, "\r\n")] = '\0';
+		if (*p == '\0' || *p == '#')
+			continue;
+		if (s->ndev == SIM_MAX_DEVICES) {
+			fprintf(stderr, "%s:%zu: more than %d devices\n", file, lineno,
+			    SIM_MAX_DEVICES);
+			errors++;
+			break;
+		}
+		if (s->ndev == alloc) {
+			size_t grow = alloc ? alloc * 2 : 64;
+			struct device *nd = realloc(s->dev, grow * sizeof(*nd));
+
+			if (!nd) {
+				errors++;
+				break;
+			}
+			s->dev = nd;
+			alloc = grow;
+		}
+		memset(&s->dev[s->ndev], 0, sizeof(s->dev[0]));
+		if ((err = keys_line(p, &s->dev[s->ndev])) != NULL) {
+			fprintf(stderr, "%s:%zu: %s\n", file, lineno, err);
+			errors++;
+			continue;
+		}
+		s->ndev++;
+	}
+	free(line);
+	fclose(f);
+	if (errors == 0 && s->ndev == 0)
+		fprintf(stderr, "coap2mqtt-sim: %s: no devices in the file\n", file);
+	return errors == 0 && s->ndev > 0;
+}
+
+static bool
+devices_from_opts(struct sim *s)
+{
+	const struct opts *o = &s->o;
+	char id[SIM_MAX_IDENTITY + 2];
+
+	s->dev = calloc((size_t)o->devices, sizeof(*s->dev));
+	if (!s->dev)
+		return false;
+	for (long i = 0; i < o->devices; i++) {
+		int n;
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wformat-nonliteral"
+		n = snprintf(id, sizeof(id), o->identity, (int)(o->first + i));	/* one %d */
+#pragma GCC diagnostic pop
+		if (n < 0 || (size_t)n > SIM_MAX_IDENTITY ||
+		    !dev_set(&s->dev[i], id, o->key, o->key_len)) {
+			fprintf(stderr, "coap2mqtt-sim: --identity: '%s' gives an identity that is "
+			    "empty or longer than %d bytes\n", o->identity, SIM_MAX_IDENTITY);
+			return false;
+		}
+		s->ndev++;
+	}
+	return true;
+}
+
+/* Creates the devices and their request slots; false = usage error (already reported). */
+static bool
+devices_init(struct sim *s)
+{
+	const struct opts *o = &s->o;
+	uint64_t seed = rng_seed();
+
+	if (o->keys_file) {
+		if (!keys_load(s, o->keys_file, o->devices_set ? (size_t)o->devices : 0))
+			return false;
+		if (o->devices_set && s->ndev < (size_t)o->devices) {
+			fprintf(stderr, "coap2mqtt-sim: --devices %ld: %s has only %zu entries\n",
+			    o->devices, o->keys_file, s->ndev);
+			return false;
+		}
+	} else if (!devices_from_opts(s)) {
+		return false;
+	}
+	if (s->ndev * (size_t)o->window > SIM_MAX_SLOTS) {
+		fprintf(stderr, "coap2mqtt-sim: --devices x --window is at most %d\n",
+		    SIM_MAX_SLOTS);
+		return false;
+	}
+	for (size_t i = 0; i < s->ndev; i++) {
+		struct device *d = &s->dev[i];
+
+		d->slots = calloc((size_t)o->window, sizeof(*d->slots));
+		if (!d->slots)
+			return false;
+		d->rng = seed + 0x9e3779b97f4a7c15ULL * (i + 1);
+		d->base_value = 18.0 + (double)(rng_next(&d->rng) % 800) / 100.0;
+		d->backoff_us = SIM_BACKOFF_MIN_US;
+		d->next_due_us = (int64_t)o->ramp_ms * 1000 * (int64_t)i / (int64_t)s->ndev;
+	}
+	return true;
+}
+
+static void
+devices_free(struct sim *s)
+{
+	for (size_t i = 0; i < s->ndev; i++) {
+		free(s->dev[i].identity);
+		free(s->dev[i].slots);
+		memset(s->dev[i].key, 0, sizeof(s->dev[i].key));
+	}
+	free(s->dev);
+	s->dev = NULL;
+	s->ndev = 0;
+}
+
+/* ---- request contents: path and payload ---- */
+
+static size_t
+put_bytes(uint8_t *out, size_t cap, size_t at, const void *p, size_t n)
+{
+	if (out && at < cap)
+		memcpy(out + at, p, n < cap - at ? n : cap - at);
+	return at + n;
+}
+
+/* Expands one path segment ({id}, {seq}, %XX) into out; returns its length (may exceed cap). */
+static size_t
+seg_expand(const char *t, const char *id, uint32_t seq, uint8_t *out, size_t cap)
+{
+	char num[16];
+	size_t n = 0;
+
+	while (*t) {
+		if (strncmp(t, "{id}", 4) == 0) {
+			n = put_bytes(out, cap, n, id, strlen(id));
+			t += 4;
+		} else if (strncmp(t, "{seq}", 5) == 0) {
+			snprintf(num, sizeof(num), "%" PRIu32, seq);
+			n = put_bytes(out, cap, n, num, strlen(num));
+			t += 5;
+		} else if (t[0] == '%' && hex_val(t[1]) >= 0 && hex_val(t[2]) >= 0) {
+			uint8_t b = (uint8_t)(hex_val(t[1]) << 4 | hex_val(t[2]));
+
+			n = put_bytes(out, cap, n, &b, 1);
+			t += 3;
+		} else {
+			n = put_bytes(out, cap, n, t++, 1);
+		}
+	}
+	return n;
+}
+
+static bool
+path_seg_check(const char *seg, size_t longest_id)
+{
+	char id[SIM_MAX_IDENTITY + 1];
+
+	for (const char *p = strchr(seg, '%'); p; p = strchr(p + 1, '%')) {
+		if (hex_val(p[1]) < 0 || hex_val(p[2]) < 0) {
+			fprintf(stderr, "coap2mqtt-sim: --path: '%s': '%%' must start a %%XX "
+			    "escape\n", seg);
+			return false;
+		}
+	}
+	memset(id, 'x', longest_id);
+	id[longest_id] = '\0';
+	if (seg_expand(seg, id, UINT32_MAX, NULL, 0) > SIM_MAX_SEGMENT) {
+		fprintf(stderr, "coap2mqtt-sim: --path: segment '%s' can exceed %d bytes\n", seg,
+		    SIM_MAX_SEGMENT);
+		return false;
+	}
+	return true;
+}
+
+/* Splits "uri-path/--path" into raw segments; a single leading '/' is ignored, an empty
+ * path gives no Uri-Path option and "a//b" an empty segment. */
+static bool
+path_init(struct sim *s, const coap_uri_t *uri)
+{
+	size_t longest = 0, ulen = uri->path.length, plen = strlen(s->o.path);
+	char *all = malloc(ulen + plen + 2), *p, *slash;
+	bool ok = true;
+
+	if (!all)
+		return false;
+	if (ulen)
+		memcpy(all, uri->path.s, ulen);
+	snprintf(all + ulen, plen + 2, "%s%s", ulen && plen ? "/" : "", s->o.path);
+	for (size_t i = 0; i < s->ndev; i++) {
+		if (strlen(s->dev[i].identity) > longest)
+			longest = strlen(s->dev[i].identity);
+	}
+	for (p = all + (all[0] == '/'); ok && *all; p = slash + 1) {
+		slash = strchr(p, '/');
+		if (s->path.n == SIM_MAX_SEGMENTS) {
+			fprintf(stderr, "coap2mqtt-sim: --path: more than %d segments\n",
+			    SIM_MAX_SEGMENTS);
+			ok = false;
+			break;
+		}
+		s->path.seg[s->path.n] = strndup(p, slash ? (size_t)(slash - p) : strlen(p));
+		ok = s->path.seg[s->path.n] && path_seg_check(s->path.seg[s->path.n], longest);
+		s->path.n++;
+		if (!slash)
+			break;
+	}
+	free(all);
+	return ok;
+}
+
+/* Writes the payload template for one reading; returns its length (out may be NULL). */
+static size_t
+payload_expand(const char *t, const struct device *d, uint32_t seq, double value, uint8_t *out,
+    size_t cap)
+{
+	char num[32];
+	size_t n = 0;
+
+	while (*t) {
+		if (strncmp(t, "{id}", 4) == 0) {
+			n = put_bytes(out, cap, n, d->identity, strlen(d->identity));
+			t += 4;
+		} else if (strncmp(t, "{seq}", 5) == 0) {
+			snprintf(num, sizeof(num), "%" PRIu32, seq);
+			n = put_bytes(out, cap, n, num, strlen(num));
+			t += 5;
+		} else if (strncmp(t, "{value}", 7) == 0) {
+			snprintf(num, sizeof(num), "%.2f", value);
+			n = put_bytes(out, cap, n, num, strlen(num));
+			t += 7;
+		} else {
+			n = put_bytes(out, cap, n, t++, 1);
+		}
+	}
+	return n;
+}
+
+/* A plausible temperature: a per-device base, a slow wave and a little noise. */
+static double
+reading_value(struct device *d, uint32_t seq)
+{
+	double noise = (double)(rng_next(&d->rng) % 41) / 100.0 - 0.2;
+
+	return d->base_value + 2.0 * sin((double)seq / 10.0) + noise;
+}
+
+static bool
+payload_file_load(struct sim *s, const char *file)
+{
+	FILE *f = fopen(file, "rb");
+	size_t n;
+
+	if (!f) {
+		fprintf(stderr, "coap2mqtt-sim: %s: %s\n", file, strerror(errno));
+		return false;
+	}
+	s->file_payload = malloc(SIM_MAX_PAYLOAD + 1);
+	n = s->file_payload ? fread(s->file_payload, 1, SIM_MAX_PAYLOAD + 1, f) : 0;
+	if (!s->file_payload || ferror(f) || n > SIM_MAX_PAYLOAD) {
+		fprintf(stderr, "coap2mqtt-sim: %s: %s\n", file,
+		    n > SIM_MAX_PAYLOAD ? "larger than 1 MiB" : "cannot read");
+		fclose(f);
+		return false;
+	}
+	fclose(f);
+	s->file_len = n;
+	s->have_file = true;
+	return true;
+}
+
+/* ---- output ---- */
+
+static void
+print_response(struct device *d, uint32_t seq, coap_pdu_code_t code, double rtt_ms,
+    const uint8_t *data, size_t len)
+{
+	char shown[SIM_SHOW_PAYLOAD * 4 + 1];
+
+	escape(data, len < SIM_SHOW_PAYLOAD ? len : SIM_SHOW_PAYLOAD, true, shown, sizeof(shown));
+	printf("device=%s seq=%" PRIu32 " code=%d.%02d rtt_ms=%.1f payload=\"%s\"\n", dev_name(d),
+	    seq, COAP_RESPONSE_CLASS(code), code & 0x1f, rtt_ms, shown);
+}
+
+static void
+print_summary(const struct sim *s)
+{
+	printf("sent=%" PRIu64 " answered=%" PRIu64 " ok=%" PRIu64 " errors=%" PRIu64
+	    " timeouts=%" PRIu64 "\n", s->sent, s->answered, s->ok, s->errors, s->timeouts);
+}
+
+static const char *
+nack_name(coap_nack_reason_t r)
+{
+	switch (r) {
+	case COAP_NACK_TOO_MANY_RETRIES:	return "timeout";
+	case COAP_NACK_NOT_DELIVERABLE:		return "not-deliverable";
+	case COAP_NACK_RST:			return "rst";
+	case COAP_NACK_TLS_FAILED:		return "tls";
+	case COAP_NACK_ICMP_ISSUE:		return "icmp";
+	case COAP_NACK_BAD_RESPONSE:		return "bad-response";
+	case COAP_NACK_TLS_LAYER_FAILED:	return "tls";
+	default:				return "other";
+	}
+}
+
+/* ---- request slots (token = slot, seq, random) ---- */
+
+static void
+token_make(const struct slot *sl, unsigned idx, uint8_t tok[SIM_TOKEN_LEN])
+{
+	tok[0] = (uint8_t)(idx >> 8);
+	tok[1] = (uint8_t)idx;
+	tok[2] = (uint8_t)(sl->seq >> 24);
+	tok[3] = (uint8_t)(sl->seq >> 16);
+	tok[4] = (uint8_t)(sl->seq >> 8);
+	tok[5] = (uint8_t)sl->seq;
+	tok[6] = (uint8_t)(sl->rnd >> 8);
+	tok[7] = (uint8_t)sl->rnd;
+}
+
+/* The outstanding request a token names, or NULL (late, unknown or foreign). */
+static struct slot *
+slot_find(const struct sim *s, struct device *d, coap_bin_const_t tok)
+{
+	uint8_t want[SIM_TOKEN_LEN];
+	unsigned idx;
+
+	if (tok.length != SIM_TOKEN_LEN)
+		return NULL;
+	idx = (unsigned)tok.s[0] << 8 | tok.s[1];
+	if (idx >= (unsigned)s->o.window || d->slots[idx].seq == 0)
+		return NULL;
+	token_make(&d->slots[idx], idx, want);
+	return memcmp(want, tok.s, SIM_TOKEN_LEN) == 0 ? &d->slots[idx] : NULL;
+}
+
+static void
+slot_free(struct sim *s, struct device *d, struct slot *sl)
+{
+	if (sl->seq == 0)
+		return;
+	sl->seq = 0;
+	d->outstanding--;
+	if (s->o.type == COAP_MESSAGE_CON)
+		s->con_pending--;
+	else
+		s->non_pending--;
+}
+
+static int
+slot_take(struct device *d, long window)
+{
+	for (long i = 0; i < window; i++) {
+		if (d->slots[i].seq == 0)
+			return (int)i;
+	}
+	return -1;
+}
+
+/* A CON request that will get no answer; the device reconnects before its next reading. */
+static void
+slot_timeout(struct sim *s, struct device *d, struct slot *sl, const char *why)
+{
+	s->timeouts++;
+	if (s->o.verbosity >= 1)
+		printf("device=%s seq=%" PRIu32 " event=timeout%s%s\n", dev_name(d), sl->seq,
+		    why ? " reason=" : "", why ? why : "");
+	d->reconnect = true;
+	slot_free(s, d, sl);
+}
+
+static void
+slot_failed(struct sim *s, struct device *d, struct slot *sl, const char *why)
+{
+	s->errors++;
+	if (s->o.verbosity >= 1)
+		printf("device=%s seq=%" PRIu32 " event=failed reason=%s\n", dev_name(d), sl->seq,
+		    why);
+	slot_free(s, d, sl);
+}
+
+/* Gives up unanswered requests past their time; NON ones silently. */
+static void
+dev_expire(struct sim *s, struct device *d, int64_t now)
+{
+	int64_t non_wait = s->o.interval_ms ? s->o.interval_ms * 1000 : SIM_NON_WAIT_US;
+
+	if (non_wait > SIM_NON_WAIT_US)
+		non_wait = SIM_NON_WAIT_US;
+	for (long i = 0; i < s->o.window && d->outstanding; i++) {
+		struct slot *sl = &d->slots[i];
+
+		if (sl->seq == 0)
+			continue;
+		if (s->o.type == COAP_MESSAGE_CON && now - sl->sent_us >= s->con_expire_us)
+			slot_timeout(s, d, sl, "no-response");
+		else if (s->o.type == COAP_MESSAGE_NON && now - sl->sent_us >= non_wait - 1000)
+			slot_free(s, d, sl);
+	}
+}
+
+/* ---- sessions ---- */
+
+static struct sim *
+sim_of(const coap_session_t *session)
+{
+	return coap_context_get_app_data(coap_session_get_context(session));
+}
+
+/* OpenSSL security callback: offers only the --cipher suites, defers the rest. */
+static int
+cipher_filter(const SSL *ssl, const SSL_CTX *ctx, int op, int bits, int nid, void *other, void *ex)
+{
+	struct sim *s = ex;
+
+	if ((op & SSL_SECOP_OTHER_TYPE) == SSL_SECOP_OTHER_CIPHER && other) {
+		const SSL_CIPHER *c = other;
+		const char *name = SSL_CIPHER_get_name(c), *std = SSL_CIPHER_standard_name(c);
+		char list[256], *save, *tok;
+		bool allowed = false;
+
+		snprintf(list, sizeof(list), "%s", s->o.cipher);
+		tok = strtok_r(list, ":, ", &save);
+		for (; tok && !allowed; tok = strtok_r(NULL, ":, ", &save))
+			allowed = strcasecmp(tok, name) == 0 || (std && strcasecmp(tok, std) == 0);
+		if (!allowed)
+			return 0;
+	}
+	return s->sec_default(ssl, ctx, op, bits, nid, other, ex);
+}
+
+/* Installs cipher_filter on the DTLS context behind a first session (sessions made later
+ * inherit it); libcoap's OpenSSL backend has no cipher setting of its own. */
+static bool
+cipher_install(struct sim *s, coap_session_t *probe)
+{
+	coap_tls_library_t lib;
+	SSL *ssl = coap_session_get_tls(probe, &lib);
+	SSL_CTX *ctx;
+	STACK_OF(SSL_CIPHER) *offered;
+	bool any = false;
+
+	if (!ssl || lib != COAP_TLS_LIBRARY_OPENSSL) {
+		fprintf(stderr, "coap2mqtt-sim: --cipher needs libcoap's OpenSSL backend\n");
+		return false;
+	}
+	ctx = SSL_get_SSL_CTX(ssl);
+	s->sec_default = SSL_CTX_get_security_callback(ctx);
+	SSL_CTX_set0_security_ex_data(ctx, s);
+	SSL_CTX_set_security_callback(ctx, cipher_filter);
+	offered = SSL_get_ciphers(ssl);
+	for (int i = 0; i < sk_SSL_CIPHER_num(offered) && !any; i++) {
+		const SSL_CIPHER *c = sk_SSL_CIPHER_value(offered, i);
+
+		any = cipher_filter(ssl, ctx, SSL_SECOP_CIPHER_SUPPORTED,
+		    SSL_CIPHER_get_bits(c, NULL), 0, (void *)c, s) != 0;
+	}
+	if (!any) {
+		fprintf(stderr, "coap2mqtt-sim: --cipher %s: none of these suites is available; "
+		    "DTLS 1.2 PSK suites here:", s->o.cipher);
+		for (int i = 0; i < sk_SSL_CIPHER_num(offered); i++) {
+			const SSL_CIPHER *c = sk_SSL_CIPHER_value(offered, i);
+
+			if (strcmp(SSL_CIPHER_get_version(c), "TLSv1.3") != 0)
+				fprintf(stderr, " %s", SSL_CIPHER_get_name(c));
+		}
+		fprintf(stderr, "\n");
+	}
+	return any;
+}
+
+static coap_session_t *
+session_new(struct sim *s, struct device *d)
+{
+	coap_dtls_cpsk_t psk;
+
+	if (s->proto == COAP_PROTO_UDP)
+		return coap_new_client_session(s->ctx, NULL, &s->dst, s->proto);
+	memset(&psk, 0, sizeof(psk));
+	psk.version = COAP_DTLS_CPSK_SETUP_VERSION;
+	psk.client_sni = s->sni;
+	psk.psk_info.identity.s = (const uint8_t *)d->identity;
+	psk.psk_info.identity.length = strlen(d->identity);
+	psk.psk_info.key.s = d->key;
+	psk.psk_info.key.length = d->key_len;
+	return coap_new_client_session_psk2(s->ctx, NULL, &s->dst, s->proto, &psk);
+}
+
+static void
+session_tune(struct sim *s, coap_session_t *session)
+{
+	if (s->o.ack_timeout_s > 0) {
+		coap_fixed_point_t t;
+
+		t.integer_part = (uint16_t)s->o.ack_timeout_s;
+		t.fractional_part = (uint16_t)((s->o.ack_timeout_s - t.integer_part) * 1000 + 0.5);
+		if (t.fractional_part > 999)
+			t.fractional_part = 999;
+		coap_session_set_ack_timeout(session, t);
+	}
+	if (s->o.max_retransmit >= 0)
+		coap_session_set_max_retransmit(session, (uint16_t)s->o.max_retransmit);
+	coap_session_set_nstart(session, (uint16_t)s->o.window);
+}
+
+/* Ends the device's place among the handshakes in progress (done, failed or closed). */
+static void
+dev_hs_end(struct sim *s, struct device *d)
+{
+	if (!d->hs_counted)
+		return;
+	d->hs_counted = false;
+	s->handshaking--;
+}
+
+static bool
+dev_open(struct sim *s, struct device *d)
+{
+	coap_session_t *session = session_new(s, d);
+
+	if (!session)
+		return false;
+	session_tune(s, session);
+	coap_session_set_app_data(session, d);
+	d->session = session;
+	d->state = DEV_OPEN;
+	d->opened_us = now_us();
+	d->up = s->proto == COAP_PROTO_UDP;
+	d->hs_counted = !d->up;
+	s->handshaking += d->hs_counted;
+	d->reconnect = false;
+	return true;
+}
+
+/* --cipher: a first session (released at once) gives access to the DTLS context. */
+static bool
+cipher_init(struct sim *s)
+{
+	coap_session_t *probe;
+	bool ok;
+
+	if (!s->o.cipher)
+		return true;
+	if (s->proto == COAP_PROTO_UDP) {
+		fprintf(stderr, "coap2mqtt-sim: --cipher needs coaps://\n");
+		return false;
+	}
+	probe = session_new(s, &s->dev[0]);
+	if (!probe) {
+		fprintf(stderr, "coap2mqtt-sim: cannot create a session\n");
+		return false;
+	}
+	ok = cipher_install(s, probe);
+	coap_session_release(probe);
+	return ok;
+}
+
+static void
+dev_close(struct sim *s, struct device *d)
+{
+	dev_hs_end(s, d);
+	if (!d->session)
+		return;
+	coap_session_set_app_data(d->session, NULL);
+	coap_session_release(d->session);
+	d->session = NULL;
+}
+
+/* The session failed or ended (from a libcoap callback: the loop releases it later). */
+static void
+dev_lost(struct sim *s, struct device *d, const char *why)
+{
+	if (d->state != DEV_OPEN)
+		return;
+	dev_hs_end(s, d);
+	if (!d->up) {
+		s->dtls_failed++;
+		printf("device=%s event=dtls-failed\n", dev_name(d));
+	} else if (s->o.verbosity >= 1) {
+		printf("device=%s event=dtls-closed\n", dev_name(d));
+	}
+	if (s->o.verbosity >= 2)
+		fprintf(stderr, "coap2mqtt-sim: device=%s session lost: %s\n", dev_name(d), why);
+	for (long i = 0; i < s->o.window && d->outstanding; i++) {
+		if (d->slots[i].seq != 0 && s->o.type == COAP_MESSAGE_CON)
+			slot_failed(s, d, &d->slots[i], why);
+		else
+			slot_free(s, d, &d->slots[i]);
+	}
+	d->state = DEV_DEAD;
+}
+
+static void
+dev_connected(struct sim *s, struct device *d)
+{
+	coap_tls_library_t lib;
+	SSL *ssl = coap_session_get_tls(d->session, &lib);
+	const char *cipher = "?";
+
+	d->up = true;
+	dev_hs_end(s, d);
+	d->backoff_us = SIM_BACKOFF_MIN_US;
+	if (ssl && lib == COAP_TLS_LIBRARY_OPENSSL && SSL_get_current_cipher(ssl))
+		cipher = SSL_CIPHER_get_name(SSL_get_current_cipher(ssl));
+	if (s->o.verbosity >= 2)
+		printf("device=%s event=dtls-connected cipher=%s\n", dev_name(d), cipher);
+}
+
+/* Releases a dead session (outside libcoap callbacks); retries later or gives up. */
+static void
+dev_release(struct sim *s, struct device *d, int64_t now)
+{
+	bool was_up = d->up;
+
+	dev_close(s, d);
+	if (!was_up && s->o.count > 0) {
+		d->state = DEV_GAVE_UP;
+		s->gave_up++;
+		return;
+	}
+	d->state = DEV_IDLE;
+	if (!was_up) {
+		if (d->next_due_us < now + d->backoff_us)
+			d->next_due_us = now + d->backoff_us;
+		d->backoff_us *= 2;
+		if (d->backoff_us > SIM_BACKOFF_MAX_US)
+			d->backoff_us = SIM_BACKOFF_MAX_US;
+	}
+}
+
+/* ---- libcoap callbacks ---- */
+
+static int
+on_event(coap_session_t *session, const coap_event_t event)
+{
+	struct device *d = coap_session_get_app_data(session);
+	struct sim *s = sim_of(session);
+
+	if (!d || d->session != session)
+		return 0;
+	switch (event) {
+	case COAP_EVENT_DTLS_CONNECTED:
+		dev_connected(s, d);
+		break;
+	case COAP_EVENT_DTLS_CLOSED:
+		dev_lost(s, d, "dtls-closed");
+		break;
+	case COAP_EVENT_DTLS_ERROR:
+		dev_lost(s, d, "dtls-error");
+		break;
+	case COAP_EVENT_SESSION_FAILED:
+		dev_lost(s, d, "session-failed");
+		break;
+	case COAP_EVENT_SESSION_CLOSED:
+		dev_lost(s, d, "session-closed");
+		break;
+	default:
+		break;
+	}
+	return 0;
+}
+
+static coap_response_t
+on_response(coap_session_t *session, const coap_pdu_t *sent, const coap_pdu_t *rcvd,
+    const coap_mid_t mid)
+{
+	struct device *d = coap_session_get_app_data(session);
+	struct sim *s = sim_of(session);
+	coap_pdu_code_t code = coap_pdu_get_code(rcvd);
+	const uint8_t *data = NULL;
+	size_t len = 0, offset, total;
+	struct slot *sl;
+
+	(void)sent;
+	(void)mid;
+	sl = d ? slot_find(s, d, coap_pdu_get_token(rcvd)) : NULL;
+	if (!sl) {
+		if (s->o.verbosity >= 2)
+			fprintf(stderr, "coap2mqtt-sim: late or unknown response %d.%02d ignored\n",
+			    COAP_RESPONSE_CLASS(code), code & 0x1f);
+		return COAP_RESPONSE_OK;
+	}
+	if (!coap_get_data_large(rcvd, &len, &data, &offset, &total))
+		len = 0;
+	s->answered++;
+	if (COAP_RESPONSE_CLASS(code) == 2)
+		s->ok++;
+	else
+		s->errors++;
+	if (s->o.verbosity >= 1)
+		print_response(d, sl->seq, code, (double)(now_us() - sl->sent_us) / 1e3, data, len);
+	slot_free(s, d, sl);
+	return COAP_RESPONSE_OK;
+}
+
+static void
+on_nack(coap_session_t *session, const coap_pdu_t *sent, const coap_nack_reason_t reason,
+    const coap_mid_t mid)
+{
+	struct device *d = coap_session_get_app_data(session);
+	struct sim *s = sim_of(session);
+	struct slot *sl;
+
+	(void)mid;
+	if (!d || !sent || reason == COAP_NACK_ICMP_ISSUE)	/* ICMP: libcoap keeps trying */
+		return;
+	sl = slot_find(s, d, coap_pdu_get_token(sent));
+	if (!sl)
+		return;
+	if (reason == COAP_NACK_TOO_MANY_RETRIES)
+		slot_timeout(s, d, sl, NULL);
+	else
+		slot_failed(s, d, sl, nack_name(reason));
+}
+
+static void
+on_log(coap_log_t level, const char *message)
+{
+	(void)level;
+	fprintf(stderr, "libcoap: %s", message);
+}
+
+/* ---- sending ---- */
+
+static void
+payload_release(coap_session_t *session, void *app_ptr)
+{
+	(void)session;
+	free(app_ptr);
+}
+
+static bool
+pdu_add_path(struct sim *s, struct device *d, coap_pdu_t *pdu, uint32_t seq)
+{
+	uint8_t seg[SIM_MAX_SEGMENT];
+
+	for (size_t i = 0; i < s->path.n; i++) {
+		size_t n = seg_expand(s->path.seg[i], d->identity, seq, seg, sizeof(seg));
+
+		if (n > sizeof(seg) || !coap_add_option(pdu, COAP_OPTION_URI_PATH, n, seg))
+			return false;
+	}
+	return true;
+}
+
+static bool
+pdu_add_payload(struct sim *s, struct device *d, coap_pdu_t *pdu, uint32_t seq)
+{
+	double value;
+	uint8_t *buf;
+	size_t n;
+
+	if (s->have_file)
+		return s->file_len == 0 || coap_add_data_large_request(d->session, pdu, s->file_len,
+		    s->file_payload, NULL, NULL);
+	value = reading_value(d, seq);
+	n = payload_expand(s->o.payload, d, seq, value, NULL, 0);
+	if (n == 0)
+		return true;
+	if (n > SIM_MAX_PAYLOAD || (buf = malloc(n)) == NULL)
+		return false;
+	payload_expand(s->o.payload, d, seq, value, buf, n);
+	return coap_add_data_large_request(d->session, pdu, n, buf, payload_release, buf);
+}
+
+static coap_pdu_t *
+pdu_build(struct sim *s, struct device *d, struct slot *sl, unsigned idx)
+{
+	uint8_t tok[SIM_TOKEN_LEN], cf[4];
+	coap_pdu_t *pdu = coap_new_pdu(s->o.type, s->o.method, d->session);
+
+	if (!pdu)
+		return NULL;
+	token_make(sl, idx, tok);
+	if (!coap_add_token(pdu, sizeof(tok), tok) || !pdu_add_path(s, d, pdu, sl->seq))
+		goto fail;
+	if (s->o.content_format >= 0 && !coap_add_option(pdu, COAP_OPTION_CONTENT_FORMAT,
+	    coap_encode_var_safe(cf, sizeof(cf), (unsigned)s->o.content_format), cf))
+		goto fail;
+	if (!pdu_add_payload(s, d, pdu, sl->seq))
+		goto fail;
+	return pdu;
+fail:
+	coap_delete_pdu(pdu);
+	return NULL;
+}
+
+/* Sends the device's next reading (a free slot exists); failures are counted as errors. */
+static void
+dev_send(struct sim *s, struct device *d, int64_t now)
+{
+	int idx = slot_take(d, s->o.window);
+	struct slot *sl;
+	coap_pdu_t *pdu;
+
+	if (idx < 0)
+		return;
+	sl = &d->slots[idx];
+	sl->seq = ++d->seq;
+	sl->rnd = (uint16_t)rng_next(&d->rng);
+	sl->sent_us = now;
+	d->outstanding++;
+	if (s->o.type == COAP_MESSAGE_CON)
+		s->con_pending++;
+	else
+		s->non_pending++;
+	s->sent++;
+	s->last_send_us = now;
+	pdu = pdu_build(s, d, sl, (unsigned)idx);
+	if (!pdu)
+		slot_failed(s, d, sl, "build");
+	else if (coap_send(d->session, pdu) == COAP_INVALID_MID && sl->seq == d->seq)
+		slot_failed(s, d, sl, "send");
+}
+
+/* ---- the loop ---- */
+
+static bool
+dev_all_sent(const struct sim *s, const struct device *d)
+{
+	return s->o.count > 0 && d->seq >= (uint32_t)s->o.count;
+}
+
+static void
+dev_schedule(struct sim *s, struct device *d, int64_t now)
+{
+	if (s->o.interval_ms == 0)
+		return;
+	d->next_due_us += s->o.interval_ms * 1000;
+	if (d->next_due_us < now)
+		d->next_due_us = now;
+}
+
+/* Makes room for a due NON reading: the oldest unanswered NON is no longer waited for. */
+static void
+dev_drop_oldest_non(struct sim *s, struct device *d)
+{
+	struct slot *old = NULL;
+
+	for (long i = 0; i < s->o.window; i++) {
+		if (d->slots[i].seq && (!old || d->slots[i].sent_us < old->sent_us))
+			old = &d->slots[i];
+	}
+	if (old)
+		slot_free(s, d, old);
+}
+
+/* Deferred session work, then due readings; returns when the device next wants to run. */
+static int64_t
+dev_tick(struct sim *s, struct device *d, int64_t now)
+{
+	int64_t hs_wake = SIM_NEVER;
+
+	if (d->state == DEV_DEAD)
+		dev_release(s, d, now);
+	if (d->reconnect && d->outstanding == 0 && d->state == DEV_OPEN) {
+		dev_close(s, d);
+		d->state = DEV_IDLE;
+	}
+	if (d->state == DEV_OPEN && !d->up && s->handshake_us) {
+		if (now - d->opened_us >= s->handshake_us) {
+			dev_lost(s, d, "handshake-timeout");
+			return now;
+		}
+		hs_wake = d->opened_us + s->handshake_us;
+	}
+	if (d->state == DEV_GAVE_UP || s->stop_us || dev_all_sent(s, d))
+		return hs_wake;
+	for (long n = 0; n < s->o.window && now >= d->next_due_us && !dev_all_sent(s, d); n++) {
+		if (d->outstanding >= (unsigned)s->o.window && s->o.type == COAP_MESSAGE_NON &&
+		    s->o.interval_ms > 0)
+			dev_drop_oldest_non(s, d);
+		if (d->outstanding >= (unsigned)s->o.window)
+			return hs_wake;
+		if (d->state == DEV_IDLE && s->o.max_handshakes && s->proto != COAP_PROTO_UDP &&
+		    s->handshaking >= s->o.max_handshakes)
+			return hs_wake;		/* woken when a handshake ends */
+		if (d->state == DEV_IDLE && !dev_open(s, d)) {
+			fprintf(stderr, "coap2mqtt-sim: device=%s: cannot create a session\n",
+			    dev_name(d));
+			d->state = DEV_OPEN;
+			d->up = false;
+			dev_lost(s, d, "session-create");
+			return now;
+		}
+		dev_send(s, d, now);
+		dev_schedule(s, d, now);
+	}
+	if (d->outstanding >= (unsigned)s->o.window || dev_all_sent(s, d))
+		return hs_wake;
+	return d->next_due_us < hs_wake ? d->next_due_us : hs_wake;
+}
+
+static bool
+dev_handshaking(const struct device *d)
+{
+	return d->state == DEV_OPEN && !d->up;
+}
+
+/* All readings sent (or given up) and no handshake still deciding their fate. */
+static bool
+sim_devices_done(const struct sim *s)
+{
+	if (s->o.count == 0)
+		return false;
+	for (size_t i = 0; i < s->ndev; i++) {
+		const struct device *d = &s->dev[i];
+
+		if (d->state == DEV_DEAD || dev_handshaking(d) ||
+		    (d->state != DEV_GAVE_UP && !dev_all_sent(s, d)))
+			return false;
+	}
+	return true;
+}
+
+/* Whether to leave the loop now; *wake is lowered to when this should be asked again. */
+static bool
+sim_done(struct sim *s, int64_t now, int64_t *wake)
+{
+	int64_t drain_end = 0;
+
+	if (sim_signals >= 2 || (s->deadline_us && now >= s->deadline_us))
+		return true;
+	if (s->stop_us)
+		drain_end = s->stop_us + SIM_STOP_DRAIN_US;
+	else if (sim_devices_done(s))
+		drain_end = s->last_send_us + SIM_NON_DRAIN_US;
+	else
+		return false;
+	if (s->con_pending == 0 && (s->non_pending == 0 || now >= drain_end))
+		return true;
+	if (s->stop_us && now >= drain_end)
+		return true;
+	if (drain_end > now && drain_end < *wake)
+		*wake = drain_end;
+	return false;
+}
+
+static void
+sim_housekeep(struct sim *s, int64_t now)
+{
+	for (size_t i = 0; i < s->ndev; i++) {
+		if (s->dev[i].outstanding)
+			dev_expire(s, &s->dev[i], now);
+	}
+}
+
+static int
+sim_loop(struct sim *s)
+{
+	int64_t start = now_us(), next_house = start;
+
+	for (size_t i = 0; i < s->ndev; i++)
+		s->dev[i].next_due_us += start;
+	if (s->o.timeout_s > 0)
+		s->deadline_us = start + (int64_t)(s->o.timeout_s * 1e6);
+	for (;;) {
+		int64_t now = now_us(), wake;
+
+		if (ferror(stdout))
+			return -1;	/* the reader went away */
+		if (sim_signals && !s->stop_us)
+			s->stop_us = now;
+		if (now >= next_house) {
+			sim_housekeep(s, now);
+			next_house = now + SIM_HOUSEKEEP_US;
+		}
+		wake = next_house;
+		for (size_t i = 0; i < s->ndev; i++) {
+			int64_t w = dev_tick(s, &s->dev[i], now);
+
+			wake = w < wake ? w : wake;
+		}
+		if (sim_done(s, now, &wake))
+			return 0;
+		if (s->deadline_us && s->deadline_us < wake)
+			wake = s->deadline_us;
+		now = now_us();
+		if (coap_io_process(s->ctx, wake <= now ? COAP_IO_NO_WAIT :
+		    (uint32_t)((wake - now + 999) / 1000)) < 0) {
+			fprintf(stderr, "coap2mqtt-sim: coap_io_process failed\n");
+			return -1;
+		}
+	}
+}
+
+/* At exit: a handshake still going failed; unanswered CON requests are timeouts, NON ones
+ * were not promised an answer. */
+static void
+sim_abandon(struct sim *s)
+{
+	for (size_t i = 0; i < s->ndev; i++) {
+		struct device *d = &s->dev[i];
+
+		if (dev_handshaking(d))
+			dev_lost(s, d, "handshake-incomplete");
+		for (long j = 0; j < s->o.window && d->outstanding; j++) {
+			if (d->slots[j].seq && s->o.type == COAP_MESSAGE_CON)
+				slot_timeout(s, d, &d->slots[j], "deadline");
+			else
+				slot_free(s, d, &d->slots[j]);
+		}
+	}
+}
+
+static int
+sim_status(const struct sim *s)
+{
+	uint64_t expected = (uint64_t)s->ndev * (uint64_t)s->o.count;
+
+	if (s->dtls_failed || s->errors || s->timeouts)
+		return 1;
+	if (s->o.count > 0 && s->sent != expected)
+		return 1;
+	if (s->o.type == COAP_MESSAGE_CON && s->ok != s->sent)
+		return 1;
+	return 0;
+}
+
+/* ---- setup and teardown ---- */
+
+static void
+on_signal(int sig)
+{
+	(void)sig;
+	if (sim_signals < 2)
+		sim_signals++;
+}
+
+static void
+signals_init(void)
+{
+	struct sigaction sa;
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_signal;
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGTERM, &sa, NULL);
+	signal(SIGPIPE, SIG_IGN);
+}
+
+/* One UDP socket per session: lift the descriptor limit as far as allowed. */
+static void
+fd_limit_raise(size_t need)
+{
+	struct rlimit rl;
+
+	if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur >= need)
+		return;
+	rl.rlim_cur = rl.rlim_max == RLIM_INFINITY || rl.rlim_max > need ? need : rl.rlim_max;
+	if (setrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur < need)
+		fprintf(stderr, "coap2mqtt-sim: only %llu file descriptors for %zu sessions\n",
+		    (unsigned long long)rl.rlim_cur, need);
+}
+
+/* Parses --uri, resolves the gateway and builds the path template; 2 = usage, 1 = runtime. */
+static int
+target_init(struct sim *s)
+{
+	coap_uri_t uri;
+	coap_addr_info_t *ai;
+	char host[256];
+
+	if (coap_split_uri((const uint8_t *)s->o.uri, strlen(s->o.uri), &uri) < 0 ||
+	    (uri.scheme != COAP_URI_SCHEME_COAP && uri.scheme != COAP_URI_SCHEME_COAPS) ||
+	    uri.host.length == 0 || uri.host.length >= sizeof(host) || uri.query.length) {
+		fprintf(stderr, "coap2mqtt-sim: --uri: '%s' is not coaps://host[:port] or "
+		    "coap://host[:port]\n", s->o.uri);
+		return EXIT_USAGE;
+	}
+	if (uri.scheme == COAP_URI_SCHEME_COAPS && !s->o.keys_file && !s->o.key_set) {
+		fprintf(stderr, "coap2mqtt-sim: coaps:// needs --key, --key-hex or --keys\n");
+		return EXIT_USAGE;
+	}
+	if (!path_init(s, &uri))
+		return EXIT_USAGE;
+	memcpy(host, uri.host.s, uri.host.length);
+	host[uri.host.length] = '\0';
+	ai = coap_resolve_address_info(&uri.host, uri.port, uri.port, uri.port, uri.port, 0,
+	    1 << uri.scheme, COAP_RESOLVE_TYPE_REMOTE);
+	if (!ai) {
+		fprintf(stderr, "coap2mqtt-sim: --uri: cannot resolve '%s'\n", host);
+		return 1;
+	}
+	s->proto = ai->proto;
+	s->dst = ai->addr;
+	coap_free_address_info(ai);
+	if (!coap_host_is_unix_domain(&uri.host) && strspn(host, "0123456789.:[]") != strlen(host))
+		s->sni = strdup(host);
+	return 0;
+}
+
+static bool
+context_init(struct sim *s)
+{
+	s->ctx = coap_new_context(NULL);
+	if (!s->ctx)
+		return false;
+	coap_context_set_app_data(s->ctx, s);
+	coap_context_set_block_mode(s->ctx, COAP_BLOCK_USE_LIBCOAP | COAP_BLOCK_SINGLE_BODY);
+	if (s->o.block_size)
+		coap_context_set_max_block_size(s->ctx, (size_t)s->o.block_size);
+	coap_register_response_handler(s->ctx, on_response);
+	coap_register_nack_handler(s->ctx, on_nack);
+	coap_register_event_handler(s->ctx, on_event);
+	return true;
+}
+
+/* MAX_TRANSMIT_WAIT plus a margin: a CON answered by an empty ACK waits this long. */
+static void
+expiry_init(struct sim *s)
+{
+	double ack = s->o.ack_timeout_s > 0 ? s->o.ack_timeout_s : 2.0;
+	long mr = s->o.max_retransmit >= 0 ? s->o.max_retransmit : 4;
+
+	s->con_expire_us = (int64_t)(ack * 1.5 * (double)((1L << (mr + 1)) - 1) * 1e6) + 5000000;
+	s->handshake_us = (int64_t)(s->o.handshake_s * 1e6);
+	if (s->proto == COAP_PROTO_UDP)
+		s->handshake_us = 0;
+}
+
+static void
+log_init(int verbosity)
+{
+	coap_log_t level = verbosity == 0 ? COAP_LOG_ERR : verbosity == 1 ? COAP_LOG_WARN :
+	    verbosity == 2 ? COAP_LOG_INFO : COAP_LOG_DEBUG;
+
+	coap_set_log_handler(on_log);
+	coap_set_log_level(level);
+	coap_dtls_set_log_level(level);
+}
+
+static int
+sim_init(struct sim *s)
+{
+	int r;
+
+	if (!devices_init(s))
+		return EXIT_USAGE;
+	if (s->o.payload_file && !payload_file_load(s, s->o.payload_file))
+		return EXIT_USAGE;
+	if ((r = target_init(s)) != 0)
+		return r;
+	if (s->proto != COAP_PROTO_UDP && !coap_dtls_is_supported()) {
+		fprintf(stderr, "coap2mqtt-sim: this libcoap has no DTLS\n");
+		return 1;
+	}
+	fd_limit_raise(s->ndev + 64);
+	expiry_init(s);
+	if (!context_init(s)) {
+		fprintf(stderr, "coap2mqtt-sim: cannot create a CoAP context\n");
+		return 1;
+	}
+	return cipher_init(s) ? 0 : EXIT_USAGE;
+}
+
+static void
+sim_shutdown(struct sim *s)
+{
+	for (size_t i = 0; i < s->ndev; i++)
+		dev_close(s, &s->dev[i]);
+	if (s->ctx)
+		coap_free_context(s->ctx);
+	s->ctx = NULL;
+	devices_free(s);
+	for (size_t i = 0; i < s->path.n; i++)
+		free(s->path.seg[i]);
+	free(s->file_payload);
+	free(s->sni);
+}
+
+int
+main(int argc, char **argv)
+{
+	struct sim s;
+	int r;
+
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	memset(&s, 0, sizeof(s));
+	r = opts_parse(&s.o, argc, argv);
+	if (r != 0)
+		return r > 0 ? 0 : EXIT_USAGE;
+	coap_startup();
+	log_init(s.o.verbosity);
+	signals_init();
+	r = sim_init(&s);
+	if (r == 0) {
+		r = sim_loop(&s) == 0 ? 0 : 1;
+		sim_abandon(&s);
+		print_summary(&s);
+		r = r ? r : sim_status(&s);
+	}
+	sim_shutdown(&s);
+	coap_cleanup();
+	return r;
+}
