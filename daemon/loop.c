@@ -21,7 +21,7 @@
 #define LOOP_EPOLL_BATCH 64
 #define LOOP_EPOLL_ROUNDS 8		/* batches per wake-up before yielding to other events */
 #define LOOP_PREPARE_MS 100		/* libcoap timer scan at most this often when idle */
-#define LOOP_MAX_BODY (64 * 1024)	/* largest block-wise body from a device, at least */
+#define LOOP_MAX_RESPONSE_BODY (256 * 1024)	/* largest notification or command response */
 
 static struct {
 	struct event_base *base;
@@ -30,6 +30,7 @@ static struct {
 	const struct keys *keys;
 	coap_bin_const_t psk_out;	/* key handed to libcoap (it copies it at once) */
 	char ciphers[1024];		/* cipher list from coap.ciphers, "" = library default */
+	unsigned block_szx;		/* coap.block_size as SZX: size = 1 << (szx + 4) */
 	int kicked;
 } L;
 
@@ -43,9 +44,20 @@ coap_context_t *loop_coap(void)
 	return L.coap;
 }
 
+void loop_add_block_size(coap_pdu_t *pdu, coap_option_num_t option)
+{
+	uint8_t buf[4];
+
+	coap_add_option(pdu, option, coap_encode_var_safe(buf, sizeof(buf), L.block_szx), buf);
+}
+
 void loop_set_config(const struct config *c, const struct keys *k)
 {
 	size_t n = 0;
+
+	L.block_szx = 0;
+	while (L.block_szx < 6 && (16u << L.block_szx) < c->coap.block_size)
+		L.block_szx++;
 
 	L.keys = k;
 	L.ciphers[0] = '\0';
@@ -296,7 +308,7 @@ static int coap_setup(const struct config *c)
 {
 	coap_dtls_spsk_t psk;
 	coap_resource_t *r;
-	coap_log_t lvl = c->log_level >= LOG_LVL_DEBUG ? COAP_LOG_INFO : COAP_LOG_WARN;
+	coap_log_t lvl = c->log_level >= LOG_LVL_DEBUG ? COAP_LOG_DEBUG : COAP_LOG_WARN;
 
 	coap_startup();
 	coap_set_log_handler(on_libcoap_log);
@@ -320,16 +332,13 @@ static int coap_setup(const struct config *c)
 	}
 	coap_context_set_session_timeout(L.coap, c->coap.idle_timeout);
 	coap_context_set_max_idle_sessions(L.coap, c->coap.max_sessions);
-	coap_context_set_block_mode(L.coap, COAP_BLOCK_USE_LIBCOAP | COAP_BLOCK_SINGLE_BODY |
-					    COAP_BLOCK_NOT_RANDOM_BLOCK1);
+	coap_context_set_block_mode(L.coap, COAP_BLOCK_USE_LIBCOAP | COAP_BLOCK_SINGLE_BODY);
 	coap_register_event_handler(L.coap, on_coap_event);
 	coap_register_response_handler(L.coap, on_response);
 	coap_register_nack_handler(L.coap, on_nack);
-	coap_context_set_max_block_size(L.coap, c->coap.block_size);
-	/* reassembled bodies are bounded (deps-patches/libcoap/0003): uploads are refused with 4.13
-	 * above max_payload in uplink.c, responses and notifications may be larger */
-	coap_context_set_max_body_size(L.coap, c->coap.max_payload > LOOP_MAX_BODY ?
-					       c->coap.max_payload : LOOP_MAX_BODY);
+	/* reassembled bodies are bounded (deps-patches/libcoap/0003): an upload over max_payload
+	 * gets 4.13 + Size1 at its first block; responses and notifications may be larger */
+	coap_context_set_max_body_size(L.coap, c->coap.max_payload, LOOP_MAX_RESPONSE_BODY);
 	r = uplink_resource(c);
 	if (!r) {
 		log_error("loop: cannot create the request handler");
