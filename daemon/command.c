@@ -164,7 +164,9 @@ static int cmd_send(struct cmd *c, coap_session_t *s)
 	if (c->content_format >= 0)
 		coap_add_option(pdu, COAP_OPTION_CONTENT_FORMAT,
 				coap_encode_var_safe(buf, sizeof(buf), (unsigned)c->content_format), buf);
-	loop_add_block_size(pdu, c->len ? COAP_OPTION_BLOCK1 : COAP_OPTION_BLOCK2);
+	/* only when block-wise is needed anyway: Block options are critical (RFC 7959 §2.1) */
+	if (c->len > loop_block_size())
+		loop_add_block_size(pdu, COAP_OPTION_BLOCK1);
 	/* larger than one datagram: libcoap sends it block-wise (RFC 7959 Block1) */
 	if (c->len && !coap_add_data_large_request(s, pdu, c->len, c->payload, NULL, NULL)) {
 		coap_delete_pdu(pdu);

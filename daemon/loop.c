@@ -51,6 +51,11 @@ void loop_add_block_size(coap_pdu_t *pdu, coap_option_num_t option)
 	coap_add_option(pdu, option, coap_encode_var_safe(buf, sizeof(buf), L.block_szx), buf);
 }
 
+size_t loop_block_size(void)
+{
+	return (size_t)16 << L.block_szx;
+}
+
 void loop_set_config(const struct config *c, const struct keys *k)
 {
 	size_t n = 0;

@@ -26,6 +26,7 @@ void loop_kick(void);
 /* Adds a Block option (COAP_OPTION_BLOCK1 or BLOCK2, block 0) asking for coap.block_size blocks
  * on what the gateway sends or wants back; libcoap then uses that size (RFC 7959 §2.3). */
 void loop_add_block_size(coap_pdu_t *pdu, coap_option_num_t option);
+size_t loop_block_size(void);
 /* Fills buf with unpredictable bytes (tokens). */
 void loop_token(uint8_t *buf, size_t len);
 /* "addr:port" of the session's peer into buf. */
