@@ -4,6 +4,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/random.h>
+#include <time.h>
 
 #include <event2/event.h>
 #include <wolfssl/options.h>
@@ -21,6 +22,7 @@
 #define LOOP_EPOLL_BATCH 64
 #define LOOP_EPOLL_ROUNDS 8		/* batches per wake-up before yielding to other events */
 #define LOOP_PREPARE_MS 100		/* libcoap timer scan at most this often when idle */
+#define LOOP_LIBCOAP_LOG_PER_S 20	/* libcoap log lines per second, beyond: counted */
 #define LOOP_MAX_RESPONSE_BODY (256 * 1024)	/* largest notification or command response */
 
 static struct {
@@ -207,12 +209,29 @@ static void on_nack(coap_session_t *s, const coap_pdu_t *sent, const coap_nack_r
 		command_nack(s, sent, reason);
 }
 
+/* libcoap's own messages name no peer and a hostile peer can trigger them per datagram: at most
+ * LOOP_LIBCOAP_LOG_PER_S a second reach the log (debug level excepted), the rest are counted. */
 static void on_libcoap_log(coap_log_t level, const char *message)
 {
+	static time_t window;
+	static unsigned in_window, suppressed;
 	enum log_level l = level <= COAP_LOG_ERR ? LOG_LVL_ERROR :
 			   level == COAP_LOG_WARN ? LOG_LVL_WARNING :
 			   level <= COAP_LOG_INFO ? LOG_LVL_INFO : LOG_LVL_DEBUG;
+	time_t now = time(NULL);
 
+	if (l > log_get_level())
+		return;
+	if (now != window) {
+		if (suppressed)
+			log_warn("libcoap: %u more messages suppressed (malformed traffic?)", suppressed);
+		window = now;
+		in_window = suppressed = 0;
+	}
+	if (l != LOG_LVL_DEBUG && ++in_window > LOOP_LIBCOAP_LOG_PER_S) {
+		suppressed++;
+		return;
+	}
 	log_msg(l, "libcoap: %s", message);
 }
 
