@@ -1,0 +1,161 @@
+"""Garbage at the port, garbage inside a DTLS session, signals, and a broken config at start."""
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import time
+
+from conftest import GW_BIN, SimBackground, coap_post, random_bytes, sim, wait_until
+
+SEED = int(os.environ.get("C2M_TEST_SEED", "7252"))
+
+
+def dtls_like(rng, n):
+    """A datagram that starts like a DTLS 1.2 record (handshake, CCS, alert or app data)."""
+    ctype = rng.choice([22, 22, 22, 20, 21, 23])
+    epoch = rng.choice([0, 0, 1, rng.getrandbits(16)])
+    hdr = bytes([ctype, 0xFE, 0xFD]) + epoch.to_bytes(2, "big") + random_bytes(rng, 6)
+    body = random_bytes(rng, max(0, n - 13))
+    if ctype == 22 and body and rng.random() < 0.6:
+        # a handshake header (ClientHello, or anything else) with plausible lengths
+        msg = bytes([rng.choice([1, 1, 1, 2, 11, 12, 14, 16, 20])]) + len(body).to_bytes(3, "big")
+        body = (msg + random_bytes(rng, 2) + random_bytes(rng, 3) + len(body).to_bytes(3, "big")
+                + body)[:len(body)]
+    length = len(body) if rng.random() < 0.7 else rng.getrandbits(16)
+    return (hdr + length.to_bytes(2, "big") + body)[:n] if n >= 13 else (hdr + body)[:n]
+
+
+def test_random_datagrams_leave_it_serving(world):
+    rng = random.Random(SEED)
+    socks = []
+    try:
+        for _ in range(8):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        deadline = time.monotonic() + 60
+        for i in range(2000):
+            n = rng.randint(0, 1500)
+            data = dtls_like(rng, n) if rng.random() < 0.4 else random_bytes(rng, n)
+            rng.choice(socks).sendto(data, ("127.0.0.1", world.gw.port))
+            if i % 100 == 99:
+                time.sleep(0.02)  # let the gateway read; it is not a load test
+            assert time.monotonic() < deadline, "sending took too long"
+    finally:
+        for s in socks:
+            s.close()
+    assert world.gw.alive(), world.gw.log_text()[-3000:]
+    r = sim(world.gw, "--count", 1, "--path", "sensors/after-noise", "--payload", "still here")
+    assert r.rc == 0 and r.codes() == ["2.04"], r
+    [m] = world.sub.wait_for(1, 20)
+    assert m.payload == b"still here"
+    assert world.gw.alive()
+
+
+def test_garbage_inside_a_session_leaves_it_serving(world, dtls_factory):
+    rng = random.Random(SEED + 1)
+    c = dtls_factory(world.gw.port, "sensor-01", world.gw.devices["sensor-01"])
+    c.handshake()
+    for i in range(300):
+        if i % 3 == 0:
+            data = random_bytes(rng, rng.randint(0, 300))
+        else:  # CoAP-looking: version 1, random type/token length/code/options
+            data = bytes([0x40 | rng.getrandbits(6), rng.getrandbits(8)]) + random_bytes(
+                rng, rng.randint(2, 200))
+        c.send(data)
+        if i % 50 == 49:
+            time.sleep(0.05)
+    assert world.gw.alive()
+    assert c.proc.poll() is None, c.text()[-2000:]
+    time.sleep(0.2)  # so s_client reads the next datagram on its own
+    token = os.urandom(4)
+    c.send(coap_post("sensors/in-session", b"fine", 0x7777, token))
+    try:
+        c.wait_response(token, 20, pred=lambda r: r[1] == 0x44)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\ns_client: {c.text()[-1500:]}\n"
+                             f"gateway: {world.gw.log_text()[-3000:]}") from None
+    world.sub.wait_for(1, 20, match="devices/sensor-01/in-session")
+    assert world.gw.alive()
+
+
+def test_sigterm_exits_0_within_5s(world):
+    r = sim(world.gw, "--count", 3, "--interval", 20, "--path", "sensors/t", "--payload", "{seq}")
+    assert r.rc == 0, r
+    world.sub.wait_for(3, 20)
+    rc, took = world.gw.terminate(signal.SIGTERM)
+    assert rc == 0, world.gw.log_text()[-3000:]
+    assert took < 5, f"SIGTERM took {took:.1f} s"
+
+
+def test_sigint_exits_0_within_5s(world):
+    rc, took = world.gw.terminate(signal.SIGINT)
+    assert rc == 0 and took < 5, (rc, took)
+
+
+def test_sigterm_under_traffic_exits_0_within_5s(world, tmp_path):
+    keys = tmp_path / "sim.keys"
+    keys.write_text("".join(f"{i} {k}\n" for i, k in world.gw.devices.items()))
+    os.chmod(keys, 0o600)
+    bg = SimBackground(world.gw, "--keys", keys, "--count", 0, "--interval", 10, "--window", 2,
+                       "--path", "sensors/busy", "--payload", "{id}-{seq}", identity=None)
+    try:
+        wait_until(lambda: len(bg.responses()) >= 20, 20, "traffic to flow")
+        rc, took = world.gw.terminate(signal.SIGTERM)
+        assert rc == 0, world.gw.log_text()[-3000:]
+        assert took < 5, f"SIGTERM took {took:.1f} s"
+    finally:
+        bg.stop()
+
+
+def test_sigterm_with_broker_paused_exits_0_within_5s(world):
+    world.broker.pause()  # publishes in flight never get their PUBACK
+    try:
+        r = sim(world.gw, "--count", 3, "--interval", 20, "--path", "sensors/stuck",
+                "--payload", "{seq}")
+        assert r.codes() == ["2.04"] * 3, r
+        rc, took = world.gw.terminate(signal.SIGTERM)
+        assert rc == 0 and took < 5, (rc, took)
+    finally:
+        world.broker.resume()
+
+
+def test_ack_broker_reading_in_flight_at_sigterm(world):
+    world.broker.pause()
+    try:
+        bg = SimBackground(world.gw, "--count", 1, "--path", "acked/at-exit", "--payload", "x",
+                           "--timeout", 30)
+        time.sleep(1)
+        rc, took = world.gw.terminate(signal.SIGTERM)
+        assert rc == 0 and took < 5, (rc, took)
+        bg.stop()
+    finally:
+        world.broker.resume()
+
+
+def test_broken_yaml_refused_at_start(tmp_path):
+    conf = tmp_path / "broken.yaml"
+    conf.write_text('log_level: info\ncoap:\n  listen: ["coaps://127.0.0.1:5684"\n'
+                    "mqtt:\n  url: mqtts://127.0.0.1:8883\n")
+    os.chmod(conf, 0o600)
+    t0 = time.monotonic()
+    r = subprocess.run([GW_BIN, "-c", conf], capture_output=True, timeout=30,
+                       stdin=subprocess.DEVNULL)
+    out = (r.stdout + r.stderr).decode(errors="replace")
+    assert r.returncode == 1, out
+    assert time.monotonic() - t0 < 10
+    assert re.search(re.escape(str(conf)) + r":\d+:\d+: ", out), out
+    assert "ready" not in out
+
+
+def test_listen_port_in_use_is_an_error(tmp_path, broker_factory, gateway_factory):
+    b = broker_factory()
+    g = gateway_factory(b, start=False)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", g.port))
+        g.start(wait_ready=False)
+        rc = g.proc.wait(30)
+    assert rc != 0, g.log_text()
+    assert str(g.port) in g.log_text()

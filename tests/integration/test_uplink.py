@@ -1,0 +1,240 @@
+"""Readings from devices to MQTT: topics, payloads, properties, and every response code."""
+import collections
+import os
+import re
+
+import pytest
+
+from conftest import ACK, CON, NON, coap_encode, coap_post, sim, user_prop, wait_until
+
+CONTENT_TYPES = {
+    0: "text/plain;charset=utf-8",
+    42: "application/octet-stream",
+    50: "application/json",
+    60: "application/cbor",
+    110: "application/senml+json",
+    112: "application/senml+cbor",
+}
+
+
+def test_reading_reaches_its_topic_byte_for_byte(world):
+    r = sim(world.gw, "--count", 1, "--path", "sensors/temperature",
+            "--payload", '{"celsius":21.5}')
+    assert r.rc == 0 and r.codes() == ["2.04"], r
+    [m] = world.sub.wait_for(1, 20)
+    assert m.topic == "devices/sensor-01/temperature"
+    assert m.payload == b'{"celsius":21.5}'
+    assert m.qos == 1 and not m.retain
+    assert m.content_type == "application/json"
+    assert user_prop(m, "identity") == "sensor-01"
+    assert isinstance(user_prop(m, "msg-id"), str) and user_prop(m, "msg-id"), m.user_props
+    world.sub.assert_none(window=1, already=1)
+
+
+def test_put_is_accepted_like_post(world):
+    r = sim(world.gw, "--count", 1, "--method", "put", "--path", "sensors/door",
+            "--payload", "open", "--content-format", 0)
+    assert r.rc == 0 and r.codes() == ["2.04"], r
+    [m] = world.sub.wait_for(1, 20)
+    assert (m.topic, m.payload) == ("devices/sensor-01/door", b"open")
+
+
+def test_content_format_becomes_content_type(world):
+    for cf, ctype in CONTENT_TYPES.items():
+        r = sim(world.gw, "--count", 1, "--path", f"sensors/cf{cf}", "--payload", f"cf={cf}",
+                "--content-format", cf)
+        assert r.rc == 0 and r.codes() == ["2.04"], r
+        [m] = world.sub.wait_for(1, 20, match=f"devices/sensor-01/cf{cf}")
+        assert m.content_type == ctype, f"Content-Format {cf}: {m.content_type!r}"
+        assert m.payload == f"cf={cf}".encode()
+    r = sim(world.gw, "--count", 1, "--path", "sensors/nocf", "--payload", "x",
+            "--content-format", -1)
+    assert r.rc == 0, r
+    [m] = world.sub.wait_for(1, 20, match="devices/sensor-01/nocf")
+    assert m.content_type is None, m.content_type
+    assert user_prop(m, "identity") == "sensor-01"
+
+
+def test_two_devices_under_their_own_identities(world, tmp_path):
+    keys = tmp_path / "sim.keys"
+    keys.write_text("".join(f"{i} {k}\n" for i, k in world.gw.devices.items()))
+    os.chmod(keys, 0o600)
+    r = sim(world.gw, "--keys", keys, "--devices", 2, "--count", 3, "--interval", 50,
+            "--path", "sensors/humidity", "--payload", '{"from":"{id}","seq":{seq}}',
+            identity=None)
+    assert r.rc == 0 and r.codes() == ["2.04"] * 6, r
+    msgs = world.sub.wait_for(6, 20)
+    by_id = collections.defaultdict(list)
+    for m in msgs:
+        ident = user_prop(m, "identity")
+        by_id[ident].append(m)
+        assert m.topic == f"devices/{ident}/humidity", (m.topic, ident)
+        assert f'"from":"{ident}"'.encode() in m.payload, m.payload
+    assert sorted(by_id) == ["sensor-01", "sensor-02"]
+    assert all(len(v) == 3 for v in by_id.values())
+    ids = [user_prop(m, "msg-id") for m in msgs]
+    assert len(set(ids)) == 6, f"msg-id not unique: {ids}"
+
+
+def test_binary_payload_byte_exact(world, tmp_path):
+    blob = bytes(range(256)) + bytes(reversed(range(256)))[:100]
+    f = tmp_path / "blob.bin"
+    f.write_bytes(blob)
+    r = sim(world.gw, "--count", 1, "--path", "sensors/raw", "--payload-file", f,
+            "--content-format", 42)
+    assert r.rc == 0 and r.codes() == ["2.04"], r
+    [m] = world.sub.wait_for(1, 20)
+    assert m.payload == blob
+    assert m.content_type == "application/octet-stream"
+
+
+def test_block_wise_payload_reassembled(world, tmp_path):
+    # larger than one block (--block-size 64): Block1 transfer, published once as a whole
+    blob = bytes((i * 7) & 0xFF for i in range(900))
+    f = tmp_path / "big.bin"
+    f.write_bytes(blob)
+    r = sim(world.gw, "--count", 1, "--path", "sensors/bulk", "--payload-file", f,
+            "--content-format", 42, "--block-size", 64)
+    assert r.rc == 0 and r.codes()[-1] == "2.04", r
+    [m] = world.sub.wait_for(1, 20)
+    assert m.payload == blob
+    world.sub.assert_none(window=1, already=1)
+
+
+def test_200_non_readings_on_one_session_all_delivered(world):
+    r = sim(world.gw, "--type", "non", "--count", 200, "--interval", 10, "--window", 4,
+            "--path", "sensors/stream", "--payload", "{seq}", timeout=90)
+    assert r.summary.get("sent") == 200, r
+    msgs = world.sub.wait_for(200, 60)
+    seqs = collections.Counter(int(m.payload) for m in msgs)
+    assert set(seqs) == set(range(1, 201)), sorted(set(range(1, 201)) - set(seqs))
+    assert max(seqs.values()) == 1, [s for s, n in seqs.items() if n > 1]
+    assert all(m.topic == "devices/sensor-01/stream" for m in msgs)
+    log = world.gw.log_text()
+    sessions = re.findall(r'identity="?sensor-01"? handshake ok', log)
+    assert len(sessions) == 1, "more than one DTLS session"
+    world.sub.assert_none(window=1, already=200)
+
+
+def test_qos0_route(world):
+    r = sim(world.gw, "--count", 1, "--path", "fast/wind", "--payload", "12")
+    assert r.rc == 0 and r.codes() == ["2.04"], r
+    [m] = world.sub.wait_for(1, 20)
+    assert (m.topic, m.payload, m.qos) == ("devices/sensor-01/fast/wind", b"12", 0)
+
+
+def test_retained_route(world, subscriber_factory):
+    r = sim(world.gw, "--count", 1, "--method", "put", "--path", "state", "--payload", "on")
+    assert r.rc == 0 and r.codes() == ["2.04"], r
+    world.sub.wait_for(1, 20)
+    late = subscriber_factory(world.broker, topic="devices/sensor-01/state")
+    [m] = late.wait_for(1, 10)
+    assert m.retain and m.payload == b"on"
+
+
+def test_rest_variable_takes_several_segments(world):
+    r = sim(world.gw, "--count", 1, "--path", "events/door/front/open", "--payload", "1")
+    assert r.rc == 0 and r.codes() == ["2.04"], r
+    [m] = world.sub.wait_for(1, 20)
+    assert m.topic == "devices/sensor-01/events/door/front/open"
+
+
+@pytest.mark.parametrize("path", ["nothing/here", "sensors", "sensors/a/b", "Sensors/x"])
+def test_no_route_is_404_and_nothing_published(world, path):
+    r = sim(world.gw, "--count", 1, "--path", path, "--payload", "x")
+    assert r.codes() == ["4.04"], r
+    assert r.rc != 0
+    world.sub.assert_none(window=1)
+
+
+def test_method_not_in_route_is_405(world):
+    r = sim(world.gw, "--count", 1, "--method", "post", "--path", "put-only/valve",
+            "--payload", "x")
+    assert r.codes() == ["4.05"], r
+    world.sub.assert_none(window=1)
+    r = sim(world.gw, "--count", 1, "--method", "put", "--path", "put-only/valve",
+            "--payload", "y")
+    assert r.codes() == ["2.04"], r
+    [m] = world.sub.wait_for(1, 20)
+    assert (m.topic, m.payload) == ("devices/sensor-01/put-only/valve", b"y")
+
+
+INJECTIONS = [
+    "sensors/a%2Fb",           # '/' inside one segment
+    "sensors/%2F",
+    "sensors/%2B",             # '+'
+    "sensors/x%2By",
+    "sensors/%23",             # '#'
+    "sensors/x%23",
+    "sensors/a%00b",           # NUL
+    "sensors/%FF%FE",          # not UTF-8
+    "sensors/%C0%AF",          # overlong UTF-8 '/'
+    "events/a/%2B",            # in a {rest+} variable
+    "events/%23/b",
+]
+
+
+def test_topic_injection_refused_with_400(world):
+    for path in INJECTIONS:
+        r = sim(world.gw, "--count", 1, "--path", path, "--payload", "evil")
+        assert r.codes() == ["4.00"], f"{path}: {r}"
+        assert r.rc != 0
+    world.sub.assert_none(window=1.5)
+    # the gateway still serves normal readings afterwards
+    r = sim(world.gw, "--count", 1, "--path", "sensors/fine", "--payload", "ok")
+    assert r.codes() == ["2.04"], r
+    [m] = world.sub.wait_for(1, 20)
+    assert m.topic == "devices/sensor-01/fine"
+
+
+def test_oversize_payload_is_413(broker_factory, subscriber_factory, gateway_factory, tmp_path):
+    b = broker_factory()
+    s = subscriber_factory(b)
+    g = gateway_factory(b, coap={"max_payload": 512})
+    exact, over, huge = tmp_path / "512", tmp_path / "513", tmp_path / "3000"
+    exact.write_bytes(b"a" * 512)
+    over.write_bytes(b"b" * 513)
+    huge.write_bytes(b"c" * 3000)
+    r = sim(g, "--count", 1, "--path", "sensors/exact", "--payload-file", exact)
+    assert r.codes() == ["2.04"], r
+    [m] = s.wait_for(1, 20)
+    assert m.payload == b"a" * 512
+    for f in (over, huge):
+        r = sim(g, "--count", 1, "--path", "sensors/over", "--payload-file", f)
+        assert r.codes() and r.codes()[-1] == "4.13", f"{f.name} bytes: {r}"
+    s.assert_none(window=1.5, already=1)
+
+
+# ---- raw CoAP over openssl s_client ------------------------------------------------------------
+
+def test_duplicate_con_answered_again_published_once(world, dtls_factory):
+    key = world.gw.devices["sensor-01"]
+    c = dtls_factory(world.gw.port, "sensor-01", key)
+    c.handshake()
+    token = os.urandom(6)
+    dgram = coap_post("sensors/dup", b"only-once", 0x1234, token)
+    c.send(dgram)
+    c.wait_response(token)
+    world.sub.wait_for(1, 20)
+    c.send(dgram)  # a retransmission: same message ID
+    wait_until(lambda: len(c.responses(token)) >= 2, 10, "the duplicate to be answered")
+    assert all(r == (ACK, 0x44, 0x1234) for r in c.responses(token)), c.responses(token)
+    world.sub.assert_none(window=2, already=1)
+
+
+def test_ping_gets_reset(world, dtls_factory):
+    c = dtls_factory(world.gw.port, "sensor-01", world.gw.devices["sensor-01"])
+    c.handshake()
+    c.send(coap_encode(CON, 0, 0x4321))
+    wait_until(lambda: bytes([0x70, 0x00, 0x43, 0x21]) in c.data(), 10, "RST to a CoAP ping")
+
+
+def test_non_request_gets_non_response(world, dtls_factory):
+    c = dtls_factory(world.gw.port, "sensor-01", world.gw.devices["sensor-01"])
+    c.handshake()
+    token = os.urandom(5)
+    c.send(coap_post("sensors/nonraw", b"n", 0x2222, token, mtype=NON))
+    [(mtype, code, _)] = c.wait_response(token)
+    assert (mtype, code) == (NON, 0x44)
+    [m] = world.sub.wait_for(1, 20)
+    assert m.payload == b"n"
