@@ -48,6 +48,8 @@ SANITIZER_RE = re.compile(r"ERROR: (Address|Leak|Memory|Thread)Sanitizer|runtime
 # CoAP option numbers and codes used by the raw-datagram tests (RFC 7252).
 OPT_URI_PATH = 11
 OPT_CONTENT_FORMAT = 12
+OPT_MAX_AGE = 14
+OPT_SIZE1 = 60
 CON, NON, ACK, RST = 0, 1, 2, 3
 POST, PUT = 0x02, 0x03
 
@@ -750,6 +752,32 @@ def coap_encode(mtype, code, mid, token=b"", options=(), payload=b""):
     return bytes(out)
 
 
+def coap_decode(data):
+    """(type, code, mid, token, [(option number, bytes)], payload) of one CoAP message."""
+    if len(data) < 4 or data[0] >> 6 != 1:
+        raise ValueError("not a CoAP message")
+    tkl = data[0] & 0x0F
+    mtype, code, mid = (data[0] >> 4) & 3, data[1], int.from_bytes(data[2:4], "big")
+    token, i, num, opts = data[4:4 + tkl], 4 + tkl, 0, []
+    while i < len(data) and data[i] != 0xFF:
+        d, ln = data[i] >> 4, data[i] & 0x0F
+        i += 1
+        ext = {13: (1, 13), 14: (2, 269)}
+        if d in ext:
+            w, base = ext[d]
+            d = int.from_bytes(data[i:i + w], "big") + base
+            i += w
+        if ln in ext:
+            w, base = ext[ln]
+            ln = int.from_bytes(data[i:i + w], "big") + base
+            i += w
+        num += d
+        opts.append((num, data[i:i + ln]))
+        i += ln
+    payload = data[i + 1:] if i < len(data) else b""
+    return mtype, code, mid, token, opts, payload
+
+
 def coap_post(path, payload, mid, token, content_format=50, mtype=CON, code=POST):
     opts = [(OPT_URI_PATH, seg.encode() if isinstance(seg, str) else seg)
             for seg in (path.split("/") if isinstance(path, str) else path)]
@@ -830,6 +858,17 @@ class DtlsClient:
                     out.append(((b0 >> 4) & 3, code, mid))
             i = data.find(token, i + 1)
         return out
+
+    def last_message(self, token):
+        """The last message carrying `token`, decoded to its end (it must be the last received)."""
+        data = self.data()
+        i = data.rfind(token)
+        if i < 4:
+            return None
+        try:
+            return coap_decode(data[i - 4:])
+        except ValueError:
+            return None
 
     def empty_acks(self, mid):
         return self.data().count(bytes([0x60, 0x00, mid >> 8, mid & 0xFF]))

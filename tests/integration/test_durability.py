@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from conftest import (CON, NON, SimBackground, coap_post, sim, user_prop, wait_mqtt_connected,
-                      wait_until)
+from conftest import (ACK, CON, NON, OPT_MAX_AGE, SimBackground, code_str, coap_post, sim,
+                      user_prop, wait_mqtt_connected, wait_until)
 
 
 @pytest.fixture
@@ -139,3 +139,42 @@ def test_ack_broker_empty_ack_then_separate_response(durable, dtls_factory):
     assert mtype in (CON, NON), resp
     [m] = s.wait_for(1, 20)
     assert m.payload == b"sep"
+
+
+def test_ack_broker_with_broker_down_answers_once_stored(durable):
+    b, s, g = durable
+    broker_down(b, g)
+    r = sim(g, "--count", 2, "--interval", 20, "--path", "acked/offline", "--payload", "off-{seq}")
+    assert r.rc == 0 and r.codes() == ["2.04"] * 2, r
+    b.start()
+    msgs = s.wait_for(2, 90)
+    assert set(payload_counts(msgs)) == {"off-1", "off-2"}
+
+
+def test_full_store_answers_503_with_max_age(broker_factory, subscriber_factory, gateway_factory,
+                                             dtls_factory):
+    b = broker_factory(persistence=True)
+    s = subscriber_factory(b)
+    g = gateway_factory(b, mqtt_extra={"max_buffered": 3})
+    wait_mqtt_connected(g)
+    broker_down(b, g)
+    r = sim(g, "--count", 3, "--interval", 20, "--path", "sensors/fill", "--payload", "kept-{seq}")
+    assert r.rc == 0 and r.codes() == ["2.04"] * 3, r
+    c = dtls_factory(g.port, "sensor-01", g.devices["sensor-01"])
+    c.handshake()
+    token = os.urandom(4)
+    c.send(coap_post("sensors/fill", b"refused", 0x0503, token))
+    c.wait_response(token)
+    mtype, code, mid, _, opts, payload = c.last_message(token)
+    assert (mtype, code_str(code), mid) == (ACK, "5.03", 0x0503)
+    max_age = [int.from_bytes(v, "big") for n, v in opts if n == OPT_MAX_AGE]
+    assert len(max_age) == 1 and max_age[0] > 0, f"5.03 without Max-Age: {opts}"
+    b.start()
+    msgs = s.wait_for(3, 90)
+    s.assert_none(window=3, already=3)  # the refused reading is not published later
+    assert set(payload_counts(s.messages())) == {"kept-1", "kept-2", "kept-3"}
+    # with room again, readings are taken
+    r = sim(g, "--count", 1, "--path", "sensors/fill", "--payload", "later")
+    assert r.codes() == ["2.04"], r
+    s.wait_for(4, 30)
+    assert len(msgs) == 3

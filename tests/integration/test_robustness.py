@@ -159,3 +159,25 @@ def test_listen_port_in_use_is_an_error(tmp_path, broker_factory, gateway_factor
         rc = g.proc.wait(30)
     assert rc != 0, g.log_text()
     assert str(g.port) in g.log_text()
+
+
+def test_sighup_reloads_valid_config_and_keeps_running_on_invalid(world):
+    gw = world.gw
+    gw.config["devices"].append({"identity": "sensor-03", "key": "sensor-03-New-K3y"})
+    gw.devices["sensor-03"] = "sensor-03-New-K3y"
+    gw.write_config()
+    gw.proc.send_signal(signal.SIGHUP)
+    gw.wait_for_log(r"reload: ok", 20)
+    r = sim(gw, "--count", 1, "--path", "sensors/new", "--payload", "3", identity="sensor-03")
+    assert r.codes() == ["2.04"], r
+    [m] = world.sub.wait_for(1, 20)
+    assert m.topic == "devices/sensor-03/new"
+
+    gw.config_path.write_text(gw.config_path.read_text().replace("qos: 1", "qos: 9", 1))
+    gw.proc.send_signal(signal.SIGHUP)
+    gw.wait_for_log(r"coap2mqtt\.yaml:\d+:\d+: qos", 20)
+    gw.wait_for_log(r"reload: .*(invalid|keeping)", 20)
+    assert gw.alive()
+    r = sim(gw, "--count", 1, "--path", "sensors/still", "--payload", "ok", identity="sensor-03")
+    assert r.codes() == ["2.04"], r
+    world.sub.wait_for(2, 20)

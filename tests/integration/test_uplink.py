@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from conftest import ACK, CON, NON, coap_encode, coap_post, sim, user_prop, wait_until
+from conftest import (ACK, CON, NON, OPT_SIZE1, code_str, coap_encode, coap_post, free_port, sim,
+                      user_prop, wait_until)
 
 CONTENT_TYPES = {
     0: "text/plain;charset=utf-8",
@@ -144,6 +145,7 @@ def test_no_route_is_404_and_nothing_published(world, path):
     r = sim(world.gw, "--count", 1, "--path", path, "--payload", "x")
     assert r.codes() == ["4.04"], r
     assert r.rc != 0
+    assert r.responses[0].get("payload"), f"no diagnostic payload: {r}"
     world.sub.assert_none(window=1)
 
 
@@ -151,6 +153,7 @@ def test_method_not_in_route_is_405(world):
     r = sim(world.gw, "--count", 1, "--method", "post", "--path", "put-only/valve",
             "--payload", "x")
     assert r.codes() == ["4.05"], r
+    assert r.responses[0].get("payload"), f"no diagnostic payload: {r}"
     world.sub.assert_none(window=1)
     r = sim(world.gw, "--count", 1, "--method", "put", "--path", "put-only/valve",
             "--payload", "y")
@@ -179,6 +182,7 @@ def test_topic_injection_refused_with_400(world):
         r = sim(world.gw, "--count", 1, "--path", path, "--payload", "evil")
         assert r.codes() == ["4.00"], f"{path}: {r}"
         assert r.rc != 0
+        assert r.responses[0].get("payload"), f"no diagnostic payload: {r}"
     world.sub.assert_none(window=1.5)
     # the gateway still serves normal readings afterwards
     r = sim(world.gw, "--count", 1, "--path", "sensors/fine", "--payload", "ok")
@@ -203,6 +207,24 @@ def test_oversize_payload_is_413(broker_factory, subscriber_factory, gateway_fac
         r = sim(g, "--count", 1, "--path", "sensors/over", "--payload-file", f)
         assert r.codes() and r.codes()[-1] == "4.13", f"{f.name} bytes: {r}"
     s.assert_none(window=1.5, already=1)
+
+
+def test_oversize_single_datagram_413_says_the_limit(broker_factory, subscriber_factory,
+                                                     gateway_factory, dtls_factory):
+    b = broker_factory()
+    s = subscriber_factory(b)
+    g = gateway_factory(b, coap={"max_payload": 100})
+    c = dtls_factory(g.port, "sensor-01", g.devices["sensor-01"])
+    c.handshake()
+    token = os.urandom(4)
+    c.send(coap_post("sensors/big", b"z" * 101, 0x0413, token))
+    c.wait_response(token)
+    mtype, code, mid, _, opts, payload = c.last_message(token)
+    assert (mtype, code_str(code), mid) == (ACK, "4.13", 0x0413)
+    size1 = [int.from_bytes(v, "big") for n, v in opts if n == OPT_SIZE1]
+    assert size1 == [100], f"Size1 should name the limit: {opts}"
+    assert payload, "no diagnostic payload"
+    s.assert_none(window=1)
 
 
 # ---- raw CoAP over openssl s_client ------------------------------------------------------------
@@ -238,3 +260,20 @@ def test_non_request_gets_non_response(world, dtls_factory):
     assert (mtype, code) == (NON, 0x44)
     [m] = world.sub.wait_for(1, 20)
     assert m.payload == b"n"
+
+
+def test_ipv4_and_ipv6_listeners(broker_factory, subscriber_factory, gateway_factory):
+    b = broker_factory()
+    s = subscriber_factory(b)
+    g = gateway_factory(b, start=False)
+    port6 = free_port()
+    g.config["coap"]["listen"].append(f"coaps://[::1]:{port6}")
+    g.write_config()
+    g.start()
+    r = sim(g, "--count", 1, "--path", "sensors/v4", "--payload", "4")
+    assert r.codes() == ["2.04"], r
+    g6 = type("V6", (), {"uri": f"coaps://[::1]:{port6}", "devices": g.devices})()
+    r = sim(g6, "--count", 1, "--path", "sensors/v6", "--payload", "6")
+    assert r.codes() == ["2.04"], r
+    msgs = s.wait_for(2, 20)
+    assert sorted(m.topic for m in msgs) == ["devices/sensor-01/v4", "devices/sensor-01/v6"]
