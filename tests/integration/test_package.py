@@ -1,0 +1,205 @@
+"""Debian package: scripts/package builds coap2mqtt and coap2mqtt-sim from the cached tarballs,
+lintian finds no error, and the packages install on this machine (system user, permissions,
+unit enabled, the shipped configuration valid as installed), reinstall, and purge without a trace.
+
+It installs packages system-wide, so it runs only as root on Debian (as CI does) or when
+COAP2MQTT_PACKAGE_TEST=1, never when coap2mqtt is installed or the user coap2mqtt exists already,
+and it purges what it installed even when a check fails. COAP2MQTT_PACKAGE_TEST=0 skips it.
+"""
+import glob
+import grp
+import json
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import GW_BIN, REPO
+
+DIST = REPO / "dist"
+CONF = Path("/etc/coap2mqtt/coap2mqtt.yaml")
+KEYS = Path("/etc/coap2mqtt/devices.keys")
+STATE = Path("/var/lib/coap2mqtt")
+UNIT = Path("/lib/systemd/system/coap2mqtt.service")
+WANTS = Path("/etc/systemd/system/multi-user.target.wants/coap2mqtt.service")
+PACKAGES = ["coap2mqtt", "coap2mqtt-sim"]
+APT_ENV = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+
+
+def run(args, timeout=120, check=True, **kw):
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout,
+                       stdin=subprocess.DEVNULL, **kw)
+    if check:
+        assert r.returncode == 0, f"{' '.join(map(str, args))}: exit {r.returncode}\n" \
+                                  f"{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return r
+
+
+def installed(pkg):
+    r = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True)
+    return r.returncode == 0 and "installed" in r.stdout and "not-installed" not in r.stdout
+
+
+def user_exists(name):
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def group_exists(name):
+    try:
+        grp.getgrnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def sanitizer_build():
+    """The ASan run of scripts/test would build the very same package again: once is enough."""
+    info = Path(GW_BIN).resolve().parent / "meson-info" / "intro-buildoptions.json"
+    try:
+        opts = {o["name"]: o["value"] for o in json.loads(info.read_text())}
+    except (OSError, ValueError, KeyError):
+        return False
+    return opts.get("b_sanitize", "none") not in ("none", "")
+
+
+def skip_reason():
+    want = os.environ.get("COAP2MQTT_PACKAGE_TEST")
+    if want == "0":
+        return "COAP2MQTT_PACKAGE_TEST=0"
+    if want != "1" and not (os.geteuid() == 0 and Path("/etc/debian_version").exists()):
+        return "installs packages: runs as root on Debian or with COAP2MQTT_PACKAGE_TEST=1"
+    if os.geteuid() != 0:
+        return "installing packages needs root"
+    if not shutil.which("apt-get") or not shutil.which("dpkg"):
+        return "not a Debian system (no apt-get/dpkg)"
+    if sanitizer_build():
+        return "sanitizer build: the package is built and checked by the normal build's run"
+    for p in PACKAGES:
+        if installed(p):
+            return f"{p} is installed on this machine; not touching it"
+    if user_exists("coap2mqtt") or group_exists("coap2mqtt"):
+        return "a user or group coap2mqtt exists already; purge would remove it"
+    return None
+
+
+pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
+
+
+def purge():
+    present = [p for p in PACKAGES if installed(p)]
+    if present:
+        run(["apt-get", "purge", "-y", *present], env=APT_ENV, timeout=180, check=False)
+
+
+@pytest.fixture(scope="module")
+def debs():
+    """scripts/package without apt when everything is there already (bootstrap ran before the
+    tests); it installs only what is missing otherwise."""
+    r = run(["scripts/package"], cwd=REPO, timeout=480, check=False)
+    assert r.returncode == 0, f"scripts/package failed:\n{r.stdout[-6000:]}\n{r.stderr[-3000:]}"
+    found = {p: sorted(glob.glob(str(DIST / f"{p}_*.deb"))) for p in PACKAGES}
+    for p, files in found.items():
+        assert len(files) == 1, f"{p}: {files} in {DIST}"
+    return {p: Path(files[0]) for p, files in found.items()}
+
+
+@pytest.fixture(scope="module")
+def installation(debs):
+    try:
+        run(["apt-get", "install", "-y", "--no-install-recommends",
+             *[f"./{d.relative_to(REPO)}" for d in debs.values()]],
+            cwd=REPO, env=APT_ENV, timeout=300)
+        yield debs
+    finally:
+        purge()
+
+
+def test_lintian_no_errors(debs):
+    changes = sorted(DIST.glob("*.changes"))
+    assert len(changes) == 1, changes
+    r = run(["lintian", changes[0]], timeout=300, check=False)
+    out = r.stdout + r.stderr
+    print(out)
+    errors = [l for l in out.splitlines() if l.startswith("E: ")]
+    assert not errors, out
+
+
+def test_depends_only_on_debian_libraries(debs):
+    """wolfSSL and libcoap are linked statically; the rest comes from Debian 12."""
+    for p, deb in debs.items():
+        depends = run(["dpkg-deb", "-f", deb, "Depends"]).stdout
+        assert "libc6" in depends, depends
+        assert "wolfssl" not in depends and "libcoap" not in depends, f"{p}: {depends}"
+    depends = run(["dpkg-deb", "-f", debs["coap2mqtt"], "Depends"]).stdout
+    for lib in ("libpaho-mqtt", "libevent-core", "libyaml", "libsystemd0", "adduser",
+                "ca-certificates"):
+        assert lib in depends, depends
+
+
+def test_installed(installation):
+    assert Path("/usr/sbin/coap2mqtt").exists() and Path("/usr/bin/coap2mqtt-sim").exists()
+    out = run(["/usr/sbin/coap2mqtt", "--version"]).stdout
+    assert "libcoap 4.3.5" in out and "wolfSSL 5.9.2" in out, out
+    run(["/usr/bin/coap2mqtt-sim", "--version"])
+    ldd = run(["ldd", "/usr/sbin/coap2mqtt"]).stdout
+    assert "wolfssl" not in ldd and "libcoap" not in ldd, ldd
+
+    # the system user and the files that may hold keys
+    user = pwd.getpwnam("coap2mqtt")
+    gid = grp.getgrnam("coap2mqtt").gr_gid
+    assert user.pw_gid == gid and user.pw_dir == str(STATE), user
+    assert user.pw_shell in ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false"), user
+    for f in (CONF, KEYS):
+        st = f.stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, gid, 0o640), \
+            f"{f}: {st.st_uid}:{st.st_gid} {oct(stat.S_IMODE(st.st_mode))}"
+    st = STATE.stat()
+    assert stat.S_ISDIR(st.st_mode) and st.st_uid == user.pw_uid, st
+
+    # the shipped configuration is valid as installed, for root and for the service's user,
+    # and accepts no well-known example key
+    out = run(["/usr/sbin/coap2mqtt", "--check", "-c", CONF]).stdout
+    assert "configuration OK (0 devices" in out, out
+    run(["runuser", "-u", "coap2mqtt", "--", "/usr/sbin/coap2mqtt", "--check", "-c", CONF])
+
+    # unit installed and enabled (without systemd running: deb-systemd-helper made the link)
+    assert UNIT.exists()
+    assert WANTS.is_symlink() and os.readlink(WANTS).endswith("/coap2mqtt.service")
+    if shutil.which("systemd-analyze"):
+        r = run(["systemd-analyze", "verify", UNIT], check=False)
+        ours = [l for l in (r.stdout + r.stderr).splitlines() if "coap2mqtt" in l]
+        assert r.returncode == 0 and not ours, r.stdout + r.stderr
+
+    # man pages
+    for page in ("man8/coap2mqtt.8.gz", "man5/coap2mqtt.yaml.5.gz", "man1/coap2mqtt-sim.1.gz"):
+        assert (Path("/usr/share/man") / page).exists(), page
+
+
+def test_reinstall_keeps_permissions(installation):
+    """A second configure (as on an upgrade) must neither fail without systemd nor lose the
+    group of the key files."""
+    run(["dpkg", "-i", installation["coap2mqtt"]], env=APT_ENV, timeout=180)
+    gid = grp.getgrnam("coap2mqtt").gr_gid
+    for f in (CONF, KEYS):
+        st = f.stat()
+        assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (gid, 0o640), f
+    run(["/usr/sbin/coap2mqtt", "--check", "-c", CONF])
+
+
+def test_purge_leaves_nothing(installation):
+    purge()
+    for p in PACKAGES:
+        assert not installed(p), p
+    assert not user_exists("coap2mqtt") and not group_exists("coap2mqtt")
+    for path in (STATE, CONF, KEYS, WANTS, Path("/etc/coap2mqtt")):
+        assert not os.path.lexists(path), path
+    overrides = run(["dpkg-statoverride", "--list"]).stdout
+    assert "/etc/coap2mqtt" not in overrides, overrides
