@@ -27,6 +27,8 @@
 static struct {
 	const char *conf_path;
 	struct config *conf;
+	struct config *boot;		/* the start-up configuration: mqtt.c keeps pointers into its
+					 * mqtt section (mqtt changes need a restart), so it stays */
 	struct keys *keys;
 	struct event *sig_term, *sig_int, *sig_hup;
 	struct event *health;		/* watchdog keep-alive and STATUS= from the loop itself */
@@ -92,7 +94,8 @@ static void on_reload(evutil_socket_t sig, short what, void *arg)
 	command_set_config(c);
 	log_set_level(c->log_level);
 	keys_free(G.keys);
-	conf_free(G.conf);
+	if (G.conf != G.boot)
+		conf_free(G.conf);
 	G.keys = k;
 	G.conf = c;
 	log_info("reload: ok devices=%zu routes=%zu (listen and mqtt changes need a restart)",
@@ -247,6 +250,7 @@ int main(int argc, char **argv)
 		conf_free(G.conf);
 		return 0;
 	}
+	G.boot = G.conf;
 	log_set_level(G.conf->log_level);
 	rc = run();
 	/* teardown in reverse: commands and observations answered or cancelled, presence, broker
@@ -259,6 +263,8 @@ int main(int argc, char **argv)
 	signals_shutdown();
 	loop_shutdown();
 	keys_free(G.keys);
+	if (G.boot != G.conf)
+		conf_free(G.boot);
 	conf_free(G.conf);
 	log_info("stopped status=%d", rc);
 	return rc;
