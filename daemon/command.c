@@ -79,9 +79,11 @@ static void answer(const struct cmd *c, const char *code, const void *data, size
 			       .content_format = cf, .identity = dev_identity(c->dev),
 			       .coap_code = code, .correlation = c->corr,
 			       .correlation_len = c->corr_len };
-	if (mqtt_publish(&m, NULL, NULL) != MQTT_SEND_OK)
+	if (mqtt_publish(&m, NULL, NULL) != MQTT_SEND_OK) {
+		stats_inc(STAT_DROPPED);
 		log_warn("identity=%s command response to %s dropped: MQTT buffer full",
 			 dev_identity(c->dev), c->resp_topic);
+	}
 }
 
 static void answer_error(const struct cmd *c, const char *code, const char *why)

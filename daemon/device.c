@@ -80,8 +80,10 @@ static void presence(const struct device *d, const char *state, const char *reas
 	m = (struct mqtt_msg){ .topic = topic, .payload = state, .len = strlen(state), .qos = 1,
 			       .retain = 1, .content_format = 0, .identity = d->identity,
 			       .reason = reason };
-	if (mqtt_publish(&m, NULL, NULL) != MQTT_SEND_OK)
+	if (mqtt_publish(&m, NULL, NULL) != MQTT_SEND_OK) {
+		stats_inc(STAT_DROPPED);
 		log_warn("identity=%s presence %s not published: buffer full", d->identity, state);
+	}
 }
 
 /* ---- devices by identity ---- */
@@ -241,7 +243,7 @@ static void on_handshake_deadline(evutil_socket_t fd, short what, void *arg)
 	(void)fd;
 	(void)what;
 	/* DTLS drops records it cannot decrypt, so a wrong key shows only as silence */
-	stats_inc(STAT_HANDSHAKE_FAILED);
+	stats_inc(STAT_HS_WRONG_KEY);
 	log_warn("peer=%s identity=%s handshake failed: not completed within %ds; the device's key "
 		 "is probably wrong", d->peer, d->identity, DEV_HANDSHAKE_S);
 }
@@ -274,6 +276,14 @@ static void sess_free(coap_session_t *s)
 	free(d);
 }
 
+/* The peer sent an identity the key store does not hold (the PSK callback refused it). */
+static int identity_unknown(coap_session_t *s)
+{
+	const coap_bin_const_t *id = coap_session_get_psk_identity(s);
+
+	return id && id->length && !keys_find(loop_keys(), (const char *)id->s, id->length);
+}
+
 void dev_session_event(coap_session_t *s, coap_event_t ev)
 {
 	struct dev_sess *d;
@@ -292,7 +302,12 @@ void dev_session_event(coap_session_t *s, coap_event_t ev)
 		dev_up(d);
 		break;
 	case COAP_EVENT_DTLS_ERROR:
-		stats_inc(STAT_HANDSHAKE_FAILED);
+		d = coap_session_get_app_data(s);
+		/* once per handshake: an expired deadline counted it as a wrong key already, and an
+		 * error after the handshake is no handshake failure */
+		if (d && d->hs_timer && !evtimer_pending(d->hs_timer, NULL))
+			break;
+		stats_inc(!d && identity_unknown(s) ? STAT_HS_UNKNOWN_IDENTITY : STAT_HS_DTLS_ERROR);
 		break;
 	case COAP_EVENT_DTLS_CLOSED:
 		d = coap_session_get_app_data(s);

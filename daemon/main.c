@@ -16,6 +16,7 @@
 #include "keys.h"
 #include "log.h"
 #include "loop.h"
+#include "metrics.h"
 #include "mqtt.h"
 #include "observe.h"
 #include "stats.h"
@@ -92,6 +93,7 @@ static void on_reload(evutil_socket_t sig, short what, void *arg)
 	dev_apply_keys(k);
 	observe_set_config(c);
 	command_set_config(c);
+	metrics_set_config(&c->metrics);
 	log_set_level(c->log_level);
 	keys_free(G.keys);
 	if (G.conf != G.boot)
@@ -219,7 +221,8 @@ static int run(void)
 	if (loop_init(G.conf, G.keys) < 0 || signals_init(loop_base()) < 0 ||
 	    health_init(loop_base()) < 0 ||
 	    mqtt_init(loop_base(), &G.conf->mqtt, on_mqtt_state, command_on_message) < 0 ||
-	    dev_init(G.conf, &hooks) < 0 || observe_init(G.conf) < 0 || command_init(G.conf) < 0)
+	    dev_init(G.conf, &hooks) < 0 || observe_init(G.conf) < 0 || command_init(G.conf) < 0 ||
+	    metrics_init(loop_base(), &G.conf->metrics) < 0)
 		return 1;
 	for (size_t i = 0; i < G.conf->coap.n_listen; i++)
 		snprintf(listen + strlen(listen), sizeof(listen) - strlen(listen), "%s%s", i ? "," : "",
@@ -253,8 +256,9 @@ int main(int argc, char **argv)
 	G.boot = G.conf;
 	log_set_level(G.conf->log_level);
 	rc = run();
-	/* teardown in reverse: commands and observations answered or cancelled, presence, broker
-	 * (persist or finish in-flight), pending answers, CoAP, loop */
+	/* teardown in reverse: metrics, commands and observations answered or cancelled, presence,
+	 * broker (persist or finish in-flight), pending answers, CoAP, loop */
+	metrics_shutdown();
 	command_shutdown();
 	observe_shutdown();
 	dev_shutdown();

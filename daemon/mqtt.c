@@ -18,6 +18,7 @@
 #include "config.h"
 #include "log.h"
 #include "mqtt.h"
+#include "stats.h"
 
 enum ev_kind { EV_PUB_DONE, EV_CONNECTED, EV_CONNECT_FAILED, EV_LOST, EV_MESSAGE };
 
@@ -303,11 +304,14 @@ static void set_state(int up, const char *why)
 	if (up) {
 		M.retry_s = 1;
 		if (!was) {
+			if (stats_get(STAT_BROKER_LOST))
+				stats_inc(STAT_BROKER_RECONNECTS);
 			log_info("mqtt: broker=%s connected buffered=%zu", M.uri, mqtt_outstanding());
 			status_online();
 			subscribe_all();
 		}
 	} else if (was) {
+		stats_inc(STAT_BROKER_LOST);
 		log_warn("mqtt: broker=%s connection lost: %s; buffering (reconnect automatic)", M.uri,
 			 why);
 	}
@@ -584,8 +588,11 @@ enum mqtt_send mqtt_publish(const struct mqtt_msg *m, mqtt_done_fn done, void *a
 	atomic_fetch_add(&M.outstanding, 1);
 	rc = MQTTAsync_sendMessage(M.client, m->topic, &msg, &ro);
 	MQTTProperties_free(&msg.properties);
-	if (rc == MQTTASYNC_SUCCESS)
+	if (rc == MQTTASYNC_SUCCESS) {
+		stats_inc(m->qos == 2 ? STAT_PUBLISH_QOS2 : m->qos == 1 ? STAT_PUBLISH_QOS1 :
+			  STAT_PUBLISH_QOS0);
 		return MQTT_SEND_OK;
+	}
 	atomic_fetch_sub(&M.outstanding, 1);
 	pthread_mutex_lock(&M.mu);
 	live_unlink(ev);

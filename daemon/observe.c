@@ -277,11 +277,13 @@ static void publish(struct obs *o, const coap_pdu_t *rcvd)
 			       .retain = o->rule->retain, .identity = dev_identity(o->dev),
 			       .content_format = cf ? (int)coap_decode_var_bytes(coap_opt_value(cf),
 						      coap_opt_length(cf)) : -1 };
-	if (mqtt_publish(&m, NULL, NULL) == MQTT_SEND_OK)
+	if (mqtt_publish(&m, NULL, NULL) == MQTT_SEND_OK) {
 		stats_inc(STAT_NOTIFICATIONS);
-	else
+	} else {
+		stats_inc(STAT_DROPPED);
 		log_warn("identity=%s path=/%s notification dropped: MQTT buffer full",
 			 dev_identity(o->dev), o->path);
+	}
 }
 
 static unsigned max_age(const coap_pdu_t *rcvd)

@@ -14,13 +14,20 @@ static const char *const names[STAT__COUNT] = {
 	[STAT_DUPLICATES] = "duplicates",
 	[STAT_PUBLISHED] = "published",
 	[STAT_PUBLISH_FAILED] = "publish_failed",
+	[STAT_PUBLISH_QOS0] = "publishes_qos0",
+	[STAT_PUBLISH_QOS1] = "publishes_qos1",
+	[STAT_PUBLISH_QOS2] = "publishes_qos2",
+	[STAT_DROPPED] = "dropped",
 	[STAT_HANDSHAKE_OK] = "handshakes_ok",
-	[STAT_HANDSHAKE_FAILED] = "handshakes_failed",
-	[STAT_UNKNOWN_IDENTITY] = "unknown_identity",
+	[STAT_HS_WRONG_KEY] = "handshakes_failed_wrong_key",
+	[STAT_HS_UNKNOWN_IDENTITY] = "handshakes_failed_unknown_identity",
+	[STAT_HS_DTLS_ERROR] = "handshakes_failed_dtls_error",
 	[STAT_NOTIFICATIONS] = "notifications",
 	[STAT_STALE_NOTIFICATIONS] = "stale_notifications",
 	[STAT_COMMANDS] = "commands",
 	[STAT_COMMAND_ERRORS] = "command_errors",
+	[STAT_BROKER_LOST] = "broker_lost",
+	[STAT_BROKER_RECONNECTS] = "broker_reconnects",
 };
 
 void stats_inc(enum stat_id id)
@@ -36,5 +43,5 @@ uint64_t stats_get(enum stat_id id)
 
 const char *stats_name(enum stat_id id)
 {
-	return id < STAT__COUNT ? names[id] : "?";
+	return id < STAT__COUNT && names[id] ? names[id] : "?";
 }

@@ -1,27 +1,34 @@
-/* stats.h: process-wide counters (loop thread only). */
+/* stats.h: process-wide counters (loop thread only); metrics.c exports them. */
 #ifndef C2M_STATS_H
 #define C2M_STATS_H
 
 #include <stdint.h>
 
 enum stat_id {
-	STAT_REQUESTS,
-	STAT_RESP_2_04,
+	STAT_REQUESTS,			/* device requests received (duplicates included) */
+	STAT_RESP_2_04,			/* uplink answers by code */
 	STAT_RESP_4_00,
 	STAT_RESP_4_04,
 	STAT_RESP_4_05,
 	STAT_RESP_4_13,
 	STAT_RESP_5_03,
-	STAT_DUPLICATES,
-	STAT_PUBLISHED,
-	STAT_PUBLISH_FAILED,
+	STAT_DUPLICATES,		/* retransmitted CONs answered again, not published */
+	STAT_PUBLISHED,			/* readings handed to the MQTT client */
+	STAT_PUBLISH_FAILED,		/* readings the MQTT client reported as failed */
+	STAT_PUBLISH_QOS0,		/* every publish the MQTT client took, by QoS */
+	STAT_PUBLISH_QOS1,
+	STAT_PUBLISH_QOS2,
+	STAT_DROPPED,			/* notifications, command responses, presence: buffer full */
 	STAT_HANDSHAKE_OK,
-	STAT_HANDSHAKE_FAILED,
-	STAT_UNKNOWN_IDENTITY,
+	STAT_HS_WRONG_KEY,		/* handshake deadline expired after the identity was accepted */
+	STAT_HS_UNKNOWN_IDENTITY,	/* identity not in the key store */
+	STAT_HS_DTLS_ERROR,		/* any other DTLS failure during the handshake */
 	STAT_NOTIFICATIONS,
 	STAT_STALE_NOTIFICATIONS,
-	STAT_COMMANDS,
+	STAT_COMMANDS,			/* command requests sent to devices */
 	STAT_COMMAND_ERRORS,
+	STAT_BROKER_LOST,		/* broker connection lost */
+	STAT_BROKER_RECONNECTS,		/* broker connection back after a loss */
 	STAT__COUNT
 };
 
