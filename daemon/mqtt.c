@@ -55,6 +55,7 @@ static struct {
 	uint64_t msg_seq;
 	char boot_id[24];
 	char uri[300];
+	char tls_why[200];		/* why the last TLS connect failed, from Paho's trace (under mu) */
 } M = { .mu = PTHREAD_MUTEX_INITIALIZER, .efd = -1 };
 
 static const struct {
@@ -185,8 +186,13 @@ static void on_connect_fail5(void *ctx, MQTTAsync_failureData5 *r)
 	char why[160];
 
 	(void)ctx;
-	snprintf(why, sizeof(why), "code=%d reason=%s %s", r ? r->code : 0,
-		 r ? MQTTReasonCode_toString(r->reasonCode) : "?", r && r->message ? r->message : "");
+	/* reasonCode is the broker's CONNACK reason; 0 when the failure came before (TCP, TLS) */
+	if (r && r->reasonCode != MQTTREASONCODE_SUCCESS)
+		snprintf(why, sizeof(why), "code=%d broker refused: %s %s", r->code,
+			 MQTTReasonCode_toString(r->reasonCode), r->message ? r->message : "");
+	else
+		snprintf(why, sizeof(why), "code=%d %s", r ? r->code : 0,
+			 r && r->message ? r->message : "no connection (TCP or TLS)");
 	queue_event(EV_CONNECT_FAILED, why);
 }
 
@@ -293,6 +299,38 @@ static int on_ssl_error(const char *str, size_t len, void *u)
 	return 0;
 }
 
+/* Paho's trace is the only place that says why a TLS connection was refused (certificate not
+ * trusted, host name not in it). While not connected its verbose level is on and the verdicts are
+ * kept for the connect-failure message; once connected only errors are traced. Paho's threads. */
+static void on_paho_trace(enum MQTTASYNC_TRACE_LEVELS level, char *message)
+{
+	const char *m = message, *why = NULL;
+
+	if (!m)
+		return;
+	/* "20261123 195251.764 text": drop Paho's time stamp */
+	for (int sp = 0; sp < 2 && strchr(m, ' '); sp++)
+		m = strchr(m, ' ') + 1;
+	if (strstr(m, "X509_check_host") && strstr(m, "failed"))
+		why = "the broker's certificate does not name this host (host name mismatch)";
+	else if (strstr(m, "X509_check_ip_asc is 1"))
+		why = "";	/* an IP address host: the IP check decides, and it passed */
+	else if (strstr(m, "certificate verification:") && !strstr(m, "X509_V_OK"))
+		why = m;
+	else if (level >= MQTTASYNC_TRACE_ERROR)
+		log_warn("mqtt: broker=%s client library: %s", M.uri, m);
+	if (why) {
+		pthread_mutex_lock(&M.mu);
+		snprintf(M.tls_why, sizeof(M.tls_why), "%s", why);
+		pthread_mutex_unlock(&M.mu);
+	}
+}
+
+static void trace_verbose(int on)
+{
+	MQTTAsync_setTraceLevel(on ? MQTTASYNC_TRACE_MINIMUM : MQTTASYNC_TRACE_ERROR);
+}
+
 static void connect_now(void);
 static void subscribe_all(void);
 static void status_online(void);
@@ -304,6 +342,7 @@ static void set_state(int up, const char *why)
 	if (up) {
 		M.retry_s = 1;
 		if (!was) {
+			trace_verbose(0);
 			if (stats_get(STAT_BROKER_LOST))
 				stats_inc(STAT_BROKER_RECONNECTS);
 			log_info("mqtt: broker=%s connected buffered=%zu", M.uri, mqtt_outstanding());
@@ -311,6 +350,7 @@ static void set_state(int up, const char *why)
 			subscribe_all();
 		}
 	} else if (was) {
+		trace_verbose(1);
 		stats_inc(STAT_BROKER_LOST);
 		log_warn("mqtt: broker=%s connection lost: %s; buffering (reconnect automatic)", M.uri,
 			 why);
@@ -342,8 +382,19 @@ static void handle_event(struct mqtt_ev *ev)
 	case EV_CONNECT_FAILED: {
 		struct timeval tv = { .tv_sec = M.retry_s };
 
-		log_warn("mqtt: broker=%s connect failed: %s; check url, ca_file and that the broker's "
-			 "certificate names this host; retry in %us", M.uri, ev->why, M.retry_s);
+		char tls[sizeof(M.tls_why)];
+
+		pthread_mutex_lock(&M.mu);
+		snprintf(tls, sizeof(tls), "%s", M.tls_why);
+		M.tls_why[0] = '\0';
+		pthread_mutex_unlock(&M.mu);
+		if (tls[0])
+			log_warn("mqtt: broker=%s connect failed: TLS: %s; check mqtt.url and ca_file; "
+				 "retry in %us", M.uri, tls, M.retry_s);
+		else
+			log_warn("mqtt: broker=%s connect failed: %s; check url, ca_file and that the "
+				 "broker's certificate names this host; retry in %us", M.uri, ev->why,
+				 M.retry_s);
 		set_state(0, ev->why);
 		evtimer_add(M.retry_ev, &tv);
 		M.retry_s = M.retry_s >= 30 ? 60 : M.retry_s * 2;
@@ -507,6 +558,8 @@ int mqtt_init(struct event_base *base, const struct conf_mqtt *c, mqtt_state_fn 
 			  c->persistence_dir, rc);
 		return -1;
 	}
+	MQTTAsync_setTraceCallback(on_paho_trace);
+	trace_verbose(1);
 	MQTTAsync_setCallbacks(M.client, NULL, on_lost, on_arrived, NULL);
 	MQTTAsync_setConnected(M.client, NULL, on_connected);
 	log_info("mqtt: connecting broker=%s client_id=%s version=%d store=%s", M.uri, c->client_id,
