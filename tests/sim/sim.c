@@ -1,5 +1,6 @@
-/* sim.c: coap2mqtt-sim, N simulated devices sending readings over DTLS-PSK CoAP (libcoap). */
+/* sim.c: coap2mqtt-sim, N simulated DTLS-PSK CoAP devices: readings out, served resources in. */
 #include <coap3/coap.h>
+#include <openssl/evp.h>
 #include <openssl/ssl.h>
 
 #include <errno.h>
@@ -40,6 +41,12 @@
 #define SIM_BACKOFF_MIN_US	1000000
 #define SIM_BACKOFF_MAX_US	30000000
 #define SIM_NEVER		INT64_MAX
+#define SIM_MAX_OBS		8		/* observations held per device (--serve) */
+#define SIM_OBS_TOKEN_MAX	8		/* tokens up to RFC 7252's 8 bytes */
+#define SIM_MAX_LED		(64 * 1024)	/* largest led body accepted (4.13 above) */
+#define SIM_LED_ECHO		256		/* a PUT answer echoes the new state up to this */
+#define SIM_MAX_BODY		(64 * 1024)	/* largest --config-size */
+#define SIM_SHOW_BODY		64
 
 #define SIM_DEFAULT_PAYLOAD	"{\"device\":\"{id}\",\"seq\":{seq},\"value\":{value}}"
 
@@ -75,6 +82,37 @@ struct opts {
 	long max_retransmit;		/* -1 = libcoap's default */
 	const char *cipher;
 	int verbosity;			/* 0 quiet, 1 normal, 2 verbose, 3 debug */
+	bool count_set;
+	bool serve;			/* serve resources on each device's session */
+	long notify_ms;
+	int notify_flags;		/* COAP_RESOURCE_FLAGS_NOTIFY_* */
+	long stale_every;		/* 0 = never */
+	long unknown_every;		/* 0 = never */
+	long config_size;
+};
+
+/* Resources a device serves with --serve. */
+enum sim_res { RES_TEMPERATURE, RES_HUMIDITY, RES_CONFIG, RES_LED, RES_N };
+
+static const char *const res_name[RES_N] = { "temperature", "humidity", "config", "led" };
+
+/* An observation the gateway registered on this device's session (libcoap keeps the real
+ * subscription; this is what the simulator reports and needs for its test hooks). */
+struct obs_rec {
+	uint8_t token[SIM_OBS_TOKEN_MAX];
+	size_t token_len;		/* 0 = unused */
+	enum sim_res res;
+	uint32_t notifies;		/* notifications since the registration */
+	uint32_t last_observe;		/* Observe value libcoap gave the last one */
+	coap_mid_t last_mid;
+};
+
+/* A notification the simulator sends by hand, after libcoap's own ones went out. */
+struct extra_notify {
+	bool due;
+	uint8_t token[SIM_OBS_TOKEN_MAX];
+	size_t token_len;
+	uint32_t observe;
 };
 
 struct slot {
@@ -107,6 +145,18 @@ struct device {
 	int64_t backoff_us;
 	double base_value;
 	uint64_t rng;
+	/* --serve */
+	struct obs_rec obs[SIM_MAX_OBS];
+	uint32_t res_seq[RES_N];	/* representations made per resource */
+	double temperature, humidity;
+	uint32_t tick;			/* value changes so far */
+	uint8_t *led;
+	size_t led_len;
+	int led_cf;			/* -1 = none */
+	struct extra_notify stale;	/* --stale-every: an older Observe number */
+	struct extra_notify unknown;	/* --unknown-every: a token the gateway never gave */
+	bool unknown_live;		/* waiting for the answer to it */
+	int64_t open_after_us;		/* --serve: reopen the session from then on */
 };
 
 struct path_tmpl {
@@ -136,6 +186,9 @@ struct sim {
 	int64_t con_expire_us;
 	int64_t handshake_us;		/* 0 = no limit of our own */
 	int (*sec_default)(const SSL *, const SSL_CTX *, int, int, int, void *, void *);
+	coap_resource_t *res[RES_N];	/* --serve */
+	int64_t next_notify_us;
+	uint64_t notifies, puts;
 };
 
 static volatile sig_atomic_t sim_signals;
@@ -242,7 +295,8 @@ usage(FILE *f)
 {
 	fputs(
 "usage: coap2mqtt-sim [options]\n"
-"Runs N simulated devices, each with its own DTLS-PSK CoAP session, sending readings.\n"
+"Runs N simulated devices, each with its own DTLS-PSK CoAP session, sending readings\n"
+"and (--serve) serving resources on that session.\n"
 "\n"
 "  --uri URI            gateway, default coaps://127.0.0.1:5684 (coap:// = NoSec);\n"
 "                       a path in the URI goes before --path\n"
@@ -255,7 +309,8 @@ usage(FILE *f)
 "  --keys FILE          devices from a keys file instead: \"identity key\" or\n"
 "                       \"identity hex:HEX\" per line, '#' comments; the first N entries\n"
 "  --devices N          number of devices (sessions), 1..10000, default 1 (--keys: all)\n"
-"  --count M            readings per device, default 1; 0 = until SIGINT/SIGTERM\n"
+"  --count M            readings per device, default 1 (--serve: 0); 0 = until\n"
+"                       SIGINT/SIGTERM (--serve: no readings)\n"
 "  --interval MS        between one device's readings, default 1000; 0 = as fast as\n"
 "                       the window allows\n"
 "  --ramp MS            spread the devices' first readings evenly over MS (each keeps its\n"
@@ -273,7 +328,8 @@ usage(FILE *f)
 "  --content-format N   Content-Format, default 50 (application/json); -1 = none\n"
 "  --block-size N       largest Block1 size: 16, 32, ..., 1024 (default 1024)\n"
 "  --timeout S          overall deadline in seconds; default 60 with --count > 0, none with\n"
-"                       --count 0; 0 = none. Unanswered requests then count as timeouts\n"
+"                       --count 0 or --serve; 0 = none. Unanswered requests then count as\n"
+"                       timeouts\n"
 "  --ack-timeout S      CoAP ACK_TIMEOUT, at least 1 (libcoap's limit), default 2\n"
 "  --max-retransmit N   CoAP MAX_RETRANSMIT, 1..20 (also bounds DTLS handshake retries),\n"
 "                       default 4\n"
@@ -284,6 +340,21 @@ usage(FILE *f)
 "                       server accepts by default); 0 = no limit\n"
 "  --cipher LIST        offer only these DTLS cipher suites (OpenSSL or IANA names,\n"
 "                       ':'-separated), e.g. PSK-AES128-CCM8\n"
+"  --serve              each device serves, on the session it opened, as a sensor node:\n"
+"                       temperature, humidity (GET, observable), config (GET, observable,\n"
+"                       --config-size bytes, block-wise), led (PUT/POST stores, GET reads,\n"
+"                       DELETE clears); .well-known/core lists them (;obs). The session is\n"
+"                       opened at start, kept until the deadline or a signal, and reopened\n"
+"                       when it ends; readings (--count) can be sent as well\n"
+"  --notify-interval MS  observable values change every MS (1..86400000), default 1000\n"
+"  --notify-type con|non|non-always  notification type, default non: NON with every\n"
+"                       5th CON (RFC 7641 4.5, libcoap's rule); non-always: only NON\n"
+"  --stale-every K      after every K-th (K >= 2) temperature notification of an\n"
+"                       observation, send one more on its token with an Observe number\n"
+"                       lower than the previous one (reordered, stale)\n"
+"  --unknown-every K    after every K-th temperature notification, send a CON\n"
+"                       notification on a token the gateway never gave (expects RST)\n"
+"  --config-size N      bytes of the config resource, 64..65536, default 3072\n"
 "  --quiet              print only dtls-failed lines and the summary\n"
 "  --verbose            also dtls-connected events and libcoap's info log (stderr);\n"
 "                       twice: libcoap's debug log\n"
@@ -301,7 +372,22 @@ usage(FILE *f)
 "  device=ID event=dtls-connected cipher=C            (--verbose) handshake done\n"
 "  sent=N answered=N ok=N errors=N timeouts=N         on exit; ok = 2.xx responses,\n"
 "                                                     errors = other responses and\n"
-"                                                     failed requests\n"
+"                                                     failed requests (--serve adds\n"
+"                                                     notifies=N puts=N)\n"
+"--serve adds (TOKEN in hex, SHA in hex, TYPE con|non|ack):\n"
+"  device=ID event=observe path=P token=TOKEN         an observation registered\n"
+"  device=ID event=observe-cancel path=P token=TOKEN reason=R  cancel (GET Observe 1),\n"
+"                                                     rst, timeout, replaced, closed\n"
+"  device=ID event=notify path=P token=TOKEN seq=N observe=V type=TYPE value=X [first=1]\n"
+"                                                     a representation with Observe\n"
+"                                                     (config: bytes=N sha256=SHA; the\n"
+"                                                     registration's answer has first=1;\n"
+"                                                     --stale-every ones stale=1)\n"
+"  device=ID event=notify path=temperature token=TOKEN unknown=1  --unknown-every\n"
+"  device=ID event=rst path=P token=TOKEN [unknown=1]  the gateway reset a notification\n"
+"  device=ID event=get path=P                         a GET without Observe\n"
+"  device=ID event=put|post path=led bytes=N sha256=SHA payload=\"...\"  the whole body\n"
+"  device=ID event=delete path=led\n"
 "A device whose handshake fails stops (with --count 0 it retries, backing off to 30 s);\n"
 "a CON timeout makes the device open a new session for its next reading.\n"
 "Exit status: 0 when all readings were sent and every CON got a 2.xx, with no errors,\n"
@@ -383,6 +469,9 @@ opts_defaults(struct opts *o)
 	o->handshake_s = 5;
 	o->max_handshakes = 100;
 	o->verbosity = 1;
+	o->notify_ms = 1000;
+	o->notify_flags = COAP_RESOURCE_FLAGS_NOTIFY_NON;
+	o->config_size = 3072;
 }
 
 enum {
@@ -390,7 +479,8 @@ enum {
 	OPT_COUNT, OPT_INTERVAL, OPT_RAMP, OPT_WINDOW, OPT_TYPE, OPT_METHOD, OPT_PATH,
 	OPT_PAYLOAD, OPT_PAYLOAD_FILE, OPT_CF, OPT_BLOCK, OPT_TIMEOUT, OPT_ACK_TIMEOUT,
 	OPT_MAX_RETRANSMIT, OPT_HANDSHAKE, OPT_MAX_HS, OPT_CIPHER, OPT_QUIET, OPT_VERBOSE, OPT_HELP,
-	OPT_VERSION,
+	OPT_VERSION, OPT_SERVE, OPT_NOTIFY_INTERVAL, OPT_NOTIFY_TYPE, OPT_STALE_EVERY,
+	OPT_UNKNOWN_EVERY, OPT_CONFIG_SIZE,
 };
 
 static const struct option long_opts[] = {
@@ -422,6 +512,12 @@ static const struct option long_opts[] = {
 	{ "verbose", no_argument, NULL, OPT_VERBOSE },
 	{ "help", no_argument, NULL, OPT_HELP },
 	{ "version", no_argument, NULL, OPT_VERSION },
+	{ "serve", no_argument, NULL, OPT_SERVE },
+	{ "notify-interval", required_argument, NULL, OPT_NOTIFY_INTERVAL },
+	{ "notify-type", required_argument, NULL, OPT_NOTIFY_TYPE },
+	{ "stale-every", required_argument, NULL, OPT_STALE_EVERY },
+	{ "unknown-every", required_argument, NULL, OPT_UNKNOWN_EVERY },
+	{ "config-size", required_argument, NULL, OPT_CONFIG_SIZE },
 	{ NULL, 0, NULL, 0 },
 };
 
@@ -500,6 +596,24 @@ opt_method(struct opts *o, const char *arg)
 	return 0;
 }
 
+static int
+opt_notify_type(struct opts *o, const char *arg)
+{
+	if (strcasecmp(arg, "con") == 0)
+		o->notify_flags = COAP_RESOURCE_FLAGS_NOTIFY_CON;
+	else if (strcasecmp(arg, "non") == 0)
+		o->notify_flags = COAP_RESOURCE_FLAGS_NOTIFY_NON;
+	else if (strcasecmp(arg, "non-always") == 0)
+		o->notify_flags = COAP_RESOURCE_FLAGS_NOTIFY_NON |
+		    COAP_RESOURCE_FLAGS_NOTIFY_NON_ALWAYS;
+	else {
+		fprintf(stderr, "coap2mqtt-sim: --notify-type: '%s' is not con, non or "
+		    "non-always\n", arg);
+		return -1;
+	}
+	return 0;
+}
+
 /* One option; returns 0 ok, 1 stop with success (help/version), -1 usage error. */
 static int
 opt_one(struct opts *o, int c, const char *arg)
@@ -515,7 +629,9 @@ opt_one(struct opts *o, int c, const char *arg)
 	case OPT_DEVICES:
 		o->devices_set = true;
 		return opt_num("--devices", arg, 1, SIM_MAX_DEVICES, &o->devices);
-	case OPT_COUNT:		return opt_num("--count", arg, 0, UINT32_MAX - 1, &o->count);
+	case OPT_COUNT:
+		o->count_set = true;
+		return opt_num("--count", arg, 0, UINT32_MAX - 1, &o->count);
 	case OPT_INTERVAL:	return opt_num("--interval", arg, 0, 86400000, &o->interval_ms);
 	case OPT_RAMP:		return opt_num("--ramp", arg, 0, 86400000, &o->ramp_ms);
 	case OPT_WINDOW:	return opt_num("--window", arg, 1, SIM_MAX_WINDOW, &o->window);
@@ -540,6 +656,16 @@ opt_one(struct opts *o, int c, const char *arg)
 	case OPT_CIPHER:	o->cipher = arg; return 0;
 	case OPT_QUIET:		o->verbosity = 0; return 0;
 	case OPT_VERBOSE:	o->verbosity = o->verbosity < 1 ? 2 : o->verbosity + 1; return 0;
+	case OPT_SERVE:		o->serve = true; return 0;
+	case OPT_NOTIFY_INTERVAL:
+		return opt_num("--notify-interval", arg, 1, 86400000, &o->notify_ms);
+	case OPT_NOTIFY_TYPE:	return opt_notify_type(o, arg);
+	case OPT_STALE_EVERY:
+		return opt_num("--stale-every", arg, 2, INT_MAX, &o->stale_every);
+	case OPT_UNKNOWN_EVERY:
+		return opt_num("--unknown-every", arg, 1, INT_MAX, &o->unknown_every);
+	case OPT_CONFIG_SIZE:
+		return opt_num("--config-size", arg, 64, SIM_MAX_BODY, &o->config_size);
 	case OPT_HELP:		usage(stdout); return 1;
 	case OPT_VERSION:
 		printf("coap2mqtt-sim %s (libcoap %s)\n", C2M_VERSION, LIBCOAP_PACKAGE_VERSION);
@@ -573,8 +699,14 @@ opts_check(struct opts *o)
 		    "16..1024\n", o->block_size);
 		return false;
 	}
+	if (!o->serve && (o->stale_every || o->unknown_every)) {
+		fprintf(stderr, "coap2mqtt-sim: --stale-every and --unknown-every need --serve\n");
+		return false;
+	}
+	if (o->serve && !o->count_set)
+		o->count = 0;
 	if (!o->timeout_set)
-		o->timeout_s = o->count > 0 ? 60 : 0;
+		o->timeout_s = o->count > 0 && !o->serve ? 60 : 0;
 	if (o->ramp_ms < 0)
 		o->ramp_ms = o->interval_ms;
 	return true;
@@ -764,6 +896,7 @@ devices_free(struct sim *s)
 	for (size_t i = 0; i < s->ndev; i++) {
 		free(s->dev[i].identity);
 		free(s->dev[i].slots);
+		free(s->dev[i].led);
 		memset(s->dev[i].key, 0, sizeof(s->dev[i].key));
 	}
 	free(s->dev);
@@ -943,7 +1076,10 @@ static void
 print_summary(const struct sim *s)
 {
 	printf("sent=%" PRIu64 " answered=%" PRIu64 " ok=%" PRIu64 " errors=%" PRIu64
-	    " timeouts=%" PRIu64 "\n", s->sent, s->answered, s->ok, s->errors, s->timeouts);
+	    " timeouts=%" PRIu64, s->sent, s->answered, s->ok, s->errors, s->timeouts);
+	if (s->o.serve)
+		printf(" notifies=%" PRIu64 " puts=%" PRIu64, s->notifies, s->puts);
+	printf("\n");
 }
 
 static const char *
@@ -1057,13 +1193,596 @@ dev_expire(struct sim *s, struct device *d, int64_t now)
 	}
 }
 
-/* ---- sessions ---- */
+/* ---- --serve: what a sensor node serves on the session it opened ---- */
 
 static struct sim *
 sim_of(const coap_session_t *session)
 {
 	return coap_context_get_app_data(coap_session_get_context(session));
 }
+
+static void
+hex_str(const uint8_t *p, size_t n, char *out, size_t outsz)
+{
+	size_t o = 0;
+
+	for (size_t i = 0; i < n && o + 3 <= outsz; i++)
+		o += (size_t)snprintf(out + o, outsz - o, "%02x", p[i]);
+	out[o] = '\0';
+}
+
+static void
+sha256_hex(const uint8_t *p, size_t n, char out[65])
+{
+	uint8_t md[EVP_MAX_MD_SIZE];
+	unsigned mdlen = 0;
+
+	if (!EVP_Digest(p ? (const void *)p : "", n, md, &mdlen, EVP_sha256(), NULL))
+		mdlen = 0;
+	hex_str(md, mdlen, out, 65);
+}
+
+static uint32_t
+opt_uint(const coap_opt_t *opt)
+{
+	return coap_decode_var_bytes(coap_opt_value(opt), coap_opt_length(opt));
+}
+
+/* Writes s as the inside of a JSON string; returns the length (out may be NULL). */
+static size_t
+json_str(const char *s, char *out, size_t cap)
+{
+	char esc[8];
+	size_t n = 0;
+
+	for (; *s; s++) {
+		uint8_t c = (uint8_t)*s;
+
+		if (c == '"' || c == '\\') {
+			esc[0] = '\\';
+			esc[1] = (char)c;
+			n = put_bytes((uint8_t *)out, cap, n, esc, 2);
+		} else if (c < 0x20) {
+			snprintf(esc, sizeof(esc), "\\u%04x", c);
+			n = put_bytes((uint8_t *)out, cap, n, esc, 6);
+		} else {
+			n = put_bytes((uint8_t *)out, cap, n, s, 1);
+		}
+	}
+	return n;
+}
+
+static enum sim_res
+res_of(coap_resource_t *r)
+{
+	return (enum sim_res)(intptr_t)coap_resource_get_userdata(r);
+}
+
+static struct obs_rec *
+obs_find(struct device *d, const uint8_t *tok, size_t len)
+{
+	for (size_t i = 0; i < SIM_MAX_OBS; i++) {
+		struct obs_rec *o = &d->obs[i];
+
+		if (o->token_len && o->token_len == len && memcmp(o->token, tok, len) == 0)
+			return o;
+	}
+	return NULL;
+}
+
+static struct obs_rec *
+obs_find_mid(struct device *d, coap_mid_t mid)
+{
+	for (size_t i = 0; i < SIM_MAX_OBS; i++) {
+		if (d->obs[i].token_len && d->obs[i].last_mid == mid)
+			return &d->obs[i];
+	}
+	return NULL;
+}
+
+static void
+print_token_event(struct sim *s, struct device *d, const char *event, enum sim_res res,
+    const uint8_t *tok, size_t len, const char *extra)
+{
+	char hex[SIM_OBS_TOKEN_MAX * 2 + 1];
+
+	if (s->o.verbosity < 1)
+		return;
+	hex_str(tok, len, hex, sizeof(hex));
+	printf("device=%s event=%s path=%s token=%s%s\n", dev_name(d), event, res_name[res], hex,
+	    extra);
+}
+
+static void
+obs_end(struct sim *s, struct device *d, struct obs_rec *o, const char *why)
+{
+	char extra[48];
+
+	snprintf(extra, sizeof(extra), " reason=%s", why);
+	print_token_event(s, d, "observe-cancel", o->res, o->token, o->token_len, extra);
+	if (d->stale.due && d->stale.token_len == o->token_len &&
+	    memcmp(d->stale.token, o->token, o->token_len) == 0)
+		d->stale.due = false;
+	memset(o, 0, sizeof(*o));
+}
+
+/* The session ended: libcoap dropped its subscriptions with it. */
+static void
+obs_clear(struct sim *s, struct device *d, const char *why)
+{
+	for (size_t i = 0; i < SIM_MAX_OBS; i++) {
+		if (d->obs[i].token_len)
+			obs_end(s, d, &d->obs[i], why);
+	}
+	d->stale.due = false;
+	d->unknown.due = false;
+	d->unknown_live = false;
+}
+
+/* A registration; libcoap replaces an observation of the same resource on the session. */
+static struct obs_rec *
+obs_add(struct sim *s, struct device *d, enum sim_res res, coap_bin_const_t tok)
+{
+	struct obs_rec *free_rec = NULL;
+
+	if (tok.length > SIM_OBS_TOKEN_MAX)
+		return NULL;
+	for (size_t i = 0; i < SIM_MAX_OBS; i++) {
+		struct obs_rec *o = &d->obs[i];
+
+		if (o->token_len && o->res == res)
+			obs_end(s, d, o, "replaced");
+		if (!o->token_len && !free_rec)
+			free_rec = o;
+	}
+	if (!free_rec)
+		return NULL;
+	memcpy(free_rec->token, tok.s, tok.length);
+	free_rec->token_len = tok.length;
+	free_rec->res = res;
+	print_token_event(s, d, "observe", res, tok.s, tok.length, "");
+	return free_rec;
+}
+
+/* Values change with every --notify-interval tick: a slow wave plus a little noise. */
+static void
+serve_values(struct device *d)
+{
+	double t = (double)d->tick;
+
+	d->temperature = d->base_value + 2.0 * sin(t / 10.0) +
+	    (double)(rng_next(&d->rng) % 41) / 100.0 - 0.2;
+	d->humidity = 45.0 + 10.0 * sin(t / 17.0) + (double)(rng_next(&d->rng) % 101) / 100.0;
+}
+
+/* {"device":"ID","temperature":21.37,"seq":N} (humidity alike); returns a malloc'd body. */
+static uint8_t *
+body_reading(const struct device *d, enum sim_res res, uint32_t seq, bool unknown, size_t *len)
+{
+	size_t idn = json_str(d->identity, NULL, 0);
+	size_t cap = idn + 128;
+	char *b = malloc(cap), *id = malloc(idn + 1);
+	int n = -1;
+
+	if (b && id) {
+		json_str(d->identity, id, idn);
+		id[idn] = '\0';
+		n = snprintf(b, cap, "{\"device\":\"%s\",\"%s\":%.2f,\"seq\":%" PRIu32 "%s}", id,
+		    res_name[res], res == RES_HUMIDITY ? d->humidity : d->temperature, seq,
+		    unknown ? ",\"unknown\":true" : "");
+	}
+	free(id);
+	if (n < 0 || (size_t)n >= cap) {
+		free(b);
+		return NULL;
+	}
+	*len = (size_t)n;
+	return (uint8_t *)b;
+}
+
+/* {"device":"ID","seq":N,"data":"..."} of exactly --config-size bytes (when the identity
+ * leaves room): data[i] = ALPHA[(i + seq) % 36], so every version differs in every block. */
+static uint8_t *
+body_config(const struct sim *s, const struct device *d, uint32_t seq, size_t *len)
+{
+	static const char alpha[] = "abcdefghijklmnopqrstuvwxyz0123456789";
+	size_t idn = json_str(d->identity, NULL, 0), size = (size_t)s->o.config_size;
+	size_t cap = idn + size + 64, n;
+	char *b = malloc(cap);
+	int head;
+
+	if (!b)
+		return NULL;
+	head = snprintf(b, cap, "{\"device\":\"");
+	n = (size_t)head + json_str(d->identity, b + head, cap - (size_t)head);
+	n += (size_t)snprintf(b + n, cap - n, "\",\"seq\":%" PRIu32 ",\"data\":\"", seq);
+	for (size_t i = 0; n + 2 < size; i++)
+		b[n++] = alpha[(i + seq) % (sizeof(alpha) - 1)];
+	b[n++] = '"';
+	b[n++] = '}';
+	*len = n;
+	return (uint8_t *)b;
+}
+
+static void
+body_release(coap_session_t *session, void *app_ptr)
+{
+	(void)session;
+	free(app_ptr);
+}
+
+/* Bookkeeping for a representation that carries Observe; returns the record. */
+static struct obs_rec *
+serve_observed(struct sim *s, struct device *d, enum sim_res res, const coap_pdu_t *request,
+    const coap_pdu_t *response, bool *first)
+{
+	coap_opt_iterator_t oi;
+	coap_opt_t *given = coap_check_option(response, COAP_OPTION_OBSERVE, &oi);
+	coap_bin_const_t tok = coap_pdu_get_token(request);
+	struct obs_rec *o;
+
+	*first = false;
+	if (!given)
+		return NULL;
+	o = obs_find(d, tok.s, tok.length);
+	if (!o) {
+		o = obs_add(s, d, res, tok);
+		*first = true;
+	}
+	if (!o)
+		return NULL;
+	o->last_observe = opt_uint(given);
+	o->last_mid = coap_pdu_get_mid(response);
+	if (*first || res != RES_TEMPERATURE)
+		return o;
+	o->notifies++;
+	if (s->o.stale_every && o->notifies % (uint32_t)s->o.stale_every == 0 &&
+	    o->last_observe > 0) {
+		memcpy(d->stale.token, o->token, o->token_len);
+		d->stale.token_len = o->token_len;
+		d->stale.observe = o->last_observe - 1;
+		d->stale.due = true;
+	}
+	if (s->o.unknown_every && o->notifies % (uint32_t)s->o.unknown_every == 0)
+		d->unknown.due = true;
+	return o;
+}
+
+static const char *
+type_name(coap_pdu_type_t t)
+{
+	switch (t) {
+	case COAP_MESSAGE_CON:	return "con";
+	case COAP_MESSAGE_NON:	return "non";
+	case COAP_MESSAGE_ACK:	return "ack";
+	default:		return "rst";
+	}
+}
+
+static void
+print_notify(struct sim *s, struct device *d, const struct obs_rec *o, uint32_t seq,
+    uint32_t observe, coap_pdu_type_t type, const uint8_t *body, size_t len, const char *flags)
+{
+	char hex[SIM_OBS_TOKEN_MAX * 2 + 1], sha[65], what[96];
+
+	s->notifies++;
+	if (s->o.verbosity < 1)
+		return;
+	hex_str(o->token, o->token_len, hex, sizeof(hex));
+	if (o->res == RES_CONFIG) {
+		sha256_hex(body, len, sha);
+		snprintf(what, sizeof(what), "bytes=%zu sha256=%s", len, sha);
+	} else {
+		snprintf(what, sizeof(what), "value=%.2f", o->res == RES_HUMIDITY ? d->humidity :
+		    d->temperature);
+	}
+	printf("device=%s event=notify path=%s token=%s seq=%" PRIu32 " observe=%" PRIu32
+	    " type=%s %s%s\n", dev_name(d), res_name[o->res], hex, seq, observe, type_name(type),
+	    what, flags);
+}
+
+/* GET on temperature, humidity, config and led; registration, cancel and notifications. */
+static void
+on_get(coap_resource_t *r, coap_session_t *session, const coap_pdu_t *request,
+    const coap_string_t *query, coap_pdu_t *response)
+{
+	struct device *d = coap_session_get_app_data(session);
+	struct sim *s = sim_of(session);
+	enum sim_res res = res_of(r);
+	coap_opt_iterator_t oi;
+	coap_opt_t *want = coap_check_option(request, COAP_OPTION_OBSERVE, &oi);
+	coap_bin_const_t tok = coap_pdu_get_token(request);
+	struct obs_rec *o = NULL;
+	bool first = false;
+	uint8_t *body;
+	size_t len = 0;
+	uint32_t seq;
+	int cf = COAP_MEDIATYPE_APPLICATION_JSON;
+
+	if (!d) {
+		coap_pdu_set_code(response, COAP_RESPONSE_CODE_SERVICE_UNAVAILABLE);
+		return;
+	}
+	if (want && opt_uint(want) == COAP_OBSERVE_CANCEL) {
+		if ((o = obs_find(d, tok.s, tok.length)) != NULL)
+			obs_end(s, d, o, "cancel");
+		else
+			print_token_event(s, d, "observe-cancel", res, tok.s, tok.length,
+			    " reason=cancel");
+		o = NULL;
+	} else if (res != RES_LED) {
+		o = serve_observed(s, d, res, request, response, &first);
+	}
+	if (!o && !(want && opt_uint(want) == COAP_OBSERVE_CANCEL) && s->o.verbosity >= 1)
+		printf("device=%s event=get path=%s\n", dev_name(d), res_name[res]);
+	if (res == RES_LED) {
+		len = d->led_len;
+		body = len ? malloc(len) : NULL;
+		if (body)
+			memcpy(body, d->led, len);
+		cf = d->led_cf >= 0 ? d->led_cf : COAP_MEDIATYPE_TEXT_PLAIN;
+		seq = 0;
+	} else {
+		seq = ++d->res_seq[res];
+		body = res == RES_CONFIG ? body_config(s, d, seq, &len) :
+		    body_reading(d, res, seq, false, &len);
+	}
+	if (len && !body) {
+		coap_pdu_set_code(response, COAP_RESPONSE_CODE_INTERNAL_ERROR);
+		return;
+	}
+	coap_pdu_set_code(response, COAP_RESPONSE_CODE_CONTENT);
+	if (o) {
+		print_notify(s, d, o, seq, o->last_observe, coap_pdu_get_type(response), body, len,
+		    first ? " first=1" : "");
+	}
+	/* large bodies go block-wise (Block2); libcoap keeps and frees the body */
+	coap_add_data_large_response(r, session, request, response, query, (uint16_t)cf, -1, 0,
+	    len, body, body ? body_release : NULL, body);
+}
+
+/* PUT/POST on led: the whole (block-wise reassembled) body becomes its state. */
+static void
+on_put(coap_resource_t *r, coap_session_t *session, const coap_pdu_t *request,
+    const coap_string_t *query, coap_pdu_t *response)
+{
+	struct device *d = coap_session_get_app_data(session);
+	struct sim *s = sim_of(session);
+	const uint8_t *data = NULL;
+	size_t len = 0, offset, total;
+	coap_opt_iterator_t oi;
+	coap_opt_t *cfo = coap_check_option(request, COAP_OPTION_CONTENT_FORMAT, &oi);
+	char sha[65], shown[SIM_SHOW_BODY * 4 + 1];
+	uint8_t *copy = NULL, cfb[4];
+
+	(void)r;
+	(void)query;
+	if (!d) {
+		coap_pdu_set_code(response, COAP_RESPONSE_CODE_SERVICE_UNAVAILABLE);
+		return;
+	}
+	if (!coap_get_data_large(request, &len, &data, &offset, &total))
+		len = 0;
+	if (len > SIM_MAX_LED) {
+		coap_pdu_set_code(response, COAP_RESPONSE_CODE_REQUEST_TOO_LARGE);
+		return;
+	}
+	if (len && (copy = malloc(len)) == NULL) {
+		coap_pdu_set_code(response, COAP_RESPONSE_CODE_INTERNAL_ERROR);
+		return;
+	}
+	if (len)
+		memcpy(copy, data, len);
+	free(d->led);
+	d->led = copy;
+	d->led_len = len;
+	d->led_cf = cfo ? (int)opt_uint(cfo) : -1;
+	s->puts++;
+	if (s->o.verbosity >= 1) {
+		sha256_hex(copy, len, sha);
+		escape(copy ? copy : (const uint8_t *)"", len < SIM_SHOW_BODY ? len : SIM_SHOW_BODY,
+		    true, shown, sizeof(shown));
+		printf("device=%s event=%s path=led bytes=%zu sha256=%s payload=\"%s\"\n",
+		    dev_name(d), coap_pdu_get_code(request) == COAP_REQUEST_CODE_POST ? "post" :
+		    "put", len, sha, shown);
+	}
+	coap_pdu_set_code(response, COAP_RESPONSE_CODE_CHANGED);
+	if (len == 0 || len > SIM_LED_ECHO)
+		return;
+	if (cfo)
+		coap_add_option(response, COAP_OPTION_CONTENT_FORMAT,
+		    coap_encode_var_safe(cfb, sizeof(cfb), (unsigned)d->led_cf), cfb);
+	coap_add_data(response, len, d->led);
+}
+
+static void
+on_delete(coap_resource_t *r, coap_session_t *session, const coap_pdu_t *request,
+    const coap_string_t *query, coap_pdu_t *response)
+{
+	struct device *d = coap_session_get_app_data(session);
+
+	(void)r;
+	(void)request;
+	(void)query;
+	if (!d) {
+		coap_pdu_set_code(response, COAP_RESPONSE_CODE_SERVICE_UNAVAILABLE);
+		return;
+	}
+	free(d->led);
+	d->led = NULL;
+	d->led_len = 0;
+	d->led_cf = -1;
+	if (sim_of(session)->o.verbosity >= 1)
+		printf("device=%s event=delete path=led\n", dev_name(d));
+	coap_pdu_set_code(response, COAP_RESPONSE_CODE_DELETED);
+}
+
+/* One notification built by hand: 2.05 with Observe, Content-Format 50 and a reading. */
+static bool
+send_notify(struct device *d, coap_pdu_type_t type, const uint8_t *tok, size_t toklen,
+    uint32_t observe, uint32_t seq, bool unknown)
+{
+	coap_pdu_t *pdu = coap_new_pdu(type, COAP_RESPONSE_CODE_CONTENT, d->session);
+	uint8_t buf[4], *body;
+	size_t len = 0;
+	bool ok;
+
+	if (!pdu)
+		return false;
+	body = body_reading(d, RES_TEMPERATURE, seq, unknown, &len);
+	ok = body && coap_add_token(pdu, toklen, tok) &&
+	    coap_add_option(pdu, COAP_OPTION_OBSERVE, coap_encode_var_safe(buf, sizeof(buf),
+	    observe), buf) &&
+	    coap_add_option(pdu, COAP_OPTION_CONTENT_FORMAT, coap_encode_var_safe(buf,
+	    sizeof(buf), COAP_MEDIATYPE_APPLICATION_JSON), buf) &&
+	    coap_add_data(pdu, len, body);
+	free(body);
+	if (!ok) {
+		coap_delete_pdu(pdu);
+		return false;
+	}
+	return coap_send(d->session, pdu) != COAP_INVALID_MID;
+}
+
+/* --stale-every: the observation's token, an Observe number below the last one. */
+static void
+send_stale(struct sim *s, struct device *d)
+{
+	struct obs_rec *o = obs_find(d, d->stale.token, d->stale.token_len);
+	coap_pdu_type_t type = s->o.notify_flags & COAP_RESOURCE_FLAGS_NOTIFY_CON ?
+	    COAP_MESSAGE_CON : COAP_MESSAGE_NON;
+	uint32_t seq;
+
+	d->stale.due = false;
+	if (!o)
+		return;
+	seq = ++d->res_seq[RES_TEMPERATURE];
+	if (!send_notify(d, type, o->token, o->token_len, d->stale.observe, seq, false)) {
+		fprintf(stderr, "coap2mqtt-sim: device=%s: stale notification not sent\n",
+		    dev_name(d));
+		return;
+	}
+	print_notify(s, d, o, seq, d->stale.observe, type, NULL, 0, " stale=1");
+}
+
+/* --unknown-every: a CON notification on a fresh random token, so RST comes back. */
+static void
+send_unknown(struct sim *s, struct device *d)
+{
+	uint64_t r = rng_next(&d->rng);
+
+	d->unknown.due = false;
+	for (size_t i = 0; i < SIM_OBS_TOKEN_MAX; i++)
+		d->unknown.token[i] = (uint8_t)(r >> (8 * i));
+	d->unknown.token_len = SIM_OBS_TOKEN_MAX;
+	if (!send_notify(d, COAP_MESSAGE_CON, d->unknown.token, d->unknown.token_len,
+	    d->res_seq[RES_TEMPERATURE] + 2, 0, true)) {
+		fprintf(stderr, "coap2mqtt-sim: device=%s: unknown-token notification not sent\n",
+		    dev_name(d));
+		return;
+	}
+	d->unknown_live = true;
+	print_token_event(s, d, "notify", RES_TEMPERATURE, d->unknown.token,
+	    d->unknown.token_len, " unknown=1");
+}
+
+/* A notification (ours or libcoap's) was reset or never acknowledged; true = it was one. */
+static bool
+serve_nack(struct sim *s, struct device *d, const coap_pdu_t *sent, coap_nack_reason_t reason,
+    coap_mid_t mid)
+{
+	struct obs_rec *o;
+	coap_bin_const_t tok;
+
+	if (!sent) {
+		/* an RST to a NON notification names only its message ID */
+		if (reason != COAP_NACK_RST || (o = obs_find_mid(d, mid)) == NULL)
+			return false;
+		print_token_event(s, d, "rst", o->res, o->token, o->token_len, "");
+		obs_end(s, d, o, "rst");
+		return true;
+	}
+	if (COAP_RESPONSE_CLASS(coap_pdu_get_code(sent)) < 2)
+		return false;
+	tok = coap_pdu_get_token(sent);
+	if (d->unknown_live && tok.length == d->unknown.token_len &&
+	    memcmp(tok.s, d->unknown.token, tok.length) == 0) {
+		d->unknown_live = false;
+		print_token_event(s, d, reason == COAP_NACK_RST ? "rst" : "notify-failed",
+		    RES_TEMPERATURE, tok.s, tok.length, " unknown=1");
+		return true;
+	}
+	if ((o = obs_find(d, tok.s, tok.length)) == NULL)
+		return true;
+	if (reason == COAP_NACK_RST) {
+		print_token_event(s, d, "rst", o->res, o->token, o->token_len, "");
+		obs_end(s, d, o, "rst");
+	} else if (reason == COAP_NACK_TOO_MANY_RETRIES) {
+		obs_end(s, d, o, "timeout");	/* libcoap dropped the observer */
+	}
+	return true;
+}
+
+/* The notify tick: every device's values change, observers are told. */
+static void
+serve_tick(struct sim *s)
+{
+	for (size_t i = 0; i < s->ndev; i++) {
+		s->dev[i].tick++;
+		serve_values(&s->dev[i]);
+	}
+	coap_resource_notify_observers(s->res[RES_TEMPERATURE], NULL);
+	coap_resource_notify_observers(s->res[RES_HUMIDITY], NULL);
+	coap_resource_notify_observers(s->res[RES_CONFIG], NULL);
+}
+
+static coap_resource_t *
+serve_resource(struct sim *s, enum sim_res res, const char *rt)
+{
+	coap_resource_t *r = coap_resource_init(coap_make_str_const(res_name[res]),
+	    s->o.notify_flags);
+
+	if (!r)
+		return NULL;
+	coap_resource_set_userdata(r, (void *)(intptr_t)res);
+	coap_register_request_handler(r, COAP_REQUEST_GET, on_get);
+	if (res == RES_LED) {
+		coap_register_request_handler(r, COAP_REQUEST_PUT, on_put);
+		coap_register_request_handler(r, COAP_REQUEST_POST, on_put);
+		coap_register_request_handler(r, COAP_REQUEST_DELETE, on_delete);
+	} else {
+		/* libcoap writes ";obs" into .well-known/core for observable resources */
+		coap_resource_set_get_observable(r, 1);
+		coap_add_attr(r, coap_make_str_const("ct"), coap_make_str_const("50"), 0);
+	}
+	coap_add_attr(r, coap_make_str_const("rt"), coap_make_str_const(rt), 0);
+	coap_add_resource(s->ctx, r);
+	s->res[res] = r;
+	return r;
+}
+
+static bool
+serve_init(struct sim *s)
+{
+	static const char *const rt[RES_N] = { "\"temperature-c\"", "\"humidity-p\"",
+	    "\"config\"", "\"light\"" };
+
+	if (!s->o.serve)
+		return true;
+	for (int i = 0; i < RES_N; i++) {
+		if (!serve_resource(s, (enum sim_res)i, rt[i]))
+			return false;
+	}
+	/* reassembled Block1 bodies are bounded: 4.13 beyond the led's limit */
+	coap_context_set_max_body_size(s->ctx, SIM_MAX_LED, 0);
+	for (size_t i = 0; i < s->ndev; i++) {
+		s->dev[i].led_cf = -1;
+		serve_values(&s->dev[i]);
+	}
+	return true;
+}
+
+/* ---- sessions ---- */
 
 /* OpenSSL security callback: offers only the --cipher suites, defers the rest. */
 static int
@@ -1220,6 +1939,11 @@ dev_close(struct sim *s, struct device *d)
 	if (!d->session)
 		return;
 	coap_session_set_app_data(d->session, NULL);
+	if (s->o.serve) {
+		/* subscriptions hold references: end them (and the DTLS session) now */
+		obs_clear(s, d, "closed");
+		coap_session_disconnected(d->session, COAP_NACK_NOT_DELIVERABLE);
+	}
 	coap_session_release(d->session);
 	d->session = NULL;
 }
@@ -1239,6 +1963,7 @@ dev_lost(struct sim *s, struct device *d, const char *why)
 	}
 	if (s->o.verbosity >= 2)
 		fprintf(stderr, "coap2mqtt-sim: device=%s session lost: %s\n", dev_name(d), why);
+	obs_clear(s, d, "closed");
 	for (long i = 0; i < s->o.window && d->outstanding; i++) {
 		if (d->slots[i].seq != 0 && s->o.type == COAP_MESSAGE_CON)
 			slot_failed(s, d, &d->slots[i], why);
@@ -1271,12 +1996,13 @@ dev_release(struct sim *s, struct device *d, int64_t now)
 	bool was_up = d->up;
 
 	dev_close(s, d);
-	if (!was_up && s->o.count > 0) {
+	if (!was_up && s->o.count > 0 && !s->o.serve) {
 		d->state = DEV_GAVE_UP;
 		s->gave_up++;
 		return;
 	}
 	d->state = DEV_IDLE;
+	d->open_after_us = was_up ? now : now + d->backoff_us;
 	if (!was_up) {
 		if (d->next_due_us < now + d->backoff_us)
 			d->next_due_us = now + d->backoff_us;
@@ -1359,8 +2085,11 @@ on_nack(coap_session_t *session, const coap_pdu_t *sent, const coap_nack_reason_
 	struct sim *s = sim_of(session);
 	struct slot *sl;
 
-	(void)mid;
-	if (!d || !sent || reason == COAP_NACK_ICMP_ISSUE)	/* ICMP: libcoap keeps trying */
+	if (!d || reason == COAP_NACK_ICMP_ISSUE)	/* ICMP: libcoap keeps trying */
+		return;
+	if (s->o.serve && serve_nack(s, d, sent, reason, mid))
+		return;
+	if (!sent)
 		return;
 	sl = slot_find(s, d, coap_pdu_get_token(sent));
 	if (!sl)
@@ -1476,6 +2205,8 @@ dev_send(struct sim *s, struct device *d, int64_t now)
 static bool
 dev_all_sent(const struct sim *s, const struct device *d)
 {
+	if (s->o.serve && s->o.count == 0)
+		return true;		/* a sensor node that only serves */
 	return s->o.count > 0 && d->seq >= (uint32_t)s->o.count;
 }
 
@@ -1503,11 +2234,42 @@ dev_drop_oldest_non(struct sim *s, struct device *d)
 		slot_free(s, d, old);
 }
 
+/* --serve: keeps a session open and sends the test hooks' notifications; returns when it
+ * next wants to run. */
+static int64_t
+dev_serve(struct sim *s, struct device *d, int64_t now)
+{
+	if (s->stop_us)
+		return SIM_NEVER;
+	if (d->state == DEV_IDLE) {
+		if (now < d->open_after_us)
+			return d->open_after_us;
+		if (s->o.max_handshakes && s->proto != COAP_PROTO_UDP &&
+		    s->handshaking >= s->o.max_handshakes)
+			return SIM_NEVER;	/* woken when a handshake ends */
+		if (!dev_open(s, d)) {
+			fprintf(stderr, "coap2mqtt-sim: device=%s: cannot create a session\n",
+			    dev_name(d));
+			d->state = DEV_OPEN;
+			d->up = false;
+			dev_lost(s, d, "session-create");
+			return now;
+		}
+	}
+	if (d->state == DEV_OPEN && d->up && d->stale.due)
+		send_stale(s, d);
+	if (d->state == DEV_OPEN && d->up && d->unknown.due)
+		send_unknown(s, d);
+	return SIM_NEVER;
+}
+
 /* Deferred session work, then due readings; returns when the device next wants to run. */
+static int64_t dev_tick_readings(struct sim *s, struct device *d, int64_t now);
+
 static int64_t
 dev_tick(struct sim *s, struct device *d, int64_t now)
 {
-	int64_t hs_wake = SIM_NEVER;
+	int64_t w = SIM_NEVER, r;
 
 	if (d->state == DEV_DEAD)
 		dev_release(s, d, now);
@@ -1515,6 +2277,17 @@ dev_tick(struct sim *s, struct device *d, int64_t now)
 		dev_close(s, d);
 		d->state = DEV_IDLE;
 	}
+	if (s->o.serve)
+		w = dev_serve(s, d, now);
+	r = dev_tick_readings(s, d, now);
+	return r < w ? r : w;
+}
+
+static int64_t
+dev_tick_readings(struct sim *s, struct device *d, int64_t now)
+{
+	int64_t hs_wake = SIM_NEVER;
+
 	if (d->state == DEV_OPEN && !d->up && s->handshake_us) {
 		if (now - d->opened_us >= s->handshake_us) {
 			dev_lost(s, d, "handshake-timeout");
@@ -1559,8 +2332,8 @@ dev_handshaking(const struct device *d)
 static bool
 sim_devices_done(const struct sim *s)
 {
-	if (s->o.count == 0)
-		return false;
+	if (s->o.count == 0 || s->o.serve)
+		return false;		/* until the deadline or a signal */
 	for (size_t i = 0; i < s->ndev; i++) {
 		const struct device *d = &s->dev[i];
 
@@ -1608,8 +2381,11 @@ sim_loop(struct sim *s)
 {
 	int64_t start = now_us(), next_house = start;
 
-	for (size_t i = 0; i < s->ndev; i++)
+	for (size_t i = 0; i < s->ndev; i++) {
 		s->dev[i].next_due_us += start;
+		s->dev[i].open_after_us = s->dev[i].next_due_us;	/* --serve: same ramp */
+	}
+	s->next_notify_us = start + s->o.notify_ms * 1000;
 	if (s->o.timeout_s > 0)
 		s->deadline_us = start + (int64_t)(s->o.timeout_s * 1e6);
 	for (;;) {
@@ -1623,7 +2399,15 @@ sim_loop(struct sim *s)
 			sim_housekeep(s, now);
 			next_house = now + SIM_HOUSEKEEP_US;
 		}
+		if (s->o.serve && !s->stop_us && now >= s->next_notify_us) {
+			serve_tick(s);
+			s->next_notify_us += s->o.notify_ms * 1000;
+			if (s->next_notify_us <= now)
+				s->next_notify_us = now + s->o.notify_ms * 1000;
+		}
 		wake = next_house;
+		if (s->o.serve && s->next_notify_us < wake)
+			wake = s->next_notify_us;
 		for (size_t i = 0; i < s->ndev; i++) {
 			int64_t w = dev_tick(s, &s->dev[i], now);
 
@@ -1806,7 +2590,7 @@ sim_init(struct sim *s)
 	}
 	fd_limit_raise(s->ndev + 64);
 	expiry_init(s);
-	if (!context_init(s)) {
+	if (!context_init(s) || !serve_init(s)) {
 		fprintf(stderr, "coap2mqtt-sim: cannot create a CoAP context\n");
 		return 1;
 	}
