@@ -955,3 +955,144 @@ def random_bytes(rng, n):
 def pytest_configure(config):
     # paho 1.6.1 creates its TLS context with a protocol constant Python 3.10+ calls deprecated
     config.addinivalue_line("filterwarnings", "ignore:ssl.PROTOCOL_TLS is deprecated")
+
+
+# --------------------------------------------------------------------------------------------
+# sensor nodes (coap2mqtt-sim --serve) and MQTT 5 commands, for observe/commands/presence tests
+
+class ServingSim(SimBackground):
+    """`coap2mqtt-sim --serve ...` in the background; its key=value event lines, waited on."""
+
+    def __init__(self, gw, *args, **kw):
+        super().__init__(gw, "--serve", *args, **kw)
+
+    def text(self):
+        with self.lock:
+            out = "\n".join(l for _, l in self.out)
+        return f"sim args={' '.join(self.args)}\nstdout:\n{tail(out, 40)}\nstderr:\n" \
+               f"{tail(self.err.decode(errors='replace'), 20)}"
+
+    def events(self, event=None, **match):
+        """Parsed stdout lines with this event (and these key=value pairs), in order."""
+        with self.lock:
+            lines = [parse_kv(l) for _, l in self.out]
+        return [e for e in lines if (event is None or e.get("event") == event)
+                and all(e.get(k) == str(v) for k, v in match.items())]
+
+    def wait_events(self, count, event, timeout=30, **match):
+        def got():
+            ev = self.events(event, **match)
+            if len(ev) >= count:
+                return ev
+            if self.proc.poll() is not None:
+                raise AssertionError(f"simulator exited {self.proc.returncode}")
+            return None
+        try:
+            return wait_until(got, timeout, f"{count} sim lines event={event} {match}")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.text()}") from None
+
+
+@pytest.fixture
+def serving_sims():
+    """make(gw, *args, identity=..., key=...) -> a ServingSim; all are stopped after the test."""
+    made = []
+
+    def make(gw, *args, **kw):
+        s = ServingSim(gw, *args, **kw)
+        made.append(s)
+        return s
+    yield make
+    reports = []
+    for s in made:
+        s.stop()
+        s.t_err.join(10)
+        if SANITIZER_RE.search(s.err.decode(errors="replace")):
+            reports.append(s.text())
+    assert not reports, "sanitizer report from the simulator:\n" + "\n".join(reports)
+
+
+class Commander:
+    """An MQTT 5 client that publishes commands with Response Topic and Correlation Data, and
+    records every answer that arrives on its own response topic."""
+
+    def __init__(self, broker, name=None):
+        self.broker = broker
+        self.response_topic = f"replies/{name or unique('cmd')}"
+        self.sub = Subscriber(broker, topic=self.response_topic)
+        self.client = mqtt.Client(client_id=unique("cmd-pub"), protocol=mqtt.MQTTv5)
+        self.client.tls_set(ca_certs=str(broker.pki.ca))
+        self.client.max_inflight_messages_set(1000)
+        self.client.max_queued_messages_set(0)
+
+    def start(self, timeout=15):
+        self.sub.start(timeout)
+        wait_until(self._try_connect, timeout, "the command publisher to connect")
+        self.client.loop_start()
+        return self
+
+    def _try_connect(self):
+        try:
+            self.client.connect("127.0.0.1", self.broker.port, keepalive=10, clean_start=True)
+            return True
+        except OSError:
+            time.sleep(0.2)
+            return False
+
+    def send(self, topic, payload, corr=None, qos=1, response_topic=True, content_type=None):
+        """Publish one command; response_topic=True uses ours, a string that topic, None none."""
+        props = Properties(PacketTypes.PUBLISH)
+        if response_topic:
+            props.ResponseTopic = self.response_topic if response_topic is True else response_topic
+        if corr is not None:
+            props.CorrelationData = corr if isinstance(corr, bytes) else str(corr).encode()
+        if content_type:
+            props.ContentType = content_type
+        return self.client.publish(topic, payload, qos=qos, properties=props)
+
+    def answers(self):
+        return self.sub.messages()
+
+    def by_correlation(self):
+        out = {}
+        for m in self.sub.messages():
+            corr = getattr(m.props, "CorrelationData", None) if m.props else None
+            out.setdefault(bytes(corr) if corr is not None else None, []).append(m)
+        return out
+
+    def wait_answers(self, count, timeout=30):
+        return self.sub.wait_for(count, timeout)
+
+    def stop(self):
+        try:
+            self.client.disconnect()
+        except Exception:
+            pass
+        self.client.loop_stop()
+        self.sub.stop()
+
+
+def sensor_payload(identity, path, value, seq):
+    """The body coap2mqtt-sim --serve sends for temperature/humidity (value as it printed it)."""
+    return f'{{"device":"{identity}","{path}":{value},"seq":{seq}}}'.encode()
+
+
+def config_body(identity, seq, size=3072):
+    """The body of the simulator's config resource, version seq (see tests/sim/README.md)."""
+    head = f'{{"device":"{identity}","seq":{seq},"data":"'.encode()
+    alpha = b"abcdefghijklmnopqrstuvwxyz0123456789"
+    n = max(0, size - len(head) - 2)
+    return head + bytes(alpha[(i + seq) % len(alpha)] for i in range(n)) + b'"}'
+
+
+@pytest.fixture
+def commander_factory():
+    made = []
+
+    def make(broker, **kw):
+        c = Commander(broker, **kw)
+        made.append(c)
+        return c.start()
+    yield make
+    for c in made:
+        c.stop()

@@ -1,0 +1,72 @@
+"""Block-wise transfer (RFC 7959): bodies larger than one datagram, in every direction: a Block1
+upload from a device, Block2 notifications from a device, and a Block1 command to a device."""
+import hashlib
+import random
+import time
+
+from conftest import config_body, sim, user_prop, wait_mqtt_connected
+
+IDENT = "sensor-01"
+
+
+def test_4k_block1_upload_published_once_byte_exact(broker_factory, subscriber_factory,
+                                                     gateway_factory, tmp_path):
+    b = broker_factory()
+    s = subscriber_factory(b)
+    g = gateway_factory(b, coap={"max_payload": 8192})
+    wait_mqtt_connected(g)
+    blob = random.Random(4).randbytes(4096)
+    f = tmp_path / "4k.bin"
+    f.write_bytes(blob)
+    r = sim(g, "--count", 1, "--path", "sensors/upload", "--payload-file", f,
+            "--content-format", 42, "--block-size", 256)
+    assert r.rc == 0 and r.codes() == ["2.04"], r
+    [m] = s.wait_for(1, 20)
+    assert m.topic == f"devices/{IDENT}/upload"
+    assert m.payload == blob
+    assert m.content_type == "application/octet-stream"
+    s.assert_none(window=1.5, already=1)    # once, not once per block
+
+
+def test_3k_block2_notification_published_whole(broker_factory, subscriber_factory,
+                                                gateway_factory, serving_sims):
+    b = broker_factory()
+    s = subscriber_factory(b)
+    g = gateway_factory(b, extra={"observe": [
+        {"devices": "sensor-*", "path": "config", "topic": "devices/{identity}/config", "qos": 1}]})
+    wait_mqtt_connected(g)
+    # 256-byte blocks: each version of the 3 KiB body is 12 blocks
+    dev = serving_sims(g, "--notify-interval", 300, "--block-size", 256)
+    lines = dev.wait_events(4, "notify", path="config")[:4]
+    assert lines[0].get("first") == "1" and all(int(e["bytes"]) == 3072 for e in lines)
+    msgs = s.wait_for(4, 30, match=f"devices/{IDENT}/config")
+    for e, m in zip(lines, msgs):
+        body = config_body(IDENT, int(e["seq"]))
+        assert hashlib.sha256(body).hexdigest() == e["sha256"]     # what the device sent
+        assert m.payload == body, f"seq {e['seq']}: {len(m.payload)} bytes, {m.payload[:80]!r}"
+        assert m.content_type == "application/json"
+    # one publish per version, never a block on its own
+    seqs = [int(m.payload[m.payload.index(b'"seq":') + 6:].split(b",")[0]) for m in s.messages()]
+    assert len(seqs) == len(set(seqs)), seqs
+    assert all(len(m.payload) == 3072 for m in s.messages())
+
+
+def test_4k_command_sent_block_wise_arrives_whole(broker_factory, gateway_factory, serving_sims,
+                                                  commander_factory):
+    b = broker_factory()
+    g = gateway_factory(b, coap={"block_size": 256}, extra={"commands": [
+        {"topic": "devices/{identity}/set/{path+}", "method": "PUT", "ttl": 10}]})
+    wait_mqtt_connected(g)
+    dev = serving_sims(g)
+    g.wait_for_log(r"identity=sensor-01 handshake ok")
+    cmd = commander_factory(b)
+    blob = random.Random(7).randbytes(4096)
+    cmd.send(f"devices/{IDENT}/set/led", blob, corr=b"big-1",
+             content_type="application/octet-stream")
+    [put] = dev.wait_events(1, "put", path="led")
+    assert int(put["bytes"]) == 4096 and put["sha256"] == hashlib.sha256(blob).hexdigest(), put
+    [a] = cmd.wait_answers(1, 20)
+    assert user_prop(a, "coap-code") == "2.04" and a.props.CorrelationData == b"big-1"
+    assert a.payload == b""         # the device echoes only small states
+    time.sleep(1)
+    assert len(dev.events("put")) == 1, dev.text()

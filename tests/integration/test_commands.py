@@ -1,0 +1,142 @@
+"""Commands: MQTT messages become CoAP requests on the device's own DTLS session (the device is
+coap2mqtt-sim --serve); the device's answer, or an error when there is none, goes back to MQTT."""
+import collections
+import os
+import time
+
+import pytest
+
+from conftest import user_prop, wait_mqtt_connected
+
+IDENT = "sensor-01"
+
+
+def commands(ttl=10):
+    return [
+        {"topic": "devices/{identity}/set/{path+}", "method": "PUT",
+         "response_topic": "devices/{identity}/set-response/{path+}", "ttl": ttl},
+        {"topic": "devices/{identity}/get/{path+}", "method": "GET", "ttl": ttl},
+    ]
+
+
+@pytest.fixture
+def setup(broker_factory, subscriber_factory, gateway_factory, commander_factory):
+    """setup(ttl=..., devices=...) -> (subscriber on devices/#, gateway, commander)."""
+    def make(ttl=10, **kw):
+        b = broker_factory()
+        s = subscriber_factory(b)
+        g = gateway_factory(b, extra={"commands": commands(ttl)}, **kw)
+        wait_mqtt_connected(g)
+        g.wait_for_log(r"mqtt: subscribed filter=devices/\+/get/#", timeout=10)
+        return s, g, commander_factory(b)
+    return make
+
+
+def online(g, dev, ident=IDENT):
+    g.wait_for_log(rf"identity={ident} handshake ok")
+    return dev
+
+
+def corr(m):
+    return getattr(m.props, "CorrelationData", None)
+
+
+def test_put_command_reaches_the_device_and_its_answer_the_response_topic(setup, serving_sims):
+    _, g, cmd = setup()
+    dev = online(g, serving_sims(g))
+    cmd.send(f"devices/{IDENT}/set/led", b"on", corr=b"\x00corr-1\xff",
+             content_type="text/plain;charset=utf-8")
+    [put] = dev.wait_events(1, "put", path="led")
+    assert put["bytes"] == "2" and put["payload"] == "on", dev.text()
+    [a] = cmd.wait_answers(1, 20)
+    assert a.topic == cmd.response_topic
+    assert corr(a) == b"\x00corr-1\xff"
+    assert user_prop(a, "coap-code") == "2.04"
+    assert user_prop(a, "identity") == IDENT
+    assert a.payload == b"on"                                  # the device echoes its new state
+    assert a.content_type == "text/plain;charset=utf-8"
+    # the state is kept: a GET command reads it back
+    cmd.send(f"devices/{IDENT}/get/led", b"", corr=b"read-1")
+    dev.wait_events(1, "get", path="led")
+    wait = cmd.wait_answers(2, 20)
+    [r] = [m for m in wait if corr(m) == b"read-1"]
+    assert (user_prop(r, "coap-code"), r.payload) == ("2.05", b"on")
+
+
+def test_without_response_topic_the_configured_one_is_used(setup, serving_sims):
+    sub, g, cmd = setup()
+    dev = online(g, serving_sims(g))
+    cmd.send(f"devices/{IDENT}/set/led", b"off", corr=b"c2", response_topic=None)
+    dev.wait_events(1, "put", path="led", payload="off")
+    [a] = sub.wait_for(1, 20, match=f"devices/{IDENT}/set-response/led")
+    assert user_prop(a, "coap-code") == "2.04" and a.payload == b"off" and corr(a) == b"c2"
+
+
+def test_unknown_resource_answered_with_the_device_code(setup, serving_sims):
+    _, g, cmd = setup()
+    online(g, serving_sims(g))
+    cmd.send(f"devices/{IDENT}/set/no/such/thing", b"x", corr=b"nf")
+    [a] = cmd.wait_answers(1, 20)
+    assert user_prop(a, "coap-code") == "4.04" and corr(a) == b"nf"
+
+
+def test_command_to_an_offline_device_answers_504_after_ttl(setup):
+    _, g, cmd = setup(ttl=2)
+    t0 = time.monotonic()
+    cmd.send(f"devices/{IDENT}/set/led", b"on", corr=b"offline-1")
+    [a] = cmd.wait_answers(1, 15)
+    waited = time.monotonic() - t0
+    assert user_prop(a, "coap-code") == "5.04" and corr(a) == b"offline-1"
+    assert b"offline" in a.payload, a.payload
+    assert 1.5 <= waited <= 6, f"answered after {waited:.1f} s with ttl 2"
+    cmd.sub.assert_none(window=1, already=1)
+
+
+def test_command_waits_within_ttl_for_the_device_to_come_online(setup, serving_sims):
+    _, g, cmd = setup(ttl=15)
+    cmd.send(f"devices/{IDENT}/set/led", b"later", corr=b"queued")
+    time.sleep(1)
+    assert not cmd.answers()
+    dev = serving_sims(g)
+    dev.wait_events(1, "put", path="led", payload="later", timeout=20)
+    [a] = cmd.wait_answers(1, 20)
+    assert user_prop(a, "coap-code") == "2.04" and corr(a) == b"queued"
+
+
+def test_1000_commands_to_10_devices_all_answered_once(setup, serving_sims, tmp_path):
+    devices = {f"node-{i:02d}": f"node-{i:02d}-Secret-K3y" for i in range(10)}
+    _, g, cmd = setup(devices=devices)
+    keys = tmp_path / "sim.keys"
+    keys.write_text("".join(f"{i} {k}\n" for i, k in devices.items()))
+    os.chmod(keys, 0o600)
+    dev = serving_sims(g, "--keys", keys, "--devices", 10, identity=None)
+    for ident in devices:
+        g.wait_for_log(rf"identity={ident} handshake ok")
+    sent = collections.defaultdict(list)
+    for n in range(1000):
+        ident = f"node-{n % 10:02d}"
+        body = f"cmd-{n}".encode()
+        sent[ident].append(body)
+        cmd.send(f"devices/{ident}/set/led", body, corr=f"c-{n}")
+    answers = cmd.wait_answers(1000, 120)
+    time.sleep(1)
+    by_corr = cmd.by_correlation()
+    assert len(cmd.answers()) == 1000, f"{len(cmd.answers())} answers for 1000 commands"
+    missing = [n for n in range(1000) if f"c-{n}".encode() not in by_corr]
+    dup = {k: len(v) for k, v in by_corr.items() if len(v) != 1}
+    assert not missing and not dup, (missing[:20], dup)
+    for n in range(1000):
+        [a] = by_corr[f"c-{n}".encode()]
+        assert user_prop(a, "coap-code") == "2.04", (n, a.payload, a.user_props)
+        assert a.payload == f"cmd-{n}".encode()
+        assert user_prop(a, "identity") == f"node-{n % 10:02d}"
+    # per device, the answers came back in the order the commands were sent (NSTART 1 queue)
+    order = collections.defaultdict(list)
+    for a in answers:
+        order[user_prop(a, "identity")].append(a.payload)
+    assert dict(order) == dict(sent)
+    # and each device got each of its commands once, in order
+    got = collections.defaultdict(list)
+    for e in dev.events("put", path="led"):
+        got[e["device"]].append(e["payload"].encode())
+    assert dict(got) == dict(sent)
