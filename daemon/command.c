@@ -244,7 +244,8 @@ static struct cmd *cmd_new(struct device *d, const struct conf_command *r, const
 		cmd_free(c);
 		return NULL;
 	}
-	memcpy(c->payload, m->payload, m->len);
+	if (m->len)
+		memcpy(c->payload, m->payload, m->len);
 	c->len = m->len;
 	if (c->corr)
 		memcpy(c->corr, m->correlation, m->correlation_len);

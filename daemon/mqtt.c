@@ -657,6 +657,21 @@ enum mqtt_send mqtt_publish(const struct mqtt_msg *m, mqtt_done_fn done, void *a
 	return MQTT_SEND_FAILED;
 }
 
+/* A clean stop sends no Will (that is only for a broken connection): say "offline" here. */
+static void status_offline(void)
+{
+	MQTTAsync_message msg = MQTTAsync_message_initializer;
+
+	if (!M.conf->status_topic || !MQTTAsync_isConnected(M.client))
+		return;
+	msg.payload = "offline";
+	msg.payloadlen = 7;
+	msg.qos = 1;
+	msg.retained = 1;
+	if (MQTTAsync_sendMessage(M.client, M.conf->status_topic, &msg, NULL) != MQTTASYNC_SUCCESS)
+		log_warn("mqtt: status offline on %s not published", M.conf->status_topic);
+}
+
 void mqtt_shutdown(int timeout_ms)
 {
 	MQTTAsync_disconnectOptions d = MQTTAsync_disconnectOptions_initializer;
@@ -664,6 +679,7 @@ void mqtt_shutdown(int timeout_ms)
 
 	if (M.client) {
 		d.timeout = timeout_ms;
+		status_offline();	/* the disconnect waits for it like for other in-flight ones */
 		if (MQTTAsync_isConnected(M.client))
 			MQTTAsync_disconnect(M.client, &d);
 		for (int waited = 0; waited < timeout_ms && MQTTAsync_isConnected(M.client); waited += 20)
