@@ -244,7 +244,8 @@ class Broker:
         self.conf = self.dir / "mosquitto.conf"
         self.log = self.dir / "mosquitto.log"
         self.out = self.dir / "mosquitto.out"
-        crt, key = (pki.wrong_crt, pki.wrong_key) if wrong_host else (pki.broker_crt, pki.broker_key)
+        crt, key = ((pki.wrong_crt, pki.wrong_key) if wrong_host
+                    else (pki.broker_crt, pki.broker_key))
         lines = [
             "per_listener_settings false",
             "allow_anonymous true",
@@ -872,6 +873,27 @@ class DtlsClient:
 
     def empty_acks(self, mid):
         return self.data().count(bytes([0x60, 0x00, mid >> 8, mid & 0xFF]))
+
+    def retransmit(self, datagram, done, what, timeout=20, every=2.0):
+        """Send like a CoAP client sends a CON: the same datagram again every `every` s (same
+        message ID) until done() is truthy; returns done()'s value."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.send(datagram)
+            until = min(deadline, time.monotonic() + every)
+            while time.monotonic() < until:
+                v = done()
+                if v:
+                    return v
+                time.sleep(0.05)
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+    def request(self, datagram, token, timeout=20, pred=None):
+        """Send a CON request (retransmitted until answered); the responses carrying `token`."""
+        pred = pred or (lambda r: r[1] != 0)
+        return self.retransmit(datagram, lambda: [r for r in self.responses(token) if pred(r)],
+                               f"a CoAP response with token {token.hex()}", timeout)
 
     def wait_response(self, token, timeout=15, pred=None):
         pred = pred or (lambda r: r[1] != 0)

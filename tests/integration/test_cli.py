@@ -179,7 +179,8 @@ def test_check_missing_file(tmp_path):
 
 def test_check_devices_file(tmp_path, pki):
     keys = tmp_path / "devices.keys"
-    keys.write_text("# test devices\nsensor-02 sensor-02-Other-K3y!\nsensor-03 hex:00112233445566778899\n")
+    keys.write_text("# test devices\nsensor-02 sensor-02-Other-K3y!\n"
+                    "sensor-03 hex:00112233445566778899\n")
     lines = base_lines(pki, tmp_path)
     lines.insert(7, "devices_file: devices.keys")  # relative to the config file
     p = write(tmp_path, "keys.yaml", "\n".join(lines))

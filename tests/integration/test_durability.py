@@ -127,8 +127,8 @@ def test_ack_broker_empty_ack_then_separate_response(durable, dtls_factory):
     token = os.urandom(4)
     b.pause()
     try:
-        c.send(coap_post("acked/raw", b"sep", 0x5150, token))
-        wait_until(lambda: c.empty_acks(0x5150), 5, "an empty ACK for the CON request")
+        c.retransmit(coap_post("acked/raw", b"sep", 0x5150, token), lambda: c.empty_acks(0x5150),
+                     "an empty ACK for the CON request", timeout=10)
         time.sleep(2)
         assert not c.responses(token), f"a response came before the PUBACK: {c.responses(token)}"
     finally:
@@ -163,8 +163,7 @@ def test_full_store_answers_503_with_max_age(broker_factory, subscriber_factory,
     c = dtls_factory(g.port, "sensor-01", g.devices["sensor-01"])
     c.handshake()
     token = os.urandom(4)
-    c.send(coap_post("sensors/fill", b"refused", 0x0503, token))
-    c.wait_response(token)
+    c.request(coap_post("sensors/fill", b"refused", 0x0503, token), token)
     mtype, code, mid, _, opts, payload = c.last_message(token)
     assert (mtype, code_str(code), mid) == (ACK, "5.03", 0x0503)
     max_age = [int.from_bytes(v, "big") for n, v in opts if n == OPT_MAX_AGE]

@@ -71,9 +71,9 @@ def test_garbage_inside_a_session_leaves_it_serving(world, dtls_factory):
     assert c.proc.poll() is None, c.text()[-2000:]
     time.sleep(0.2)  # so s_client reads the next datagram on its own
     token = os.urandom(4)
-    c.send(coap_post("sensors/in-session", b"fine", 0x7777, token))
     try:
-        c.wait_response(token, 20, pred=lambda r: r[1] == 0x44)
+        c.request(coap_post("sensors/in-session", b"fine", 0x7777, token), token,
+                  pred=lambda r: r[1] == 0x44)
     except AssertionError as e:
         raise AssertionError(f"{e}\ns_client: {c.text()[-1500:]}\n"
                              f"gateway: {world.gw.log_text()[-3000:]}") from None

@@ -72,14 +72,14 @@ def test_openssl_s_client_suites(world, dtls_factory, cipher):
     assert c.handshake() == cipher, c.text()
     token = os.urandom(4)
     payload = f'{{"suite":"{cipher}"}}'.encode()
-    c.send(coap_post("sensors/suite", payload, 0x0BAD, token))
-    resp = c.wait_response(token)
+    resp = c.request(coap_post("sensors/suite", payload, 0x0BAD, token), token)
     assert resp[0] == (ACK, 0x44, 0x0BAD), resp
     [m] = world.sub.wait_for(1, 20)
     assert (m.topic, m.payload) == ("devices/sensor-02/suite", payload)
     assert user_prop(m, "identity") == "sensor-02"
     if cipher == "PSK-AES128-CCM8":
-        world.gw.wait_for_log(r'identity="?sensor-02"? handshake ok cipher=TLS_PSK_WITH_AES_128_CCM_8')
+        world.gw.wait_for_log(
+            r'identity="?sensor-02"? handshake ok cipher=TLS_PSK_WITH_AES_128_CCM_8')
 
 
 @pytest.mark.parametrize("flavour", ["openssl", "gnutls"])

@@ -217,8 +217,7 @@ def test_oversize_single_datagram_413_says_the_limit(broker_factory, subscriber_
     c = dtls_factory(g.port, "sensor-01", g.devices["sensor-01"])
     c.handshake()
     token = os.urandom(4)
-    c.send(coap_post("sensors/big", b"z" * 101, 0x0413, token))
-    c.wait_response(token)
+    c.request(coap_post("sensors/big", b"z" * 101, 0x0413, token), token)
     mtype, code, mid, _, opts, payload = c.last_message(token)
     assert (mtype, code_str(code), mid) == (ACK, "4.13", 0x0413)
     size1 = [int.from_bytes(v, "big") for n, v in opts if n == OPT_SIZE1]
@@ -235,8 +234,7 @@ def test_duplicate_con_answered_again_published_once(world, dtls_factory):
     c.handshake()
     token = os.urandom(6)
     dgram = coap_post("sensors/dup", b"only-once", 0x1234, token)
-    c.send(dgram)
-    c.wait_response(token)
+    c.request(dgram, token)  # (retransmitted like a device would until answered)
     world.sub.wait_for(1, 20)
     c.send(dgram)  # a retransmission: same message ID
     wait_until(lambda: len(c.responses(token)) >= 2, 10, "the duplicate to be answered")
@@ -247,13 +245,21 @@ def test_duplicate_con_answered_again_published_once(world, dtls_factory):
 def test_ping_gets_reset(world, dtls_factory):
     c = dtls_factory(world.gw.port, "sensor-01", world.gw.devices["sensor-01"])
     c.handshake()
-    c.send(coap_encode(CON, 0, 0x4321))
-    wait_until(lambda: bytes([0x70, 0x00, 0x43, 0x21]) in c.data(), 10, "RST to a CoAP ping")
+    try:
+        c.retransmit(coap_encode(CON, 0, 0x4321),
+                     lambda: bytes([0x70, 0x00, 0x43, 0x21]) in c.data(), "RST to a CoAP ping")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\nreceived: {c.data().hex()}\ns_client: {c.text()[-1500:]}\n"
+                             f"gateway: {world.gw.log_text()[-3000:]}") from None
 
 
 def test_non_request_gets_non_response(world, dtls_factory):
     c = dtls_factory(world.gw.port, "sensor-01", world.gw.devices["sensor-01"])
     c.handshake()
+    first = os.urandom(4)
+    c.request(coap_post("sensors/con-first", b"c", 0x2221, first), first)
+    world.sub.wait_for(1, 20)
+    world.sub.clear()
     token = os.urandom(5)
     c.send(coap_post("sensors/nonraw", b"n", 0x2222, token, mtype=NON))
     [(mtype, code, _)] = c.wait_response(token)
