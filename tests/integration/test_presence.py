@@ -115,9 +115,6 @@ def test_gateway_status_default_topic(broker_factory, subscriber_factory, gatewa
     retained(subscriber_factory, b, topic, b"online", timeout=20)
 
 
-@pytest.mark.xfail(strict=True, reason="a clean stop leaves the retained status 'online': the "
-                   "Last Will is not sent on a normal DISCONNECT and the gateway publishes no "
-                   "'offline' itself")
 def test_gateway_status_offline_after_a_clean_stop(broker_factory, subscriber_factory,
                                                    gateway_factory):
     b = broker_factory()
