@@ -153,16 +153,13 @@ static void on_ttl(evutil_socket_t fd, short what, void *arg)
 static int cmd_send(struct cmd *c, coap_session_t *s)
 {
 	coap_pdu_t *pdu = coap_new_pdu(COAP_MESSAGE_CON, c->method, s);
-	struct route_seg segs[ROUTE_MAX_SEGMENTS];
-	size_t n = route_split(c->path, strlen(c->path), segs, ROUTE_MAX_SEGMENTS);
 	uint8_t buf[4];
 
 	if (!pdu)
 		return -1;
 	loop_token(c->token, sizeof(c->token));
 	coap_add_token(pdu, sizeof(c->token), c->token);
-	for (size_t i = 0; i < n; i++)
-		coap_add_option(pdu, COAP_OPTION_URI_PATH, segs[i].len, (const uint8_t *)segs[i].s);
+	loop_add_path(pdu, c->path);
 	if (c->content_format >= 0)
 		coap_add_option(pdu, COAP_OPTION_CONTENT_FORMAT,
 				coap_encode_var_safe(buf, sizeof(buf), (unsigned)c->content_format), buf);

@@ -53,6 +53,15 @@ void loop_add_block_size(coap_pdu_t *pdu, coap_option_num_t option)
 	coap_add_option(pdu, option, coap_encode_var_safe(buf, sizeof(buf), L.block_szx), buf);
 }
 
+void loop_add_path(coap_pdu_t *pdu, const char *path)
+{
+	struct route_seg segs[ROUTE_MAX_SEGMENTS];
+	size_t n = route_split(path, strlen(path), segs, ROUTE_MAX_SEGMENTS);
+
+	for (size_t i = 0; i < n; i++)
+		coap_add_option(pdu, COAP_OPTION_URI_PATH, segs[i].len, (const uint8_t *)segs[i].s);
+}
+
 size_t loop_block_size(void)
 {
 	return (size_t)16 << L.block_szx;

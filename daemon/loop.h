@@ -27,6 +27,8 @@ void loop_kick(void);
  * on what the gateway sends or wants back; libcoap then uses that size (RFC 7959 §2.3). */
 void loop_add_block_size(coap_pdu_t *pdu, coap_option_num_t option);
 size_t loop_block_size(void);
+/* Adds "a/b/c" to a request as Uri-Path options. */
+void loop_add_path(coap_pdu_t *pdu, const char *path);
 /* Fills buf with unpredictable bytes (tokens). */
 void loop_token(uint8_t *buf, size_t len);
 /* "addr:port" of the session's peer into buf. */

@@ -80,15 +80,6 @@ static struct obs **dev_list(struct device *d)
 	return (struct obs **)dev_observe_slot(d);
 }
 
-static void add_path(coap_pdu_t *pdu, const char *path)
-{
-	struct route_seg segs[ROUTE_MAX_SEGMENTS];
-	size_t n = route_split(path, strlen(path), segs, ROUTE_MAX_SEGMENTS);
-
-	for (size_t i = 0; i < n; i++)
-		coap_add_option(pdu, COAP_OPTION_URI_PATH, segs[i].len, (const uint8_t *)segs[i].s);
-}
-
 /* GET with Observe 0 (register) or 1 (cancel), or a plain GET of /.well-known/core. */
 static int send_get(struct obs *o, int observe, coap_pdu_type_t type)
 {
@@ -105,7 +96,7 @@ static int send_get(struct obs *o, int observe, coap_pdu_type_t type)
 	} else {
 		coap_add_option(pdu, COAP_OPTION_OBSERVE, coap_encode_var_safe(buf, sizeof(buf),
 			(unsigned)observe), buf);
-		add_path(pdu, o->path);
+		loop_add_path(pdu, o->path);
 	}
 	if (coap_send(s, pdu) == COAP_INVALID_MID)
 		return -1;

@@ -32,14 +32,6 @@ static struct {
 	size_t n_pending;
 } U;
 
-/* Outcome of looking a request up in the routes. */
-struct decision {
-	uint8_t code;				/* response code when not publishing */
-	const char *diag;			/* short diagnostic payload */
-	const struct conf_route *route;
-	char topic[ROUTE_MAX_TOPIC];
-};
-
 static void set_error(coap_pdu_t *resp, uint8_t code, const char *diag)
 {
 	coap_pdu_set_code(resp, code);
@@ -98,7 +90,8 @@ static size_t path_segments(const coap_pdu_t *req, struct route_seg *segs, size_
 	return n;
 }
 
-static void decide(const coap_pdu_t *req, const char *identity, struct decision *d)
+void uplink_decide(const struct config *c, const coap_pdu_t *req, const char *identity,
+		   struct uplink_decision *d)
 {
 	struct route_seg segs[ROUTE_MAX_SEGMENTS];
 	size_t nseg = path_segments(req, segs, ROUTE_MAX_SEGMENTS);
@@ -108,8 +101,8 @@ static void decide(const coap_pdu_t *req, const char *identity, struct decision 
 	d->route = NULL;
 	d->code = COAP_RESPONSE_CODE(404);
 	d->diag = "no route for this path";
-	for (size_t i = 0; i < U.conf->n_routes; i++) {
-		const struct conf_route *r = &U.conf->routes[i];
+	for (size_t i = 0; i < c->n_routes; i++) {
+		const struct conf_route *r = &c->routes[i];
 		enum route_result rr = route_match(r->route, segs, nseg, identity, d->topic,
 						   sizeof(d->topic));
 
@@ -250,7 +243,7 @@ static void on_request(coap_resource_t *res, coap_session_t *s, const coap_pdu_t
 		       const coap_string_t *query, coap_pdu_t *resp)
 {
 	struct dev_sess *dev = dev_sess_get(s);
-	struct decision d;
+	struct uplink_decision d;
 	struct mqtt_msg m;
 	const uint8_t *data = NULL;
 	size_t len = 0, offset = 0, total = 0;
@@ -273,7 +266,7 @@ static void on_request(coap_resource_t *res, coap_session_t *s, const coap_pdu_t
 			  dev_sess_identity(dev), (unsigned)mid, code >> 5, code & 31);
 		return;
 	}
-	decide(req, dev_sess_identity(dev), &d);
+	uplink_decide(U.conf, req, dev_sess_identity(dev), &d);
 	coap_get_data_large(req, &len, &data, &offset, &total);
 	if (d.route && total > U.conf->coap.max_payload) {
 		uint8_t buf[4];

@@ -4,7 +4,23 @@
 
 #include <coap3/coap.h>
 
+#include "route.h"
+
 struct config;
+struct conf_route;
+
+/* Outcome of looking a request up in the routes. */
+struct uplink_decision {
+	uint8_t code;				/* 2.04 when route is set, else the error to answer */
+	const char *diag;			/* short diagnostic payload, NULL on 2.04 */
+	const struct conf_route *route;		/* the route to publish on, or NULL */
+	char topic[ROUTE_MAX_TOPIC];		/* filled when route is set */
+};
+
+/* Pure routing decision for a request from identity (no I/O; fuzzed by tests/fuzz). The payload
+ * size check (4.13) and the publish come after it. */
+void uplink_decide(const struct config *c, const coap_pdu_t *req, const char *identity,
+		   struct uplink_decision *d);
 
 /* The catch-all resource that receives every device request; keeps c for routing. */
 coap_resource_t *uplink_resource(const struct config *c);
