@@ -69,8 +69,7 @@ static unsigned method_bit(coap_pdu_code_t code)
 	}
 }
 
-/* Uri-Path options → segments; 0 when there are too many. */
-static size_t path_segments(const coap_pdu_t *req, struct route_seg *segs, size_t max)
+size_t uplink_path(const coap_pdu_t *req, struct route_seg *segs, size_t max)
 {
 	coap_opt_iterator_t oi;
 	coap_opt_filter_t f;
@@ -94,7 +93,7 @@ void uplink_decide(const struct config *c, const coap_pdu_t *req, const char *id
 		   struct uplink_decision *d)
 {
 	struct route_seg segs[ROUTE_MAX_SEGMENTS];
-	size_t nseg = path_segments(req, segs, ROUTE_MAX_SEGMENTS);
+	size_t nseg = uplink_path(req, segs, ROUTE_MAX_SEGMENTS);
 	unsigned m = method_bit(coap_pdu_get_code(req));
 	int shape_matched = 0, bad_value = 0;
 

@@ -17,6 +17,9 @@ struct uplink_decision {
 	char topic[ROUTE_MAX_TOPIC];		/* filled when route is set */
 };
 
+/* Uri-Path options → segments pointing into req; 0 when there are more than max. */
+size_t uplink_path(const coap_pdu_t *req, struct route_seg *segs, size_t max);
+
 /* Pure routing decision for a request from identity (no I/O; fuzzed by tests/fuzz). The payload
  * size check (4.13) and the publish come after it. */
 void uplink_decide(const struct config *c, const coap_pdu_t *req, const char *identity,

@@ -1,6 +1,7 @@
 /* fuzz_uplink.c: libFuzzer target for the uplink path: a raw CoAP datagram goes through libcoap's
- * parser (as coap_handle_dgram() does), its Uri-Path options become segments (as uplink.c's
- * path_segments() does) and are routed against the routes of conf/coap2mqtt.yaml. Each result is
+ * parser (as coap_handle_dgram() does), uplink.c's uplink_path() and uplink_decide() (the response
+ * code and topic the gateway would use), and its segments are routed against the routes of
+ * conf/coap2mqtt.yaml and more. Each route result is
  * compared with one derived independently from the pattern text: the same code (no match, bad
  * value, too long) and, on a match, the same topic byte for byte. */
 #include <stdint.h>
@@ -9,7 +10,9 @@
 
 #include <coap3/coap.h>
 
+#include "config.h"
 #include "route.h"
+#include "uplink.h"
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -144,25 +147,24 @@ static void route_one(const struct fixed *f, const struct route_seg *segs, size_
 		abort();
 }
 
-/* Uri-Path options → segments like uplink.c's path_segments(); 0 when there are too many. */
-static size_t path_segments(const coap_pdu_t *pdu, struct route_seg *segs, size_t max)
-{
-	coap_opt_iterator_t oi;
-	coap_opt_filter_t filter;
-	coap_opt_t *opt;
-	size_t n = 0;
+/* The gateway's own decision over the first three routes (those of conf/coap2mqtt.yaml): the
+ * code is one a device may get, and a publish goes only to a topic without wildcards. */
+static struct conf_route conf_routes[3];
+static struct config conf = { .routes = conf_routes, .n_routes = 3 };
 
-	coap_option_filter_clear(&filter);
-	coap_option_filter_set(&filter, COAP_OPTION_URI_PATH);
-	coap_option_iterator_init(pdu, &oi, &filter);
-	while ((opt = coap_option_next(&oi)) != NULL) {
-		if (n == max)
-			return 0;
-		segs[n].s = (const char *)coap_opt_value(opt);
-		segs[n].len = coap_opt_length(opt);
-		n++;
+static void check_decision(const coap_pdu_t *pdu)
+{
+	struct uplink_decision d;
+
+	uplink_decide(&conf, pdu, IDENTITY, &d);
+	if (d.route) {
+		if (d.code != COAP_RESPONSE_CODE(204) || strpbrk(d.topic, "+#") ||
+		    strncmp(d.topic, "devices/" IDENTITY "/", strlen("devices/" IDENTITY "/")) != 0)
+			abort();
+	} else if (d.code != COAP_RESPONSE_CODE(400) && d.code != COAP_RESPONSE_CODE(404) &&
+		   d.code != COAP_RESPONSE_CODE(405)) {
+		abort();
 	}
-	return n;
 }
 
 /* The same path joined with '/' and split again, as an MQTT topic would be: when no segment holds
@@ -211,6 +213,10 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 		if (f->r == NULL || f->npat == 0)
 			abort();
 	}
+	for (i = 0; i < conf.n_routes; i++) {
+		conf_routes[i].route = routes[i].r;
+		conf_routes[i].methods = CONF_M_POST | CONF_M_PUT;
+	}
 	return 0;
 }
 
@@ -228,7 +234,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (pdu == NULL)
 		return 0;
 	if (coap_pdu_parse(COAP_PROTO_DTLS, data, size, pdu)) {
-		n = path_segments(pdu, segs, ROUTE_MAX_SEGMENTS);
+		n = uplink_path(pdu, segs, ROUTE_MAX_SEGMENTS);
+		check_decision(pdu);
 		for (i = 0; i < NROUTES; i++)
 			route_one(&routes[i], segs, n);
 		check_resplit(segs, n);
