@@ -1,0 +1,67 @@
+"""The service manager protocol, without a service manager: the gateway talks sd_notify to a
+datagram socket of ours (NOTIFY_SOCKET) as it would to systemd. READY=1 once it listens,
+WATCHDOG=1 and STATUS= from its event loop at half the watchdog interval, RELOADING=1 then READY=1
+around SIGHUP, STOPPING=1 on SIGTERM."""
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from conftest import sim, wait_mqtt_connected
+
+
+@pytest.fixture
+def notify_socket(tmp_path, monkeypatch):
+    path = str(tmp_path / "notify.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(path)
+    s.settimeout(0.2)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    monkeypatch.setenv("WATCHDOG_USEC", "2000000")  # 2 s: keep-alives every 1 s
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    yield s
+    s.close()
+
+
+def collect(sock, seconds, until=None):
+    """Messages received within seconds (each a dict of its KEY=value lines)."""
+    got = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            data = sock.recv(4096).decode()
+        except socket.timeout:
+            continue
+        got.append(dict(line.split("=", 1) for line in data.splitlines() if "=" in line))
+        if until and until(got[-1]):
+            break
+    return got
+
+
+def test_ready_watchdog_status_reload_stopping(notify_socket, broker_factory, gateway_factory):
+    b = broker_factory()
+    gw = gateway_factory(b)
+    wait_mqtt_connected(gw)
+    msgs = collect(notify_socket, 10, until=lambda m: m.get("READY") == "1")
+    assert any(m.get("READY") == "1" for m in msgs), msgs
+
+    r = sim(gw, "--count", 5, "--interval", 50, "--path", "sensors/t", "--payload", "{seq}")
+    assert r.rc == 0, r
+    msgs = collect(notify_socket, 3.5)
+    dogs = [m for m in msgs if m.get("WATCHDOG") == "1"]
+    assert len(dogs) >= 2, f"expected keep-alives about every second: {msgs}"
+    status = dogs[-1].get("STATUS", "")
+    for key in ("sessions=", "readings/s=", "broker=connected", "buffered="):
+        assert key in status, status
+
+    os.kill(gw.proc.pid, signal.SIGHUP)
+    msgs = collect(notify_socket, 10, until=lambda m: m.get("READY") == "1")
+    seen = [k for m in msgs for k in m if k in ("RELOADING", "READY")]
+    assert seen[:1] == ["RELOADING"] and "READY" in seen, msgs
+
+    gw.proc.send_signal(signal.SIGTERM)
+    msgs = collect(notify_socket, 5, until=lambda m: m.get("STOPPING") == "1")
+    assert any(m.get("STOPPING") == "1" for m in msgs), msgs
+    assert gw.proc.wait(10) == 0
