@@ -13,7 +13,9 @@
 #include <unistd.h>
 
 #include <MQTTAsync.h>
+#include <dirent.h>
 #include <event2/event.h>
+#include <openssl/crypto.h>
 
 #include "config.h"
 #include "log.h"
@@ -544,6 +546,9 @@ int mqtt_init(struct event_base *base, const struct conf_mqtt *c, mqtt_state_fn 
 		log_error("mqtt: cannot create loop events");
 		return -1;
 	}
+	/* Paho's threads use OpenSSL until they end, which may be after exit() begins: keep OpenSSL's
+	 * exit-time cleanup from freeing their per-thread state under them */
+	OPENSSL_init_crypto(OPENSSL_INIT_NO_ATEXIT, NULL);
 	cro.sendWhileDisconnected = 1;
 	cro.allowDisconnectedSendAtAnyTime = 1;
 	cro.maxBufferedMessages = c->max_buffered;
@@ -672,6 +677,21 @@ static void status_offline(void)
 		log_warn("mqtt: status offline on %s not published", M.conf->status_topic);
 }
 
+/* Threads of this process (Paho's end some time after MQTTAsync_destroy). */
+static int thread_count(void)
+{
+	DIR *d = opendir("/proc/self/task");
+	struct dirent *e;
+	int n = 0;
+
+	if (!d)
+		return 1;
+	while ((e = readdir(d)) != NULL)
+		n += e->d_name[0] != '.';
+	closedir(d);
+	return n;
+}
+
 void mqtt_shutdown(int timeout_ms)
 {
 	MQTTAsync_disconnectOptions d = MQTTAsync_disconnectOptions_initializer;
@@ -685,6 +705,9 @@ void mqtt_shutdown(int timeout_ms)
 		for (int waited = 0; waited < timeout_ms && MQTTAsync_isConnected(M.client); waited += 20)
 			usleep(20000);
 		MQTTAsync_destroy(&M.client);
+		/* let Paho's threads finish before the process tears libraries down (bounded) */
+		for (int waited = 0; waited < 1000 && thread_count() > 1; waited += 10)
+			usleep(10000);
 	}
 	/* no Paho thread runs now: deliver what was queued, abort what was not completed */
 	if (M.efd >= 0)
