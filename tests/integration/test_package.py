@@ -168,7 +168,9 @@ def test_installed(installation):
     # and accepts no well-known example key
     out = run(["/usr/sbin/coap2mqtt", "--check", "-c", CONF]).stdout
     assert "configuration OK (0 devices" in out, out
-    run(["runuser", "-u", "coap2mqtt", "--", "/usr/sbin/coap2mqtt", "--check", "-c", CONF])
+    # (as the service's user only where others may enter "/": a chroot made by mktemp may not)
+    if os.stat("/").st_mode & stat.S_IXOTH:
+        run(["runuser", "-u", "coap2mqtt", "--", "/usr/sbin/coap2mqtt", "--check", "-c", CONF])
 
     # unit installed and enabled (without systemd running: deb-systemd-helper made the link)
     assert UNIT.exists()
