@@ -914,9 +914,11 @@ put_bytes(uint8_t *out, size_t cap, size_t at, const void *p, size_t n)
 	return at + n;
 }
 
-/* Expands one path segment ({id}, {seq}, %XX) into out; returns its length (may exceed cap). */
+/* Expands a template into out and returns its length (may exceed cap; out may be NULL):
+ * {id}, {seq}, and {value} when value is given (payloads); %XX escapes when pct (path segments). */
 static size_t
-seg_expand(const char *t, const char *id, uint32_t seq, uint8_t *out, size_t cap)
+tmpl_expand(const char *t, const char *id, uint32_t seq, const char *value, bool pct,
+    uint8_t *out, size_t cap)
 {
 	char num[16];
 	size_t n = 0;
@@ -929,7 +931,10 @@ seg_expand(const char *t, const char *id, uint32_t seq, uint8_t *out, size_t cap
 			snprintf(num, sizeof(num), "%" PRIu32, seq);
 			n = put_bytes(out, cap, n, num, strlen(num));
 			t += 5;
-		} else if (t[0] == '%' && hex_val(t[1]) >= 0 && hex_val(t[2]) >= 0) {
+		} else if (value && strncmp(t, "{value}", 7) == 0) {
+			n = put_bytes(out, cap, n, value, strlen(value));
+			t += 7;
+		} else if (pct && t[0] == '%' && hex_val(t[1]) >= 0 && hex_val(t[2]) >= 0) {
 			uint8_t b = (uint8_t)(hex_val(t[1]) << 4 | hex_val(t[2]));
 
 			n = put_bytes(out, cap, n, &b, 1);
@@ -955,7 +960,7 @@ path_seg_check(const char *seg, size_t longest_id)
 	}
 	memset(id, 'x', longest_id);
 	id[longest_id] = '\0';
-	if (seg_expand(seg, id, UINT32_MAX, NULL, 0) > SIM_MAX_SEGMENT) {
+	if (tmpl_expand(seg, id, UINT32_MAX, NULL, true, NULL, 0) > SIM_MAX_SEGMENT) {
 		fprintf(stderr, "coap2mqtt-sim: --path: segment '%s' can exceed %d bytes\n", seg,
 		    SIM_MAX_SEGMENT);
 		return false;
@@ -997,33 +1002,6 @@ path_init(struct sim *s, const coap_uri_t *uri)
 	}
 	free(all);
 	return ok;
-}
-
-/* Writes the payload template for one reading; returns its length (out may be NULL). */
-static size_t
-payload_expand(const char *t, const struct device *d, uint32_t seq, double value, uint8_t *out,
-    size_t cap)
-{
-	char num[32];
-	size_t n = 0;
-
-	while (*t) {
-		if (strncmp(t, "{id}", 4) == 0) {
-			n = put_bytes(out, cap, n, d->identity, strlen(d->identity));
-			t += 4;
-		} else if (strncmp(t, "{seq}", 5) == 0) {
-			snprintf(num, sizeof(num), "%" PRIu32, seq);
-			n = put_bytes(out, cap, n, num, strlen(num));
-			t += 5;
-		} else if (strncmp(t, "{value}", 7) == 0) {
-			snprintf(num, sizeof(num), "%.2f", value);
-			n = put_bytes(out, cap, n, num, strlen(num));
-			t += 7;
-		} else {
-			n = put_bytes(out, cap, n, t++, 1);
-		}
-	}
-	return n;
 }
 
 /* A plausible temperature: a per-device base, a slow wave and a little noise. */
@@ -2122,7 +2100,7 @@ pdu_add_path(struct sim *s, struct device *d, coap_pdu_t *pdu, uint32_t seq)
 	uint8_t seg[SIM_MAX_SEGMENT];
 
 	for (size_t i = 0; i < s->path.n; i++) {
-		size_t n = seg_expand(s->path.seg[i], d->identity, seq, seg, sizeof(seg));
+		size_t n = tmpl_expand(s->path.seg[i], d->identity, seq, NULL, true, seg, sizeof(seg));
 
 		if (n > sizeof(seg) || !coap_add_option(pdu, COAP_OPTION_URI_PATH, n, seg))
 			return false;
@@ -2133,20 +2111,20 @@ pdu_add_path(struct sim *s, struct device *d, coap_pdu_t *pdu, uint32_t seq)
 static bool
 pdu_add_payload(struct sim *s, struct device *d, coap_pdu_t *pdu, uint32_t seq)
 {
-	double value;
+	char value[32];
 	uint8_t *buf;
 	size_t n;
 
 	if (s->have_file)
 		return s->file_len == 0 || coap_add_data_large_request(d->session, pdu, s->file_len,
 		    s->file_payload, NULL, NULL);
-	value = reading_value(d, seq);
-	n = payload_expand(s->o.payload, d, seq, value, NULL, 0);
+	snprintf(value, sizeof(value), "%.2f", reading_value(d, seq));
+	n = tmpl_expand(s->o.payload, d->identity, seq, value, false, NULL, 0);
 	if (n == 0)
 		return true;
 	if (n > SIM_MAX_PAYLOAD || (buf = malloc(n)) == NULL)
 		return false;
-	payload_expand(s->o.payload, d, seq, value, buf, n);
+	tmpl_expand(s->o.payload, d->identity, seq, value, false, buf, n);
 	return coap_add_data_large_request(d->session, pdu, n, buf, payload_release, buf);
 }
 
