@@ -1247,6 +1247,8 @@ static void mqtt_numbers(struct cctx *x, const struct cnode **v)
 		m->max_inflight = (int)ll;
 	if (v[13] && get_int(x, v[13], 0, UINT32_MAX, &ll))
 		m->session_expiry = (unsigned)ll;
+	if (v[15] && get_int(x, v[15], 1ll << 20, 1ll << 40, &ll))
+		m->max_buffered_bytes = (unsigned long long)ll;
 }
 
 /* status_topic as given, else coap2mqtt/<client_id>/status (idnode: client_id, for messages). */
@@ -1276,12 +1278,14 @@ static void conf_mqtt(struct cctx *x, const struct cnode *n, const struct cnode 
 {
 	static const char *const names[] = { "url", "insecure", "client_id", "ca_file", "cert_file",
 		"key_file", "username", "password_file", "keepalive", "version", "persistence_dir",
-		"max_buffered", "max_inflight", "session_expiry", "status_topic", NULL };
-	const struct cnode *v[16];
+		"max_buffered", "max_inflight", "session_expiry", "status_topic", "max_buffered_bytes",
+		NULL };
+	const struct cnode *v[17];
 	struct conf_mqtt *m = &x->c->mqtt;
 
 	*m = (struct conf_mqtt){ .keepalive = 30, .version = 5, .max_buffered = 100000,
-				 .max_inflight = 1000, .session_expiry = 86400 };
+				 .max_buffered_bytes = 1ull << 30, .max_inflight = 1000,
+				 .session_expiry = 86400 };
 	if (n == NULL)
 		conf_errk(x, root, "mqtt", "is required (at least url: mqtts://HOST[:PORT])");
 	if (n == NULL || !conf_fields(x, n, names, v))

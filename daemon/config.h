@@ -50,8 +50,9 @@ struct conf_mqtt {
 	char *password;			/* read from password_file (first line), optional */
 	int keepalive;			/* s, default 30, 5..3600 */
 	int version;			/* 5 (default) or 3 (= 3.1.1) */
-	char *persistence_dir;		/* default /var/lib/coap2mqtt */
-	int max_buffered;		/* default 100000, 1..10000000 */
+	char *persistence_dir;		/* the journal, default /var/lib/coap2mqtt */
+	int max_buffered;		/* readings in the journal, default 100000, 1..10000000 */
+	unsigned long long max_buffered_bytes;	/* journal bytes, default 1 GiB, 1 MiB..1 TiB */
 	int max_inflight;		/* default 1000, 1..65535 */
 	unsigned session_expiry;	/* s, default 86400 */
 	char *status_topic;		/* gateway status (Last Will "offline", "online" after connect);

@@ -1,5 +1,5 @@
 /* device.c: devices by identity — the current session, presence on MQTT — and per-session state
- * (peer, recent CON exchanges, handshake deadline), driven by libcoap session events. */
+ * (peer, handshake deadline), driven by libcoap session events. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,11 +22,6 @@ struct dev_sess {
 	struct device *dev;		/* set once established */
 	char identity[KEYS_MAX_IDENTITY + 1];
 	char peer[64];
-	struct {
-		coap_mid_t mid;
-		uint8_t code;		/* 0 = slot unused */
-	} recent[DEV_DEDUP_SLOTS];
-	unsigned next_slot;
 	int closed;			/* DTLS_CLOSED seen */
 	struct event *hs_timer;		/* handshake deadline, armed once the identity is known */
 };
@@ -214,26 +209,6 @@ const char *dev_sess_identity(const struct dev_sess *d)
 const char *dev_sess_peer(const struct dev_sess *d)
 {
 	return d->peer;
-}
-
-uint8_t dev_dedup_find(const struct dev_sess *d, coap_mid_t mid)
-{
-	for (unsigned i = 0; i < DEV_DEDUP_SLOTS; i++)
-		if (d->recent[i].code && d->recent[i].mid == mid)
-			return d->recent[i].code;
-	return 0;
-}
-
-void dev_dedup_store(struct dev_sess *d, coap_mid_t mid, uint8_t code)
-{
-	for (unsigned i = 0; i < DEV_DEDUP_SLOTS; i++)
-		if (d->recent[i].code && d->recent[i].mid == mid) {
-			d->recent[i].code = code;
-			return;
-		}
-	d->recent[d->next_slot].mid = mid;
-	d->recent[d->next_slot].code = code;
-	d->next_slot = (d->next_slot + 1) % DEV_DEDUP_SLOTS;
 }
 
 static void on_handshake_deadline(evutil_socket_t fd, short what, void *arg)

@@ -1,13 +1,11 @@
 /* device.h: devices by identity (current session, presence) and per-session state (peer,
- * recent exchanges), driven by libcoap session events. */
+ * handshake deadline), driven by libcoap session events. */
 #ifndef C2M_DEVICE_H
 #define C2M_DEVICE_H
 
 #include <stdint.h>
 
 #include <coap3/coap.h>
-
-#define DEV_DEDUP_SLOTS 8	/* recent CON exchanges remembered per session */
 
 struct config;
 struct keys;
@@ -29,11 +27,6 @@ void dev_shutdown(void);
 struct dev_sess *dev_sess_get(coap_session_t *s);
 const char *dev_sess_identity(const struct dev_sess *d);
 const char *dev_sess_peer(const struct dev_sess *d);
-
-/* Recent exchanges by message ID, so a retransmitted CON is answered, not processed again.
- * dev_dedup_find returns the response code stored for mid, or 0. */
-uint8_t dev_dedup_find(const struct dev_sess *d, coap_mid_t mid);
-void dev_dedup_store(struct dev_sess *d, coap_mid_t mid, uint8_t code);
 
 /* The PSK callback accepted identity for s: the handshake must now complete in time. */
 void dev_handshake_start(coap_session_t *s, const char *identity);

@@ -1,5 +1,6 @@
 /* main.c: arguments, --check, start-up in order, signals, the loop, teardown in reverse. */
 #include <getopt.h>
+#include <inttypes.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,6 +14,8 @@
 #include "command.h"
 #include "config.h"
 #include "device.h"
+#include "exchange.h"
+#include "journal.h"
 #include "keys.h"
 #include "log.h"
 #include "loop.h"
@@ -110,15 +113,17 @@ static void on_health(evutil_socket_t fd, short what, void *arg)
 {
 	uint64_t pub = stats_get(STAT_PUBLISHED);
 	double rate = (double)(pub - G.last_published) * 1e6 / (double)G.health_us;
+	struct journal_stats js;
 
 	(void)fd;
 	(void)what;
 	(void)arg;
 	G.last_published = pub;
+	journal_get_stats(&js);
 	sd_notifyf(0, "WATCHDOG=1\nSTATUS=sessions=%zu online=%zu readings/s=%.1f broker=%s "
-		   "buffered=%zu observing=%zu commands=%zu", dev_sessions(), dev_online(), rate,
-		   mqtt_connected() ? "connected" : "disconnected", mqtt_outstanding(), observe_active(),
-		   command_queued());
+		   "backlog=%zu backlog_bytes=%" PRIu64 " observing=%zu commands=%zu", dev_sessions(),
+		   dev_online(), rate, mqtt_connected() ? "connected" : "disconnected", js.records,
+		   js.bytes, observe_active(), command_queued());
 }
 
 static int health_init(struct event_base *base)
@@ -190,6 +195,7 @@ static int parse_args(int argc, char **argv, int *check)
 
 static void on_mqtt_state(int connected)
 {
+	journal_mqtt_state(connected);
 	uplink_mqtt_state(connected);
 }
 
@@ -218,8 +224,13 @@ static int run(void)
 	}
 	if (G.conf->n_devices == 0)
 		log_warn("no devices configured: every handshake will be refused");
+	struct journal_limits jl = { .max_records = (size_t)G.conf->mqtt.max_buffered,
+				     .max_bytes = G.conf->mqtt.max_buffered_bytes,
+				     .max_inflight = G.conf->mqtt.max_inflight };
+
 	if (loop_init(G.conf, G.keys) < 0 || signals_init(loop_base()) < 0 ||
-	    health_init(loop_base()) < 0 ||
+	    health_init(loop_base()) < 0 || exch_init() < 0 ||
+	    journal_open(loop_base(), G.conf->mqtt.persistence_dir, &jl) < 0 ||
 	    mqtt_init(loop_base(), &G.conf->mqtt, on_mqtt_state, command_on_message) < 0 ||
 	    dev_init(G.conf, &hooks) < 0 || observe_init(G.conf) < 0 || command_init(G.conf) < 0 ||
 	    metrics_init(loop_base(), &G.conf->metrics) < 0)
@@ -258,12 +269,15 @@ int main(int argc, char **argv)
 	rc = run();
 	/* teardown in reverse: metrics, commands and observations answered or cancelled, presence,
 	 * broker (persist or finish in-flight), pending answers, CoAP, loop */
+	journal_flush();	/* the last batch on disk: its devices get their 2.04 */
 	metrics_shutdown();
 	command_shutdown();
 	observe_shutdown();
 	dev_shutdown();
 	mqtt_shutdown(SHUTDOWN_MQTT_MS);
 	uplink_shutdown();
+	journal_close();	/* retirements of the last PUBACKs written */
+	exch_shutdown();
 	signals_shutdown();
 	loop_shutdown();
 	keys_free(G.keys);

@@ -159,7 +159,7 @@ static void on_pub_fail5(void *ctx, MQTTAsync_failureData5 *r)
 
 	snprintf(why, sizeof(why), "code=%d reason=%d %s", r ? r->code : 0, r ? (int)r->reasonCode : 0,
 		 r && r->message ? r->message : "");
-	pub_complete(ctx, MQTT_FAILED, why);
+	pub_complete(ctx, r && r->reasonCode >= 0x80 ? MQTT_REFUSED : MQTT_FAILED, why);
 }
 
 static void on_pub_ok(void *ctx, MQTTAsync_successData *r)
@@ -366,7 +366,7 @@ static void handle_event(struct mqtt_ev *ev)
 	switch (ev->kind) {
 	case EV_PUB_DONE:
 		atomic_fetch_sub(&M.outstanding, 1);
-		if (ev->status == MQTT_FAILED)
+		if (ev->status == MQTT_FAILED || ev->status == MQTT_REFUSED)
 			log_warn("mqtt: publish failed: %s", ev->why);
 		if (ev->done)
 			ev->done(ev->arg, ev->status);
@@ -497,25 +497,6 @@ static void connect_now(void)
 	}
 }
 
-static int make_store_dir(const char *dir)
-{
-	struct stat st;
-
-	if (mkdir(dir, 0750) < 0 && errno != EEXIST) {
-		log_error("mqtt: cannot create persistence_dir %s: %s", dir, strerror(errno));
-		return -1;
-	}
-	if (stat(dir, &st) < 0 || !S_ISDIR(st.st_mode)) {
-		log_error("mqtt: persistence_dir %s is not a directory", dir);
-		return -1;
-	}
-	if (access(dir, W_OK) < 0) {
-		log_error("mqtt: persistence_dir %s is not writable: %s", dir, strerror(errno));
-		return -1;
-	}
-	return 0;
-}
-
 int mqtt_init(struct event_base *base, const struct conf_mqtt *c, mqtt_state_fn on_state,
 	      mqtt_in_fn on_message)
 {
@@ -533,8 +514,6 @@ int mqtt_init(struct event_base *base, const struct conf_mqtt *c, mqtt_state_fn 
 		 (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u);
 	snprintf(M.uri, sizeof(M.uri), "%s://%s%s%s:%d", c->tls ? "ssl" : "tcp",
 		 strchr(c->host, ':') ? "[" : "", c->host, strchr(c->host, ':') ? "]" : "", c->port);
-	if (make_store_dir(c->persistence_dir) < 0)
-		return -1;
 	M.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	if (M.efd < 0) {
 		log_error("mqtt: eventfd: %s", strerror(errno));
@@ -553,22 +532,22 @@ int mqtt_init(struct event_base *base, const struct conf_mqtt *c, mqtt_state_fn 
 	cro.allowDisconnectedSendAtAnyTime = 1;
 	cro.maxBufferedMessages = c->max_buffered;
 	cro.deleteOldestMessages = 0;	/* never drop silently: refuse (5.03) instead */
-	cro.restoreMessages = 1;
-	cro.persistQoS0 = 0;
+	cro.restoreMessages = 0;
 	cro.MQTTVersion = c->version == 5 ? MQTTVERSION_5 : MQTTVERSION_3_1_1;
-	rc = MQTTAsync_createWithOptions(&M.client, M.uri, c->client_id, MQTTCLIENT_PERSISTENCE_DEFAULT,
-					 (void *)c->persistence_dir, &cro);
+	/* no Paho store: readings are kept by the journal (journal.c), which Paho's file store could
+	 * not do safely (no fsync, write errors ignored, messages dropped on a lost session) */
+	rc = MQTTAsync_createWithOptions(&M.client, M.uri, c->client_id, MQTTCLIENT_PERSISTENCE_NONE,
+					 NULL, &cro);
 	if (rc != MQTTASYNC_SUCCESS) {
-		log_error("mqtt: cannot create client for %s (persistence_dir %s): code %d", M.uri,
-			  c->persistence_dir, rc);
+		log_error("mqtt: cannot create client for %s: code %d", M.uri, rc);
 		return -1;
 	}
 	MQTTAsync_setTraceCallback(on_paho_trace);
 	trace_verbose(1);
 	MQTTAsync_setCallbacks(M.client, NULL, on_lost, on_arrived, NULL);
 	MQTTAsync_setConnected(M.client, NULL, on_connected);
-	log_info("mqtt: connecting broker=%s client_id=%s version=%d store=%s", M.uri, c->client_id,
-		 c->version, c->persistence_dir);
+	log_info("mqtt: connecting broker=%s client_id=%s version=%d", M.uri, c->client_id,
+		 c->version);
 	connect_now();
 	return 0;
 }
@@ -610,7 +589,10 @@ enum mqtt_send mqtt_publish(const struct mqtt_msg *m, mqtt_done_fn done, void *a
 	msg.qos = m->qos;
 	msg.retained = m->retain;
 	if (M.conf->version == 5) {
-		snprintf(msgid, sizeof(msgid), "%s-%" PRIu64, M.boot_id, ++M.msg_seq);
+		if (m->msg_id)
+			snprintf(msgid, sizeof(msgid), "%s", m->msg_id);
+		else
+			snprintf(msgid, sizeof(msgid), "%s-%" PRIu64, M.boot_id, ++M.msg_seq);
 		if ((ct = mqtt_content_type(m->content_format)) != NULL)
 			add_str_prop(&msg.properties, MQTTPROPERTY_CODE_CONTENT_TYPE, NULL, ct);
 		if (m->identity)

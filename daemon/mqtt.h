@@ -10,7 +10,8 @@ struct conf_mqtt;
 enum mqtt_status {
 	MQTT_DELIVERED,		/* QoS 0 written / QoS 1 PUBACK / QoS 2 PUBCOMP */
 	MQTT_FAILED,		/* Paho reported failure (not proof of non-delivery) */
-	MQTT_ABORTED,		/* shutdown: stays in the persistent store for the next start */
+	MQTT_REFUSED,		/* the broker answered with a reason code >= 0x80 (MQTT 5) */
+	MQTT_ABORTED,		/* shutdown: not completed (the journal keeps readings) */
 };
 
 /* Called on the loop thread, exactly once per accepted publish. */
@@ -26,6 +27,7 @@ struct mqtt_msg {
 	int retain;
 	int content_format;	/* CoAP Content-Format, -1 when absent */
 	const char *identity;	/* PSK identity, sent as user property "identity" */
+	const char *msg_id;	/* user property "msg-id"; NULL: a new one is made */
 	const char *reason;	/* user property "reason", or NULL */
 	const char *coap_code;	/* user property "coap-code" ("2.04"), or NULL */
 	const void *correlation;	/* MQTT 5 Correlation Data, or NULL */
@@ -47,7 +49,7 @@ struct mqtt_in {
 typedef void (*mqtt_in_fn)(const struct mqtt_in *m);
 
 enum mqtt_send {
-	MQTT_SEND_OK,		/* taken: persisted (QoS ≥ 1) or queued (QoS 0) */
+	MQTT_SEND_OK,		/* taken by the client (in memory only) */
 	MQTT_SEND_FULL,		/* buffer / window full: try later (5.03) */
 	MQTT_SEND_FAILED,	/* store or client failure (5.03) */
 };

@@ -1,11 +1,16 @@
 /* uplink.c: one handler for every device request: route it, hand it to mqtt, answer the device
- * once the reading is safe — piggybacked for `ack: stored`, separately after the PUBACK for
- * `ack: broker`. Every CoAP error code the gateway sends is chosen here. */
+ * once the reading is safe — piggybacked once the journal has it on disk for `ack: stored`,
+ * separately after the PUBACK for `ack: broker`. Every CoAP error code the gateway sends is chosen here. */
+#include <inttypes.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "config.h"
 #include "device.h"
+#include "exchange.h"
+#include "journal.h"
 #include "log.h"
 #include "loop.h"
 #include "mqtt.h"
@@ -15,14 +20,17 @@
 
 #define UPLINK_RETRY_S 30	/* Max-Age on 5.03: when the device should try again */
 
-/* A CON reading on an `ack: broker` route waiting for its PUBACK. */
+/* A reading (QoS >= 1) waiting for the journal (ack: stored) or for the broker (ack: broker). */
 struct pending {
-	coap_session_t *session;	/* referenced while pending */
-	coap_async_t *async;		/* libcoap answered the CON with an empty ACK */
-	uint8_t token[8];
+	coap_session_t *session;	/* referenced while pending; the latest the device used */
+	struct exch *ex;		/* its exchange (CON), NULL for NON */
+	coap_pdu_t *answer;		/* ack: stored: the deferred response, sent once stored */
+	uint8_t token[8];		/* ack: broker: for the separate response */
 	size_t token_len;
-	coap_mid_t mid;
-	int answered;
+	uint64_t seq;			/* in the journal */
+	unsigned no_response;		/* No-Response option bits (RFC 7967) of a NON */
+	int broker, stored;
+	char who[160];			/* "peer=… identity=…" for log lines */
 	struct pending *prev, *next;
 };
 
@@ -30,6 +38,8 @@ static struct {
 	const struct config *conf;
 	struct pending *pending;
 	size_t n_pending;
+	time_t last_refusal_log;
+	unsigned refusals_unlogged;
 } U;
 
 static void set_error(coap_pdu_t *resp, uint8_t code, const char *diag)
@@ -147,95 +157,187 @@ static void pending_unlink(struct pending *p)
 	U.n_pending--;
 }
 
-/* The separate response for an `ack: broker` reading (libcoap sent the empty ACK already). */
-static void pending_answer(struct pending *p, uint8_t code)
-{
-	coap_pdu_t *pdu;
-	struct dev_sess *dev;
-
-	if (p->answered)
-		return;
-	p->answered = 1;
-	count_code(code);
-	dev = dev_sess_get(p->session);
-	if (dev)
-		dev_dedup_store(dev, p->mid, code);
-	if (coap_session_get_state(p->session) != COAP_SESSION_STATE_ESTABLISHED)
-		return;
-	pdu = coap_pdu_init(COAP_MESSAGE_CON, code, coap_new_message_id(p->session),
-			    coap_session_max_pdu_size(p->session));
-	if (!pdu)
-		return;
-	coap_add_token(pdu, p->token_len, p->token);
-	if (code == COAP_RESPONSE_CODE(503)) {
-		uint8_t buf[4];
-
-		coap_add_option(pdu, COAP_OPTION_MAXAGE,
-				coap_encode_var_safe(buf, sizeof(buf), UPLINK_RETRY_S), buf);
-	}
-	if (coap_send(p->session, pdu) == COAP_INVALID_MID)
-		log_warn("peer=%s identity=%s separate response not sent", dev ? dev_sess_peer(dev) : "?",
-			 dev ? dev_sess_identity(dev) : "?");
-	loop_kick();
-}
-
+/* The one way out of a pending reading: detached from the journal, session released. */
 static void pending_free(struct pending *p)
 {
 	pending_unlink(p);
-	if (p->async)
-		coap_free_async(p->session, p->async);
+	journal_detach(p->seq);
+	if (p->ex && exch_ctx(p->ex) == p)
+		exch_set_ctx(p->ex, NULL);
+	if (p->answer)
+		coap_delete_pdu(p->answer);
 	coap_session_release(p->session);
 	free(p);
 }
 
-static void on_broker_done(void *arg, enum mqtt_status st)
+static int suppressed(unsigned no_response, uint8_t code)
 {
-	struct pending *p = arg;
+	unsigned cls = code >> 5;
 
-	if (st == MQTT_FAILED) {
-		stats_inc(STAT_PUBLISH_FAILED);
-		pending_answer(p, COAP_RESPONSE_CODE(503));
-	} else {
-		/* delivered, or (shutdown) kept in the persistent store for the next start */
-		pending_answer(p, COAP_RESPONSE_CODE(204));
+	return (cls == 2 && (no_response & 2)) || (cls == 4 && (no_response & 8)) ||
+	       (cls == 5 && (no_response & 16));
+}
+
+/* Sends the answer a pending reading waited for: the deferred piggybacked ACK (ack: stored) or a
+ * separate CON response (ack: broker, the empty ACK went out already), then frees it. */
+static void pending_answer(struct pending *p, uint8_t code)
+{
+	coap_pdu_t *pdu = p->answer;
+
+	count_code(code);
+	if (p->ex)
+		exch_set_code(p->ex, code);
+	p->answer = NULL;
+	if (coap_session_get_state(p->session) != COAP_SESSION_STATE_ESTABLISHED ||
+	    suppressed(p->no_response, code)) {
+		if (pdu)
+			coap_delete_pdu(pdu);
+		pending_free(p);
+		return;
+	}
+	if (!pdu) {
+		pdu = coap_pdu_init(COAP_MESSAGE_CON, code, coap_new_message_id(p->session),
+				    coap_session_max_pdu_size(p->session));
+		if (pdu)
+			coap_add_token(pdu, p->token_len, p->token);
+	}
+	if (pdu) {
+		if (code == COAP_RESPONSE_CODE(503))
+			set_error(pdu, code, "cannot store now, retry after Max-Age");
+		else
+			coap_pdu_set_code(pdu, code);
+		if (coap_send(p->session, pdu) == COAP_INVALID_MID)
+			log_warn("%s answer %u.%02u not sent", p->who, code >> 5, code & 31);
+		loop_kick();
 	}
 	pending_free(p);
 }
 
-static void on_stored_done(void *arg, enum mqtt_status st)
+static void on_journal(void *arg, enum journal_event ev)
 {
-	(void)arg;
-	if (st == MQTT_FAILED)
+	struct pending *p = arg;
+
+	switch (ev) {
+	case JOURNAL_STORED:
+		p->stored = 1;
+		if (!p->broker || !mqtt_connected())
+			pending_answer(p, COAP_RESPONSE_CODE(204));
+		break;
+	case JOURNAL_NOT_STORED:
 		stats_inc(STAT_PUBLISH_FAILED);
+		log_warn("%s seq=%" PRIu64 " refused 5.03: %s", p->who, p->seq, journal_refusal());
+		pending_answer(p, COAP_RESPONSE_CODE(503));
+		break;
+	case JOURNAL_DELIVERED:
+		pending_answer(p, COAP_RESPONSE_CODE(204));
+		break;
+	}
 }
 
-/* Publishes and waits for the PUBACK; returns 0 when the answer is left to on_broker_done. */
-static int publish_await(coap_session_t *s, const coap_pdu_t *req, const struct mqtt_msg *m)
+/* A refusal because of a journal limit: logged at most once a minute, the rest counted. */
+static void log_refusal(struct dev_sess *dev, const char *why)
+{
+	time_t now = time(NULL);
+
+	if (now - U.last_refusal_log < 60) {
+		U.refusals_unlogged++;
+		return;
+	}
+	log_warn("peer=%s identity=%s refused 5.03: %s (%u more refusals since the last line)",
+		 dev_sess_peer(dev), dev_sess_identity(dev), why, U.refusals_unlogged);
+	U.last_refusal_log = now;
+	U.refusals_unlogged = 0;
+}
+
+static unsigned no_response_bits(const coap_pdu_t *req)
+{
+	coap_opt_iterator_t oi;
+	coap_opt_t *opt = coap_check_option(req, COAP_OPTION_NORESPONSE, &oi);
+
+	return opt ? coap_decode_var_bytes(coap_opt_value(opt), coap_opt_length(opt)) : 0;
+}
+
+/* A reading for the journal; returns 0 when it is pending (the answer follows), else the code. */
+static uint8_t take_durable(coap_session_t *s, struct dev_sess *dev, const coap_pdu_t *req,
+			    coap_pdu_t *resp, const struct mqtt_msg *m, struct exch *ex, int broker)
 {
 	struct pending *p = calloc(1, sizeof(*p));
-	coap_bin_const_t tok = coap_pdu_get_token(req);
+	coap_bin_const_t tok = coap_pdu_get_token(resp);
 
 	if (!p)
-		return -1;
-	p->async = coap_register_async(s, req, 0);
-	if (!p->async) {
+		return COAP_RESPONSE_CODE(503);
+	p->broker = broker && coap_pdu_get_type(req) == COAP_MESSAGE_CON;
+	if (!p->broker) {
+		/* answered once stored: libcoap's response, held back until then */
+		p->answer = coap_pdu_duplicate(resp, s, tok.length, tok.s, NULL);
+		if (!p->answer) {
+			free(p);
+			return COAP_RESPONSE_CODE(503);
+		}
+		if (coap_pdu_get_type(resp) == COAP_MESSAGE_ACK)
+			coap_pdu_set_mid(p->answer, coap_pdu_get_mid(resp));
+	}
+	if (journal_append(m, on_journal, p, &p->seq) != JOURNAL_TAKEN) {
+		log_refusal(dev, journal_refusal());
+		if (p->answer)
+			coap_delete_pdu(p->answer);
 		free(p);
-		return -1;
+		return COAP_RESPONSE_CODE(503);
 	}
 	p->session = coap_session_reference(s);
+	p->ex = ex;
 	p->token_len = tok.length <= sizeof(p->token) ? tok.length : sizeof(p->token);
 	memcpy(p->token, tok.s, p->token_len);
-	p->mid = coap_pdu_get_mid(req);
+	p->no_response = coap_pdu_get_type(req) == COAP_MESSAGE_NON ? no_response_bits(req) : 0;
+	snprintf(p->who, sizeof(p->who), "peer=%s identity=%s mid=%u", dev_sess_peer(dev),
+		 dev_sess_identity(dev), (unsigned)coap_pdu_get_mid(req));
+	if (ex)
+		exch_set_ctx(ex, p);
 	p->next = U.pending;
 	if (U.pending)
 		U.pending->prev = p;
 	U.pending = p;
 	U.n_pending++;
-	if (mqtt_publish(m, on_broker_done, p) != MQTT_SEND_OK) {
-		pending_free(p);
-		return -1;
-	}
+	coap_pdu_defer_response(resp);
+	if (p->broker)
+		coap_send_ack(s, req);	/* empty ACK now, 2.04 once the broker has it */
 	return 0;
+}
+
+/* A retransmitted CON: the first answer again, or nothing yet while the first is pending. */
+static void answer_again(coap_session_t *s, struct dev_sess *dev, const coap_pdu_t *req,
+			 coap_pdu_t *resp, struct exch *ex)
+{
+	uint8_t code = exch_code(ex);
+	struct pending *p = exch_ctx(ex);
+
+	stats_inc(STAT_DUPLICATES);
+	log_debug("peer=%s identity=%s mid=%u duplicate answered %u.%02u", dev_sess_peer(dev),
+		  dev_sess_identity(dev), (unsigned)coap_pdu_get_mid(req), code >> 5, code & 31);
+	if (code) {
+		if (code == COAP_RESPONSE_CODE(503))
+			set_error(resp, code, "cannot accept now, retry after Max-Age");
+		else
+			coap_pdu_set_code(resp, code);
+		return;
+	}
+	coap_pdu_defer_response(resp);
+	if (p && p->session != s) {
+		/* the device came back on a new session (rebinding, re-handshake): answer there */
+		coap_session_release(p->session);
+		p->session = coap_session_reference(s);
+	}
+	if (p && p->broker)
+		coap_send_ack(s, req);
+}
+
+/* The key exchanges are remembered by: the device identity, or the address for NoSec. */
+static const char *exch_key(coap_session_t *s, struct dev_sess *dev, char *buf, size_t len)
+{
+	if (coap_session_get_proto(s) == COAP_PROTO_DTLS)
+		return dev_sess_identity(dev);
+	snprintf(buf, len, "@%s", dev_sess_peer(dev));
+	return buf;
 }
 
 static void on_request(coap_resource_t *res, coap_session_t *s, const coap_pdu_t *req,
@@ -244,10 +346,13 @@ static void on_request(coap_resource_t *res, coap_session_t *s, const coap_pdu_t
 	struct dev_sess *dev = dev_sess_get(s);
 	struct uplink_decision d;
 	struct mqtt_msg m;
+	struct exch *ex = NULL;
 	const uint8_t *data = NULL;
 	size_t len = 0, offset = 0, total = 0;
 	int con = coap_pdu_get_type(req) == COAP_MESSAGE_CON;
 	coap_mid_t mid = coap_pdu_get_mid(req);
+	char keybuf[80];
+	const char *key;
 	uint8_t code;
 
 	(void)res;
@@ -257,12 +362,15 @@ static void on_request(coap_resource_t *res, coap_session_t *s, const coap_pdu_t
 		set_error(resp, COAP_RESPONSE_CODE(503), "gateway out of memory");
 		return;
 	}
-	if (con && (code = dev_dedup_find(dev, mid)) != 0) {
-		/* retransmission of a CON already handled: same answer, nothing published again */
-		stats_inc(STAT_DUPLICATES);
-		coap_pdu_set_code(resp, code);
-		log_debug("peer=%s identity=%s mid=%u duplicate answered %u.%02u", dev_sess_peer(dev),
-			  dev_sess_identity(dev), (unsigned)mid, code >> 5, code & 31);
+	key = exch_key(s, dev, keybuf, sizeof(keybuf));
+	if (con && (ex = exch_find(key, (uint16_t)mid)) != NULL) {
+		answer_again(s, dev, req, resp, ex);
+		return;
+	}
+	if (con && (ex = exch_add(key, (uint16_t)mid)) == NULL) {
+		log_refusal(dev, "too many exchanges of this device in the last 247 s");
+		set_error(resp, COAP_RESPONSE_CODE(503), "too many requests, retry after Max-Age");
+		count_code(COAP_RESPONSE_CODE(503));
 		return;
 	}
 	uplink_decide(U.conf, req, dev_sess_identity(dev), &d);
@@ -280,31 +388,29 @@ static void on_request(coap_resource_t *res, coap_session_t *s, const coap_pdu_t
 	if (!d.route) {
 		set_error(resp, d.code, d.diag);
 		count_code(d.code);
-		if (con)
-			dev_dedup_store(dev, mid, d.code);
-		log_info("peer=%s identity=%s mid=%u refused %u.%02u: %s", dev_sess_peer(dev), dev_sess_identity(dev),
-			 (unsigned)mid, d.code >> 5, d.code & 31, d.diag);
+		if (ex)
+			exch_set_code(ex, d.code);
+		log_info("peer=%s identity=%s mid=%u refused %u.%02u: %s", dev_sess_peer(dev),
+			 dev_sess_identity(dev), (unsigned)mid, d.code >> 5, d.code & 31, d.diag);
 		return;
 	}
 	m = (struct mqtt_msg){ .topic = d.topic, .payload = data, .len = len, .qos = d.route->qos,
 			       .retain = d.route->retain, .content_format = content_format(req),
 			       .identity = dev_sess_identity(dev) };
-	if (con && d.route->ack == CONF_ACK_BROKER && mqtt_connected()) {
-		if (publish_await(s, req, &m) == 0) {
+	if (d.route->qos > 0) {
+		code = take_durable(s, dev, req, resp, &m, ex, d.route->ack == CONF_ACK_BROKER);
+		if (code == 0) {
 			stats_inc(STAT_PUBLISHED);
-			return;		/* code stays 0: libcoap sends the empty ACK */
+			return;		/* answered once stored (or delivered) */
 		}
-		code = COAP_RESPONSE_CODE(503);
 	} else {
-		switch (mqtt_publish(&m, on_stored_done, NULL)) {
+		switch (mqtt_publish(&m, NULL, NULL)) {
 		case MQTT_SEND_OK:
 			stats_inc(STAT_PUBLISHED);
 			code = COAP_RESPONSE_CODE(204);
 			break;
 		case MQTT_SEND_FULL:
-			log_warn("peer=%s identity=%s topic=%s refused 5.03: buffer full (%zu readings "
-				 "waiting for the broker); raise mqtt.max_buffered or check the broker",
-				 dev_sess_peer(dev), dev_sess_identity(dev), d.topic, mqtt_outstanding());
+			log_refusal(dev, "MQTT client buffer full (broker away or slow)");
 			code = COAP_RESPONSE_CODE(503);
 			break;
 		default:
@@ -317,8 +423,8 @@ static void on_request(coap_resource_t *res, coap_session_t *s, const coap_pdu_t
 	else
 		coap_pdu_set_code(resp, code);
 	count_code(code);
-	if (con)
-		dev_dedup_store(dev, mid, code);
+	if (ex)
+		exch_set_code(ex, code);
 	log_debug("peer=%s identity=%s mid=%u topic=%s bytes=%zu %u.%02u", dev_sess_peer(dev),
 		  dev_sess_identity(dev), (unsigned)mid, d.topic, len, code >> 5, code & 31);
 }
@@ -348,11 +454,16 @@ void uplink_set_config(const struct config *c)
 
 void uplink_mqtt_state(int connected)
 {
+	struct pending *p, *next;
+
 	if (connected)
 		return;
-	/* the readings are in the persistent store: answer now instead of after the PUBACK */
-	for (struct pending *p = U.pending; p; p = p->next)
-		pending_answer(p, COAP_RESPONSE_CODE(204));
+	/* ack: broker readings already stored are answered now instead of after the PUBACK */
+	for (p = U.pending; p; p = next) {
+		next = p->next;
+		if (p->broker && p->stored)
+			pending_answer(p, COAP_RESPONSE_CODE(204));
+	}
 }
 
 size_t uplink_pending(void)
@@ -362,6 +473,14 @@ size_t uplink_pending(void)
 
 void uplink_shutdown(void)
 {
-	while (U.pending)
-		pending_free(U.pending);
+	struct pending *p, *next;
+
+	/* stored readings are safe (delivered at the next start): 2.04, not a failure */
+	for (p = U.pending; p; p = next) {
+		next = p->next;
+		if (p->stored)
+			pending_answer(p, COAP_RESPONSE_CODE(204));
+		else
+			pending_free(p);
+	}
 }
