@@ -15,6 +15,7 @@ struct exch_dev {
 
 struct exch {
 	uint64_t kh;			/* hash of the device key */
+	uint64_t th;			/* hash of the token */
 	uint16_t mid;
 	uint8_t code;
 	time_t t;
@@ -39,13 +40,18 @@ static time_t now_s(void)
 	return ts.tv_sec;
 }
 
-static uint64_t key_hash(const char *key)
+static uint64_t hash_bytes(const void *buf, size_t len)
 {
 	uint64_t h = 0xcbf29ce484222325ull;
 
-	for (const unsigned char *p = (const unsigned char *)key; *p; p++)
+	for (const unsigned char *p = buf; len--; p++)
 		h = (h ^ *p) * 0x100000001b3ull;
 	return h;
+}
+
+static uint64_t key_hash(const char *key)
+{
+	return hash_bytes(key, strlen(key));
 }
 
 static size_t bucket(uint64_t kh, uint16_t mid)
@@ -128,21 +134,21 @@ static void expire(time_t now)
 	}
 }
 
-struct exch *exch_find(const char *key, uint16_t mid)
+struct exch *exch_find(const char *key, uint16_t mid, const uint8_t *tok, size_t tok_len)
 {
-	uint64_t kh = key_hash(key);
+	uint64_t kh = key_hash(key), th = hash_bytes(tok, tok_len);
 	time_t now = now_s();
 
 	if (!X.buckets)
 		return NULL;
 	expire(now);
 	for (struct exch *e = X.buckets[bucket(kh, mid)]; e; e = e->hnext)
-		if (e->kh == kh && e->mid == mid && e->t + EXCH_LIFETIME_S > now)
+		if (e->kh == kh && e->mid == mid && e->th == th && e->t + EXCH_LIFETIME_S > now)
 			return e;
 	return NULL;
 }
 
-struct exch *exch_add(const char *key, uint16_t mid)
+struct exch *exch_add(const char *key, uint16_t mid, const uint8_t *tok, size_t tok_len)
 {
 	size_t klen = strlen(key);
 	struct exch_dev *d;
@@ -174,7 +180,8 @@ struct exch *exch_add(const char *key, uint16_t mid)
 		}
 		return NULL;
 	}
-	*e = (struct exch){ .kh = key_hash(key), .mid = mid, .t = now_s(), .dev = d };
+	*e = (struct exch){ .kh = key_hash(key), .th = hash_bytes(tok, tok_len), .mid = mid,
+			    .t = now_s(), .dev = d };
 	d->n++;
 	if (++X.n > 2 * (X.mask + 1))
 		grow();

@@ -15,11 +15,13 @@ struct exch;
 
 int exch_init(void);
 void exch_shutdown(void);
-/* The exchange (key, mid) seen in the last EXCH_LIFETIME_S, or NULL. */
-struct exch *exch_find(const char *key, uint16_t mid);
-/* Remembers (key, mid), pending (code 0). NULL when the device's window or the budget is full:
- * the request is then refused (5.03) rather than forgotten. */
-struct exch *exch_add(const char *key, uint16_t mid);
+/* The exchange (key, mid, token) seen in the last EXCH_LIFETIME_S, or NULL. The token is part of
+ * it: a retransmission repeats both, while a device that rebooted and happens to reuse a recent
+ * MID (RFC 7252 §4.4 asks for a random initial one) sends a new token with it. */
+struct exch *exch_find(const char *key, uint16_t mid, const uint8_t *tok, size_t tok_len);
+/* Remembers (key, mid, token), pending (code 0). NULL when the device's window or the budget is
+ * full: the request is then refused (5.03) rather than forgotten. */
+struct exch *exch_add(const char *key, uint16_t mid, const uint8_t *tok, size_t tok_len);
 /* 0 while pending, else the response code sent. */
 uint8_t exch_code(const struct exch *e);
 void exch_set_code(struct exch *e, uint8_t code);

@@ -68,7 +68,7 @@ struct jrec {
 };
 
 struct jjob {
-	enum { JOB_WRITE, JOB_UNLINK } kind;
+	enum { JOB_WRITE, JOB_UNLINK, JOB_STAT } kind;
 	struct jseg *seg;		/* loop's; the writer reads only no */
 	uint64_t seg_no;
 	int open_new, sync;
@@ -395,11 +395,20 @@ static int open_segment(struct jjob *j)
 	return 0;
 }
 
+static void fs_space(struct jjob *j)
+{
+	struct statvfs vs;
+
+	if (fstatvfs(J.dirfd, &vs) == 0) {
+		j->fs_free = (uint64_t)vs.f_bavail * vs.f_frsize;
+		j->fs_size = (uint64_t)vs.f_blocks * vs.f_frsize;
+	}
+}
+
 static void do_write(struct jjob *j)
 {
 	char name[32];
 	struct stat st;
-	struct statvfs vs;
 	int err = 0;
 
 	j->op = "write";
@@ -431,10 +440,7 @@ static void do_write(struct jjob *j)
 		seg_name(name, sizeof(name), j->seg_no);
 		j->removed = unlinkat(J.dirfd, name, 0) == 0 || errno == ENOENT;
 	}
-	if (fstatvfs(J.dirfd, &vs) == 0) {
-		j->fs_free = (uint64_t)vs.f_bavail * vs.f_frsize;
-		j->fs_size = (uint64_t)vs.f_blocks * vs.f_frsize;
-	}
+	fs_space(j);
 }
 
 static void do_unlink(struct jjob *j)
@@ -471,6 +477,8 @@ static void *writer_main(void *unused)
 		pthread_mutex_unlock(&J.mu);
 		if (j->kind == JOB_WRITE)
 			do_write(j);
+		else if (j->kind == JOB_STAT)
+			fs_space(j);
 		else
 			do_unlink(j);
 		pthread_mutex_lock(&J.mu);
@@ -599,21 +607,27 @@ static void seg_remove(struct jseg *s)
 	free(s);
 }
 
-/* Sends the open batch (with pending retirements) to the writer when none is in flight. */
-static void submit(void)
+/* Sends the open batch (with pending retirements) to the writer when none is in flight; with
+ * probe, also an empty one (the writer reports the free space after every job). */
+static void submit_job(int probe)
 {
 	struct jjob *j;
 
-	if (J.writing || (!J.open && !J.n_retired))
+	if (J.writing || (!J.open && !J.n_retired && !probe))
 		return;
 	if (!open_batch())
 		return;
 	j = J.open;
 	add_retirements(j);
-	if (j->len == 0 && !j->n_recs && !j->open_new) {
-		/* nothing to write: a job that only measures the free space */
-		if (!J.cur || J.cur->closed)
+	if (j->len == 0 && j->n_recs == 0) {
+		if (!probe)
 			return;
+		/* nothing to write: only the free space is measured */
+		J.open = NULL;
+		j->kind = JOB_STAT;
+		J.writing = 1;
+		job_submit(j);
+		return;
 	}
 	if (!J.cur || J.cur->closed || J.cur->bytes >= J.seg_max) {
 		if (J.cur)
@@ -631,6 +645,11 @@ static void submit(void)
 	J.cur->busy++;
 	J.writing = 1;
 	job_submit(j);
+}
+
+static void submit(void)
+{
+	submit_job(0);
 }
 
 static void schedule_submit(void)
@@ -741,9 +760,15 @@ static void on_wake(evutil_socket_t fd, short what, void *arg)
 
 		list = j->next;
 		J.jobs_inflight--;
-		if (j->kind == JOB_WRITE)
+		if (j->kind == JOB_WRITE) {
 			write_done(j);
-		else if (j->err)
+		} else if (j->kind == JOB_STAT) {
+			J.writing = 0;
+			if (j->fs_size) {
+				J.fs_free = j->fs_free;
+				J.fs_size = j->fs_size;
+			}
+		} else if (j->err)
 			log_warn("journal: dir=%s segment=%016" PRIx64 " %s failed: %s", J.dir,
 				 j->seg_no, j->op, strerror(j->err));
 		free(j->buf);
@@ -866,8 +891,8 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
 	(void)fd;
 	(void)what;
 	(void)arg;
-	if (J.n_retired || (J.fs_size && J.fs_free < J.floor))
-		submit();	/* retirements, and a fresh look at the free space */
+	/* retirements, and a fresh look at the free space while readings are refused for it */
+	submit_job(J.fs_size && J.fs_free < J.floor + (J.open ? J.open->len : 0) + 4096);
 	delete_drained();
 	pump();
 }
@@ -1340,6 +1365,7 @@ void journal_get_stats(struct journal_stats *s)
 	*s = J.st;
 	s->records = J.n_records;
 	s->bytes = J.disk_bytes;
+	s->in_flight = (size_t)J.n_sent;
 	s->fsync_p50_ms = s->fsync_p99_ms = 0;
 	if (n) {
 		memcpy(v, J.lat, n * sizeof(*v));

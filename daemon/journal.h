@@ -52,6 +52,7 @@ struct journal_stats {
 	size_t records;			/* unretired records (stored or being stored) */
 	uint64_t bytes;			/* bytes in segment files */
 	size_t segments;
+	size_t in_flight;		/* records handed to the MQTT client, not yet acknowledged */
 	uint64_t commits, fsyncs, committed_records, replays, store_errors, cut_bytes;
 	double fsync_p50_ms, fsync_p99_ms;	/* over the last 1024 fsyncs */
 };

@@ -121,7 +121,7 @@ static void on_health(evutil_socket_t fd, short what, void *arg)
 	G.last_published = pub;
 	journal_get_stats(&js);
 	sd_notifyf(0, "WATCHDOG=1\nSTATUS=sessions=%zu online=%zu readings/s=%.1f broker=%s "
-		   "backlog=%zu backlog_bytes=%" PRIu64 " observing=%zu commands=%zu", dev_sessions(),
+		   "buffered=%zu journal_bytes=%" PRIu64 " observing=%zu commands=%zu", dev_sessions(),
 		   dev_online(), rate, mqtt_connected() ? "connected" : "disconnected", js.records,
 		   js.bytes, observe_active(), command_queued());
 }

@@ -16,6 +16,7 @@
 #include "command.h"
 #include "config.h"
 #include "device.h"
+#include "journal.h"
 #include "log.h"
 #include "metrics.h"
 #include "mqtt.h"
@@ -23,7 +24,7 @@
 #include "stats.h"
 
 #define METRICS_PREFIX "coap2mqtt_"
-#define METRICS_TEXT_MAX 8192	/* the whole exposition; the table below needs about 4 KiB */
+#define METRICS_TEXT_MAX 16384	/* the whole exposition; the table below needs about 7 KiB */
 #define METRICS_JSON_MAX 2048
 #define METRICS_HTTP_TIMEOUT_S 10	/* idle or slow scrapers are cut off */
 #define METRICS_MAX_HEADERS 8192
@@ -51,6 +52,36 @@ static size_t broker_connected(void)
 {
 	return mqtt_connected() ? 1 : 0;
 }
+
+/* the journal's numbers, read once per family (a scrape is rare; this is O(1) but for the
+ * latency percentiles, which sort at most 1024 values) */
+static struct journal_stats js(void)
+{
+	struct journal_stats s;
+
+	journal_get_stats(&s);
+	return s;
+}
+
+/* readings not yet acknowledged by the broker, and other messages waiting in the MQTT client */
+static size_t backlog(void)
+{
+	struct journal_stats s = js();
+	size_t out = mqtt_outstanding();
+
+	return s.records + (out > s.in_flight ? out - s.in_flight : 0);
+}
+
+static size_t j_bytes(void) { return (size_t)js().bytes; }
+static size_t j_segments(void) { return js().segments; }
+static size_t j_commits(void) { return (size_t)js().commits; }
+static size_t j_records(void) { return (size_t)js().committed_records; }
+static size_t j_fsyncs(void) { return (size_t)js().fsyncs; }
+static size_t j_p50(void) { return (size_t)(js().fsync_p50_ms * 1000); }
+static size_t j_p99(void) { return (size_t)(js().fsync_p99_ms * 1000); }
+static size_t j_replays(void) { return (size_t)js().replays; }
+static size_t j_errors(void) { return (size_t)js().store_errors; }
+static size_t j_cut(void) { return (size_t)js().cut_bytes; }
 
 static const struct family families[] = {
 	{ "sessions", "sessions", GAUGE, "DTLS sessions held, handshakes in progress included",
@@ -83,8 +114,33 @@ static const struct family families[] = {
 	  "Readings the MQTT client reported as not delivered",
 	  NULL, NULL, 1, { { NULL, STAT_PUBLISH_FAILED } } },
 	{ "buffered", "buffered", GAUGE,
-	  "Publishes taken by the MQTT client and not yet completed (broker backlog)",
-	  mqtt_outstanding, NULL, 0, { { NULL, 0 } } },
+	  "Readings in the journal not yet acknowledged by the broker, plus other messages "
+	  "waiting in the MQTT client (broker backlog)",
+	  backlog, NULL, 0, { { NULL, 0 } } },
+	{ "journal_bytes", "journal_bytes", GAUGE, "Bytes in the journal's segment files",
+	  j_bytes, NULL, 0, { { NULL, 0 } } },
+	{ "journal_segments", "journal_segments", GAUGE, "Segment files in the journal",
+	  j_segments, NULL, 0, { { NULL, 0 } } },
+	{ "journal_commits_total", "journal_commits", COUNTER,
+	  "Batches written to the journal (group commits)", j_commits, NULL, 0, { { NULL, 0 } } },
+	{ "journal_records_total", "journal_records", COUNTER,
+	  "Readings committed to the journal (divided by commits: readings per commit)",
+	  j_records, NULL, 0, { { NULL, 0 } } },
+	{ "journal_fsyncs_total", "journal_fsyncs", COUNTER, "fdatasync calls of the journal",
+	  j_fsyncs, NULL, 0, { { NULL, 0 } } },
+	{ "journal_fsync_p50_microseconds", "journal_fsync_p50_us", GAUGE,
+	  "Median fdatasync time over the last 1024", j_p50, NULL, 0, { { NULL, 0 } } },
+	{ "journal_fsync_p99_microseconds", "journal_fsync_p99_us", GAUGE,
+	  "99th percentile fdatasync time over the last 1024", j_p99, NULL, 0, { { NULL, 0 } } },
+	{ "journal_replays_total", "journal_replays", COUNTER,
+	  "Readings published again (after a reconnect, a lost session or a failed publish)",
+	  j_replays, NULL, 0, { { NULL, 0 } } },
+	{ "journal_store_errors_total", "journal_store_errors", COUNTER,
+	  "Journal writes or syncs that failed (their readings were answered 5.03)",
+	  j_errors, NULL, 0, { { NULL, 0 } } },
+	{ "journal_cut_bytes_total", "journal_cut_bytes", COUNTER,
+	  "Bytes of torn or corrupt journal tails cut off at start", j_cut, NULL, 0,
+	  { { NULL, 0 } } },
 	{ "dropped_total", "dropped", COUNTER,
 	  "Notifications, command responses and presence messages dropped: MQTT buffer full",
 	  NULL, NULL, 1, { { NULL, STAT_DROPPED } } },
@@ -158,7 +214,7 @@ static size_t done(struct out *o)
 
 static uint64_t value(const struct family *f, size_t i)
 {
-	return f->kind == GAUGE ? (uint64_t)f->gauge() : stats_get(f->s[i].id);
+	return f->gauge ? (uint64_t)f->gauge() : stats_get(f->s[i].id);
 }
 
 size_t metrics_prometheus(char *buf, size_t len)

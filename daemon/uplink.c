@@ -353,6 +353,7 @@ static void on_request(coap_resource_t *res, coap_session_t *s, const coap_pdu_t
 	coap_mid_t mid = coap_pdu_get_mid(req);
 	char keybuf[80];
 	const char *key;
+	coap_bin_const_t tok;
 	uint8_t code;
 
 	(void)res;
@@ -363,11 +364,12 @@ static void on_request(coap_resource_t *res, coap_session_t *s, const coap_pdu_t
 		return;
 	}
 	key = exch_key(s, dev, keybuf, sizeof(keybuf));
-	if (con && (ex = exch_find(key, (uint16_t)mid)) != NULL) {
+	tok = coap_pdu_get_token(req);
+	if (con && (ex = exch_find(key, (uint16_t)mid, tok.s, tok.length)) != NULL) {
 		answer_again(s, dev, req, resp, ex);
 		return;
 	}
-	if (con && (ex = exch_add(key, (uint16_t)mid)) == NULL) {
+	if (con && (ex = exch_add(key, (uint16_t)mid, tok.s, tok.length)) == NULL) {
 		log_refusal(dev, "too many exchanges of this device in the last 247 s");
 		set_error(resp, COAP_RESPONSE_CODE(503), "too many requests, retry after Max-Age");
 		count_code(COAP_RESPONSE_CODE(503));

@@ -498,6 +498,7 @@ class Gateway:
         self.log = self.dir / "coap2mqtt.log"
         self.persistence_dir = self.dir / "store"
         self.proc = None
+        self.env = None  # environment for the process (None: the test's own)
         self.started_at = None
         self.log_mark = 0
         if config_text is not None:
@@ -525,7 +526,8 @@ class Gateway:
         log = open(self.log, "ab")
         try:
             self.proc = spawn([GW_BIN, "-c", self.config_path], stdout=log,
-                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.dir)
+                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.dir,
+                              env=self.env)
         finally:
             log.close()
         self.started_at = time.monotonic()

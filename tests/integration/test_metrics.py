@@ -139,6 +139,16 @@ def test_counters_gauges_and_json_snapshot(metrics_world):
         }
         got = {(n[len("coap2mqtt_"):], l): v for (n, l), v in s.items()}
         qos0 = got.pop(("publishes_total", (("qos", "0"),)))
+        # the journal: the three QoS 1 readings, each committed with an fdatasync
+        jn = {n: got.pop((n, ())) for n, _ in list(got) if n.startswith("journal_")}
+        assert jn.pop("journal_records_total") == 3, jn
+        fsyncs, commits = jn.pop("journal_fsyncs_total"), jn.pop("journal_commits_total")
+        assert 1 <= fsyncs <= 3 and commits >= fsyncs, (fsyncs, commits)  # + retirement writes
+        assert jn.pop("journal_bytes") >= 0, jn
+        assert jn.pop("journal_fsync_p99_microseconds") >= jn.pop("journal_fsync_p50_microseconds")
+        assert jn.pop("journal_segments") in (0, 1), jn
+        assert jn == {"journal_replays_total": 0, "journal_store_errors_total": 0,
+                      "journal_cut_bytes_total": 0}, jn
         assert qos0 >= 1, "the background reading (QoS 0 route) and the snapshots"
         assert got == expect, {k: (got.get(k), expect.get(k)) for k in set(got) | set(expect)
                                if got.get(k) != expect.get(k)}
@@ -151,6 +161,10 @@ def test_counters_gauges_and_json_snapshot(metrics_world):
         j = json.loads(m.payload)
         assert isinstance(j.pop("time"), int)
         assert j.pop("publishes")["0"] >= qos0
+        jj = {k: j.pop(k) for k in list(j) if k.startswith("journal_")}
+        assert jj["journal_records"] == 3 and jj["journal_fsyncs"] >= 1, jj
+        assert (jj["journal_replays"], jj["journal_store_errors"], jj["journal_cut_bytes"]) == \
+            (0, 0, 0), jj
         assert j == {
             "sessions": 1, "online": 1, "handshakes_ok": 4,
             "handshakes_failed": {"wrong_key": 1, "unknown_identity": 1, "dtls_error": 0},
