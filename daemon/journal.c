@@ -1347,7 +1347,11 @@ void journal_close(void)
 		close(J.efd);
 	if (J.dirfd >= 0)
 		close(J.dirfd);
-	J.efd = J.dirfd = -1;
+	/* as before journal_open (no thread runs now) */
+	memset(&J, 0, sizeof(J));
+	J.dirfd = J.efd = J.wfd = -1;
+	pthread_mutex_init(&J.mu, NULL);
+	pthread_cond_init(&J.cv, NULL);
 }
 
 static int cmp_u32(const void *a, const void *b)
