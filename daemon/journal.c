@@ -96,7 +96,7 @@ static struct {
 	uint64_t ring_mask, base, next_seq;
 	size_t n_records;
 	struct jrec *qhead, *qtail;	/* send queue */
-	int n_sent, connected, closing;
+	int n_sent, connected, stopping, closing;	/* stopping: no more publishing */
 	struct jseg *segs, *segs_tail, *cur;
 	uint64_t last_seg_no, disk_bytes, fs_free, fs_size;
 	struct jjob *open;		/* batch being filled */
@@ -567,7 +567,8 @@ static void add_retirements(struct jjob *j)
 		free(body);
 		done += n;
 	}
-	memmove(J.retired, J.retired + done, (J.n_retired - done) * sizeof(*J.retired));
+	if (done && done < J.n_retired)
+		memmove(J.retired, J.retired + done, (J.n_retired - done) * sizeof(*J.retired));
 	J.n_retired -= done;
 }
 
@@ -662,8 +663,8 @@ static void schedule_submit(void)
  * to records in it or before it); the current one is rotated once drained and big enough. */
 static void delete_drained(void)
 {
-	if (J.cur && !J.cur->closed && J.cur->live == 0 && !J.cur->busy && !J.open &&
-	    J.cur->bytes >= J.seg_max / 4)
+	if (J.cur && !J.cur->closed && J.cur->live == 0 && !J.cur->busy &&
+	    (!J.open || !J.open->n_recs) && J.cur->bytes >= J.seg_max / 4)
 		J.cur->closed = 1;
 	while (J.segs && J.segs->closed && J.segs->live == 0 && !J.segs->busy && !J.closing) {
 		struct jjob *j = calloc(1, sizeof(*j));
@@ -847,7 +848,7 @@ static void on_published(void *arg, enum mqtt_status st)
 
 static void pump(void)
 {
-	while (J.connected && !J.closing && J.qhead && J.n_sent < J.lim.max_inflight) {
+	while (J.connected && !J.stopping && J.qhead && J.n_sent < J.lim.max_inflight) {
 		struct jrec *r = J.qhead;
 		uintptr_t tag;
 
@@ -1153,7 +1154,8 @@ static int list_segments(uint64_t **out, size_t *n)
 		(*out)[(*n)++] = no;
 	}
 	closedir(d);
-	qsort(*out, *n, sizeof(**out), cmp_u64);
+	if (*n > 1)
+		qsort(*out, *n, sizeof(**out), cmp_u64);
 	return 0;
 }
 
@@ -1302,6 +1304,7 @@ void journal_flush(void)
 		submit();
 		wait_writer();
 	}
+	J.stopping = 1;		/* the MQTT client goes next: what is unsent stays for the next start */
 }
 
 void journal_close(void)

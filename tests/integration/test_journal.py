@@ -4,7 +4,6 @@ a retransmission over a new DTLS session, and a broker URL changed with a backlo
 import collections
 import os
 import random
-import re
 import signal
 import subprocess
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (ACK, CON, OPT_MAX_AGE, SimBackground, code_str, coap_post, sim, tail,
+from conftest import (ACK, OPT_MAX_AGE, SimBackground, code_str, coap_post, sim, tail,
                       user_prop, wait_mqtt_connected, wait_until)
 
 SHIM = os.environ.get("COAP2MQTT_SYNCSHIM") or str(
@@ -118,8 +117,7 @@ def test_power_cut_keeps_every_synced_reading(broker_factory, subscriber_factory
     s = subscriber_factory(b)
     g = fleet_gateway(gateway_factory, b, start=False)
     sync_log = tmp_path / "synced.log"
-    g.env = dict(os.environ, LD_PRELOAD=SHIM, C2M_SHIM_LOG=str(sync_log),
-                 ASAN_OPTIONS=os.environ.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0")
+    g.env = shim_env(C2M_SHIM_LOG=str(sync_log))
     g.start()
     wait_mqtt_connected(g)
     broker_down(b, g)  # everything stays in the journal
@@ -143,7 +141,6 @@ def test_power_cut_keeps_every_synced_reading(broker_factory, subscriber_factory
 def test_broker_losing_its_session_gets_everything_again(broker_factory, subscriber_factory,
                                                          gateway_factory):
     b = broker_factory(persistence=False)
-    s = subscriber_factory(b)
     g = fleet_gateway(gateway_factory, b)
     wait_mqtt_connected(g)
     b.pause()  # readings pile up in flight (no PUBACK) and in the journal
@@ -237,27 +234,41 @@ def test_full_disk_refuses_with_503_and_recovers(broker_factory, subscriber_fact
     g.wait_for_log(r"journal: dir=\S+ segment=\w+ (write|create|fdatasync) failed: No space", 5)
     assert g.alive(), tail(g.log_text())
     filler.unlink()
-    wait_until(lambda: sim(g, "--count", 1, "--path", "sensors/full",
-                           "--payload", "after", identity="dev-048", key=KEY).codes() == ["2.04"], 60, "2.04 after ENOSPC")
+    wait_until(lambda: sim(g, "--count", 1, "--path", "sensors/full", "--payload", "after",
+                           identity="dev-048", key=KEY).codes() == ["2.04"], 60,
+               "2.04 after ENOSPC")
     s.wait_for(1, 30, match=lambda m: m.payload == b"after")
     assert not [m for m in s.messages() if m.payload.startswith(b"late-")]
 
 
 # 5 -------------------------------------------------------------------------------------------
 
-def test_fdatasync_eio_gives_503_never_204(broker_factory, subscriber_factory, gateway_factory,
-                                          dtls_factory, tmp_path):
+def shim_env(**kw):
+    """The gateway's environment with the sync shim preloaded (ASan must not insist on being
+    first in the library list for that)."""
+    return dict(os.environ, LD_PRELOAD=SHIM, **kw,
+                ASAN_OPTIONS=os.environ.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0")
+
+
+def shimmed(broker_factory, subscriber_factory, gateway_factory, dtls_factory, tmp_path):
+    """Broker, subscriber, a gateway whose journal I/O the control file steers, and a DTLS device."""
     b = broker_factory(persistence=True)
     s = subscriber_factory(b)
     g = gateway_factory(b, start=False)
     ctl = tmp_path / "shim.ctl"
     ctl.write_text("ok")
-    g.env = dict(os.environ, LD_PRELOAD=SHIM, C2M_SHIM_CTL=str(ctl),
-                 ASAN_OPTIONS=os.environ.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0")
+    g.env = shim_env(C2M_SHIM_CTL=str(ctl))
     g.start()
     wait_mqtt_connected(g)
     c = dtls_factory(g.port, "sensor-01", g.devices["sensor-01"])
     c.handshake()
+    return b, s, g, c, ctl
+
+
+def test_fdatasync_eio_gives_503_never_204(broker_factory, subscriber_factory, gateway_factory,
+                                          dtls_factory, tmp_path):
+    b, s, g, c, ctl = shimmed(broker_factory, subscriber_factory, gateway_factory, dtls_factory,
+                              tmp_path)
     assert raw_reading(c, "sensors/eio", b"before", 0x1001)[1] == "2.04"
     ctl.write_text("eio")
     mtype, code, mid, opts = raw_reading(c, "sensors/eio", b"during", 0x1002)
@@ -276,17 +287,8 @@ def test_fdatasync_eio_gives_503_never_204(broker_factory, subscriber_factory, g
 
 def test_read_only_filesystem_gives_503(broker_factory, subscriber_factory, gateway_factory,
                                         dtls_factory, tmp_path):
-    b = broker_factory(persistence=True)
-    s = subscriber_factory(b)
-    g = gateway_factory(b, start=False)
-    ctl = tmp_path / "shim.ctl"
-    ctl.write_text("ok")
-    g.env = dict(os.environ, LD_PRELOAD=SHIM, C2M_SHIM_CTL=str(ctl),
-                 ASAN_OPTIONS=os.environ.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0")
-    g.start()
-    wait_mqtt_connected(g)
-    c = dtls_factory(g.port, "sensor-01", g.devices["sensor-01"])
-    c.handshake()
+    b, s, g, c, ctl = shimmed(broker_factory, subscriber_factory, gateway_factory, dtls_factory,
+                              tmp_path)
     assert raw_reading(c, "sensors/ro", b"rw-1", 0x2001)[1] == "2.04"
     ctl.write_text("erofs")
     for mid in (0x2002, 0x2003):  # a failed write, then a new segment that cannot be made
