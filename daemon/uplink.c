@@ -208,7 +208,8 @@ static void pending_answer(struct pending *p, uint8_t code)
 			coap_pdu_set_code(pdu, code);
 		if (coap_send(p->session, pdu) == COAP_INVALID_MID)
 			log_warn("%s answer %u.%02u not sent", p->who, code >> 5, code & 31);
-		loop_kick();
+		else if (p->broker)
+			loop_kick();	/* a CON: libcoap's retransmission timer must run */
 	}
 	pending_free(p);
 }
