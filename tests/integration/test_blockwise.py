@@ -1,10 +1,14 @@
 """Block-wise transfer (RFC 7959): bodies larger than one datagram, in every direction: a Block1
 upload from a device, Block2 notifications from a device, and a Block1 command to a device."""
 import hashlib
+import os
 import random
 import time
 
-from conftest import config_body, sim, user_prop, wait_mqtt_connected
+from conftest import (CON, OPT_URI_PATH, POST, coap_encode, coap_uint, code_str, config_body, sim,
+                      user_prop, wait_mqtt_connected)
+
+OPT_BLOCK1 = 27
 
 IDENT = "sensor-01"
 
@@ -70,3 +74,31 @@ def test_4k_command_sent_block_wise_arrives_whole(broker_factory, gateway_factor
     assert a.payload == b""         # the device echoes only small states
     time.sleep(1)
     assert len(dev.events("put")) == 1, dev.text()
+
+
+def test_block1_upload_without_size1(broker_factory, subscriber_factory, gateway_factory,
+                                     dtls_factory):
+    """Size1 is optional (RFC 7959 §4): a Block1 upload without it is reassembled and published
+    once, byte for byte (upstream libcoap issue 1566: a NULL dereference in 4.3.5)."""
+    b = broker_factory()
+    s = subscriber_factory(b)
+    g = gateway_factory(b)
+    wait_mqtt_connected(g)
+    c = dtls_factory(g.port, "sensor-01", g.devices["sensor-01"])
+    c.handshake()
+    body = b"0123456789abcdef" * 32 + b"tail"  # 516 bytes: 64-byte blocks 0..8
+    token = os.urandom(4)
+    path = [(OPT_URI_PATH, b"sensors"), (OPT_URI_PATH, b"nosize")]
+    n = (len(body) + 63) // 64
+    for i in range(n):
+        more = 1 if i < n - 1 else 0
+        blk = coap_uint((i << 4) | (more << 3) | 2)  # SZX 2 = 64 bytes
+        mid = 0x4100 + i
+        c.request(coap_encode(CON, POST, mid, token, path + [(OPT_BLOCK1, blk)],
+                              body[i * 64:(i + 1) * 64]), token,
+                  pred=lambda r, mid=mid: r[2] == mid and r[1] != 0)
+    mtype, code, _, _, _, _ = c.last_message(token)
+    assert code_str(code) == "2.04", code_str(code)
+    [m] = s.wait_for(1, 20)
+    assert (m.topic, m.payload) == ("devices/sensor-01/nosize", body)
+    assert g.alive()
