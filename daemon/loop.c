@@ -371,7 +371,7 @@ static int coap_setup(const struct config *c)
 	coap_register_nack_handler(L.coap, on_nack);
 	/* reassembled bodies are bounded (deps-patches/libcoap/0003): an upload over max_payload
 	 * gets 4.13 + Size1 at its first block; responses and notifications may be larger */
-	coap_context_set_max_body_size(L.coap, c->coap.max_payload, LOOP_MAX_RESPONSE_BODY);
+	coap_context_set_body_limits(L.coap, c->coap.max_payload, LOOP_MAX_RESPONSE_BODY);
 	r = uplink_resource(c);
 	if (!r) {
 		log_error("loop: cannot create the request handler");

@@ -1752,7 +1752,7 @@ serve_init(struct sim *s)
 			return false;
 	}
 	/* reassembled Block1 bodies are bounded: 4.13 beyond the led's limit */
-	coap_context_set_max_body_size(s->ctx, SIM_MAX_LED, 0);
+	coap_context_set_body_limits(s->ctx, SIM_MAX_LED, 0);
 	for (size_t i = 0; i < s->ndev; i++) {
 		s->dev[i].led_cf = -1;
 		serve_values(&s->dev[i]);
