@@ -52,6 +52,8 @@ static struct {
 	struct mqtt_ev *qhead, *qtail;	/* completion queue (under mu) */
 	struct mqtt_ev *live;		/* accepted publishes not yet completed (under mu) */
 	atomic_int connected;
+	int stopping;			/* mqtt_shutdown running (loop thread) */
+	size_t unfinished;		/* publishes not completed at stop */
 	atomic_size_t outstanding;
 	unsigned retry_s;
 	uint64_t msg_seq;
@@ -366,8 +368,13 @@ static void handle_event(struct mqtt_ev *ev)
 	switch (ev->kind) {
 	case EV_PUB_DONE:
 		atomic_fetch_sub(&M.outstanding, 1);
-		if (ev->status == MQTT_FAILED || ev->status == MQTT_REFUSED)
+		if (M.stopping && ev->status == MQTT_FAILED) {
+			/* cut off by the stop: not a failure (readings stay in the journal) */
+			ev->status = MQTT_ABORTED;
+			M.unfinished++;
+		} else if (ev->status == MQTT_FAILED || ev->status == MQTT_REFUSED) {
 			log_warn("mqtt: publish failed: %s", ev->why);
+		}
 		if (ev->done)
 			ev->done(ev->arg, ev->status);
 		break;
@@ -679,6 +686,7 @@ void mqtt_shutdown(int timeout_ms)
 	MQTTAsync_disconnectOptions d = MQTTAsync_disconnectOptions_initializer;
 	struct mqtt_ev *ev;
 
+	M.stopping = 1;
 	if (M.client) {
 		d.timeout = timeout_ms;
 		status_offline();	/* the disconnect waits for it like for other in-flight ones */
@@ -700,7 +708,11 @@ void mqtt_shutdown(int timeout_ms)
 		if (ev->done)
 			ev->done(ev->arg, MQTT_ABORTED);
 		free(ev);
+		M.unfinished++;
 	}
+	if (M.unfinished)
+		log_info("mqtt: %zu publishes not completed at stop (readings among them stay in the "
+			 "journal)", M.unfinished);
 	if (M.wake_ev)
 		event_free(M.wake_ev);
 	if (M.retry_ev)
