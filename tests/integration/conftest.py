@@ -499,6 +499,7 @@ class Gateway:
         self.persistence_dir = self.dir / "store"
         self.proc = None
         self.env = None  # environment for the process (None: the test's own)
+        self.exit_expected = False  # the test stopped it, or waited for it to exit
         self.started_at = None
         self.log_mark = 0
         if config_text is not None:
@@ -531,6 +532,7 @@ class Gateway:
         finally:
             log.close()
         self.started_at = time.monotonic()
+        self.exit_expected = False
         if wait_ready:
             self.wait_for_log(r"\bready\b", timeout)
         return self
@@ -562,8 +564,14 @@ class Gateway:
         except AssertionError as e:
             raise AssertionError(f"{e}\n--- gateway log ---\n{tail(self.log_text())}") from None
 
+    def wait_exit(self, timeout):
+        """The test expects the gateway to exit by itself: its exit code."""
+        self.exit_expected = True
+        return self.proc.wait(timeout)
+
     def terminate(self, sig=signal.SIGTERM, timeout=10):
         """Signal the gateway and wait: (exit code, seconds it took)."""
+        self.exit_expected = True
         t0 = time.monotonic()
         self.proc.send_signal(sig)
         try:
@@ -575,6 +583,7 @@ class Gateway:
         return rc, time.monotonic() - t0
 
     def kill9(self):
+        self.exit_expected = True
         self.proc.kill()
         self.proc.wait(10)
 
@@ -589,8 +598,13 @@ class Gateway:
         assert not m, f"sanitizer report in the gateway log:\n{tail(self.log_text(), 80)}"
 
     def finish(self):
-        """Teardown: stop it if running (it must exit 0) and refuse sanitizer reports."""
+        """Teardown: stop it if running (it must exit 0), refuse sanitizer reports and a gateway
+        that exited during the test without the test stopping it or waiting for it."""
         rc = None
+        if self.proc is not None and not self.alive() and not self.exit_expected:
+            self.check_sanitizers()
+            raise AssertionError(f"gateway exited ({self.proc.returncode}) during the test:\n"
+                                 f"{tail(self.log_text())}")
         if self.alive():
             rc, _ = self.terminate()
         self.check_sanitizers()

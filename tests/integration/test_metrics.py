@@ -265,7 +265,7 @@ def test_unbindable_address_is_a_startup_error(broker_factory, gateway_factory):
         addr = f"127.0.0.1:{busy.getsockname()[1]}"
         gw = gateway_factory(b, start=False, extra={"metrics": {"listen": addr}})
         gw.start(wait_ready=False)
-        rc = gw.proc.wait(20)
+        rc = gw.wait_exit(20)
     assert rc != 0
     log = gw.log_text()
     assert re.search(rf"metrics: cannot listen on {re.escape(addr)}: \S", log), tail(log)

@@ -64,4 +64,4 @@ def test_ready_watchdog_status_reload_stopping(notify_socket, broker_factory, ga
     gw.proc.send_signal(signal.SIGTERM)
     msgs = collect(notify_socket, 5, until=lambda m: m.get("STOPPING") == "1")
     assert any(m.get("STOPPING") == "1" for m in msgs), msgs
-    assert gw.proc.wait(10) == 0
+    assert gw.wait_exit(10) == 0

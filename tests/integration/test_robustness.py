@@ -156,7 +156,7 @@ def test_listen_port_in_use_is_an_error(tmp_path, broker_factory, gateway_factor
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", g.port))
         g.start(wait_ready=False)
-        rc = g.proc.wait(30)
+        rc = g.wait_exit(30)
     assert rc != 0, g.log_text()
     assert str(g.port) in g.log_text()
 

@@ -100,6 +100,8 @@ def test_debian_coap_client_wrong_key_refused(world, flavour):
     code, out = coap_client(flavour, world.gw, "sensors/bad", "x", identity="sensor-02",
                             key=WRONG_KEY, timeout=40)
     assert code is None or not code.startswith("2."), out[-3000:]
+    # the client did reach the gateway: its handshake under that identity failed there
+    world.gw.wait_for_log(r'identity="?sensor-02"? .*handshake (failed|refused)', timeout=40)
     world.sub.assert_none(window=1)
 
 
