@@ -1,7 +1,6 @@
 /* uplink.c: one handler for every device request: route it, hand it to mqtt, answer the device
  * once the reading is safe — piggybacked once the journal has it on disk for `ack: stored`,
  * separately after the PUBACK for `ack: broker`. Every CoAP error code the gateway sends is chosen here. */
-#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -214,6 +213,22 @@ static void pending_answer(struct pending *p, uint8_t code)
 	pending_free(p);
 }
 
+/* A 5.03 (limits, store errors, memory): logged at most once a minute, the rest counted, since a
+ * device that retries makes one per request. */
+static void log_refusal(const char *who, const char *why)
+{
+	time_t now = time(NULL);
+
+	if (now - U.last_refusal_log < 60) {
+		U.refusals_unlogged++;
+		return;
+	}
+	log_warn("%s code=5.03 refused: %s (%u more 5.03 since the last line)", who, why,
+		 U.refusals_unlogged);
+	U.last_refusal_log = now;
+	U.refusals_unlogged = 0;
+}
+
 static void on_journal(void *arg, enum journal_event ev)
 {
 	struct pending *p = arg;
@@ -226,7 +241,7 @@ static void on_journal(void *arg, enum journal_event ev)
 		break;
 	case JOURNAL_NOT_STORED:
 		stats_inc(STAT_PUBLISH_FAILED);
-		log_warn("%s seq=%" PRIu64 " refused 5.03: %s", p->who, p->seq, journal_refusal());
+		log_refusal(p->who, journal_refusal());
 		pending_answer(p, COAP_RESPONSE_CODE(503));
 		break;
 	case JOURNAL_DELIVERED:
@@ -235,19 +250,30 @@ static void on_journal(void *arg, enum journal_event ev)
 	}
 }
 
-/* A refusal because of a journal limit: logged at most once a minute, the rest counted. */
-static void log_refusal(struct dev_sess *dev, const char *why)
+/* The one way an immediate answer leaves: the code (errors with a diagnostic, 5.03 with
+ * Max-Age), counted, remembered for retransmissions, and logged (why: the reason for the log,
+ * NULL = diag; 2.04 at debug level only). */
+static void reply(coap_pdu_t *resp, coap_session_t *s, struct dev_sess *dev, coap_mid_t mid,
+		  struct exch *ex, uint8_t code, const char *diag, const char *why)
 {
-	time_t now = time(NULL);
+	char peer[64], who[160];
+	const char *p = dev ? dev_sess_peer(dev) : loop_peer(s, peer, sizeof(peer));
+	const char *id = dev ? dev_sess_identity(dev) : "?";
 
-	if (now - U.last_refusal_log < 60) {
-		U.refusals_unlogged++;
-		return;
-	}
-	log_warn("peer=%s identity=%s refused 5.03: %s (%u more refusals since the last line)",
-		 dev_sess_peer(dev), dev_sess_identity(dev), why, U.refusals_unlogged);
-	U.last_refusal_log = now;
-	U.refusals_unlogged = 0;
+	if (code == COAP_RESPONSE_CODE(204))
+		coap_pdu_set_code(resp, code);
+	else
+		set_error(resp, code, diag);
+	count_code(code);
+	if (ex)
+		exch_set_code(ex, code);
+	snprintf(who, sizeof(who), "peer=%s identity=%s mid=%u", p, id, (unsigned)mid);
+	if (code == COAP_RESPONSE_CODE(503))
+		log_refusal(who, why ? why : diag);
+	else if (code != COAP_RESPONSE_CODE(204))
+		log_info("%s code=%u.%02u refused: %s", who, code >> 5, code & 31, why ? why : diag);
+	else
+		log_debug("%s code=2.04 %s", who, why ? why : "");
 }
 
 static unsigned no_response_bits(const coap_pdu_t *req)
@@ -260,11 +286,13 @@ static unsigned no_response_bits(const coap_pdu_t *req)
 
 /* A reading for the journal; returns 0 when it is pending (the answer follows), else the code. */
 static uint8_t take_durable(coap_session_t *s, struct dev_sess *dev, const coap_pdu_t *req,
-			    coap_pdu_t *resp, const struct mqtt_msg *m, struct exch *ex, int broker)
+			    coap_pdu_t *resp, const struct mqtt_msg *m, struct exch *ex, int broker,
+			    const char **why)
 {
 	struct pending *p = calloc(1, sizeof(*p));
 	coap_bin_const_t tok = coap_pdu_get_token(resp);
 
+	*why = "gateway out of memory";
 	if (!p)
 		return COAP_RESPONSE_CODE(503);
 	p->broker = broker && coap_pdu_get_type(req) == COAP_MESSAGE_CON;
@@ -279,7 +307,7 @@ static uint8_t take_durable(coap_session_t *s, struct dev_sess *dev, const coap_
 			coap_pdu_set_mid(p->answer, coap_pdu_get_mid(resp));
 	}
 	if (journal_append(m, on_journal, p, &p->seq) != JOURNAL_TAKEN) {
-		log_refusal(dev, journal_refusal());
+		*why = journal_refusal();
 		if (p->answer)
 			coap_delete_pdu(p->answer);
 		free(p);
@@ -355,13 +383,14 @@ static void on_request(coap_resource_t *res, coap_session_t *s, const coap_pdu_t
 	char keybuf[80];
 	const char *key;
 	coap_bin_const_t tok;
+	const char *why;
 	uint8_t code;
 
 	(void)res;
 	(void)query;
 	stats_inc(STAT_REQUESTS);
 	if (!dev) {
-		set_error(resp, COAP_RESPONSE_CODE(503), "gateway out of memory");
+		reply(resp, s, NULL, mid, NULL, COAP_RESPONSE_CODE(503), "gateway out of memory", NULL);
 		return;
 	}
 	key = exch_key(s, dev, keybuf, sizeof(keybuf));
@@ -371,9 +400,9 @@ static void on_request(coap_resource_t *res, coap_session_t *s, const coap_pdu_t
 		return;
 	}
 	if (con && (ex = exch_add(key, (uint16_t)mid, tok.s, tok.length)) == NULL) {
-		log_refusal(dev, "too many exchanges of this device in the last 247 s");
-		set_error(resp, COAP_RESPONSE_CODE(503), "too many requests, retry after Max-Age");
-		count_code(COAP_RESPONSE_CODE(503));
+		reply(resp, s, dev, mid, NULL, COAP_RESPONSE_CODE(503),
+		      "too many requests, retry after Max-Age",
+		      "too many exchanges of this device in the last 247 s");
 		return;
 	}
 	uplink_decide(U.conf, req, dev_sess_identity(dev), &d);
@@ -381,55 +410,43 @@ static void on_request(coap_resource_t *res, coap_session_t *s, const coap_pdu_t
 	if (d.route && total > U.conf->coap.max_payload) {
 		uint8_t buf[4];
 
-		d.code = COAP_RESPONSE_CODE(413);
-		d.diag = "payload too large";
 		coap_add_option(resp, COAP_OPTION_SIZE1,
 				coap_encode_var_safe(buf, sizeof(buf), (unsigned)U.conf->coap.max_payload),
 				buf);
-		d.route = NULL;
+		reply(resp, s, dev, mid, ex, COAP_RESPONSE_CODE(413), "payload too large", NULL);
+		return;
 	}
 	if (!d.route) {
-		set_error(resp, d.code, d.diag);
-		count_code(d.code);
-		if (ex)
-			exch_set_code(ex, d.code);
-		log_info("peer=%s identity=%s mid=%u refused %u.%02u: %s", dev_sess_peer(dev),
-			 dev_sess_identity(dev), (unsigned)mid, d.code >> 5, d.code & 31, d.diag);
+		reply(resp, s, dev, mid, ex, d.code, d.diag, NULL);
 		return;
 	}
 	m = (struct mqtt_msg){ .topic = d.topic, .payload = data, .len = len, .qos = d.route->qos,
 			       .retain = d.route->retain, .content_format = content_format(req),
 			       .identity = dev_sess_identity(dev) };
 	if (d.route->qos > 0) {
-		code = take_durable(s, dev, req, resp, &m, ex, d.route->ack == CONF_ACK_BROKER);
+		code = take_durable(s, dev, req, resp, &m, ex, d.route->ack == CONF_ACK_BROKER, &why);
 		if (code == 0) {
 			stats_inc(STAT_PUBLISHED);
 			return;		/* answered once stored (or delivered) */
 		}
-	} else {
-		switch (mqtt_publish(&m, NULL, NULL)) {
-		case MQTT_SEND_OK:
-			stats_inc(STAT_PUBLISHED);
-			code = COAP_RESPONSE_CODE(204);
-			break;
-		case MQTT_SEND_FULL:
-			log_refusal(dev, "MQTT client buffer full (broker away or slow)");
-			code = COAP_RESPONSE_CODE(503);
-			break;
-		default:
-			code = COAP_RESPONSE_CODE(503);
-			break;
-		}
+		reply(resp, s, dev, mid, ex, code, "cannot accept now, retry after Max-Age", why);
+		return;
 	}
-	if (code == COAP_RESPONSE_CODE(503))
-		set_error(resp, code, "cannot accept now, retry after Max-Age");
-	else
-		coap_pdu_set_code(resp, code);
-	count_code(code);
-	if (ex)
-		exch_set_code(ex, code);
-	log_debug("peer=%s identity=%s mid=%u topic=%s bytes=%zu %u.%02u", dev_sess_peer(dev),
-		  dev_sess_identity(dev), (unsigned)mid, d.topic, len, code >> 5, code & 31);
+	switch (mqtt_publish(&m, NULL, NULL)) {
+	case MQTT_SEND_OK:
+		stats_inc(STAT_PUBLISHED);
+		reply(resp, s, dev, mid, ex, COAP_RESPONSE_CODE(204), NULL, d.topic);
+		break;
+	case MQTT_SEND_FULL:
+		reply(resp, s, dev, mid, ex, COAP_RESPONSE_CODE(503),
+		      "cannot accept now, retry after Max-Age",
+		      "MQTT client buffer full (broker away or slow)");
+		break;
+	default:
+		reply(resp, s, dev, mid, ex, COAP_RESPONSE_CODE(503),
+		      "cannot accept now, retry after Max-Age", "the MQTT client refused the message");
+		break;
+	}
 }
 
 coap_resource_t *uplink_resource(const struct config *c)

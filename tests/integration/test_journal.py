@@ -205,7 +205,7 @@ def test_full_disk_refuses_with_503_and_recovers(broker_factory, subscriber_fact
     codes = collections.Counter(r.codes())
     assert set(codes) <= {"2.04", "5.03"} and codes["5.03"] > 0 and codes["2.04"] > 1000, codes
     assert g.alive(), tail(g.log_text())
-    g.wait_for_log(r"refused 5.03: disk nearly full", 5)
+    g.wait_for_log(r"code=5.03 refused: disk nearly full", 5)
     stored = answered(r.responses)
     b.start()
     want = {f"{d}/{n}:{big}" for d, n in stored}
