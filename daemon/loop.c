@@ -10,14 +10,11 @@
 #include <wolfssl/options.h>
 #include <wolfssl/ssl.h>
 
-#include "command.h"
 #include "config.h"
-#include "device.h"
 #include "keys.h"
 #include "log.h"
 #include "loop.h"
-#include "observe.h"
-#include "uplink.h"
+#include "route.h"
 
 #define LOOP_EPOLL_BATCH 64
 #define LOOP_EPOLL_ROUNDS 8		/* batches per wake-up before yielding to other events */
@@ -26,6 +23,7 @@
 #define LOOP_MAX_RESPONSE_BODY (256 * 1024)	/* largest notification or command response */
 
 static struct {
+	struct loop_handlers h;		/* the bridge, as main.c wired it */
 	struct event_base *base;
 	coap_context_t *coap;
 	struct event *coap_ev, *tick_ev, *kick_ev;
@@ -152,7 +150,7 @@ static const coap_bin_const_t *on_psk_identity(coap_bin_const_t *identity, coap_
 			 "devices or devices_file", loop_peer(s, peer, sizeof(peer)), id);
 		return NULL;
 	}
-	dev_handshake_start(s, e->identity);
+	L.h.handshake_start(s, e->identity);
 	L.psk_out.s = e->key;
 	L.psk_out.length = e->key_len;
 	return &L.psk_out;
@@ -180,7 +178,7 @@ static int on_coap_event(coap_session_t *s, const coap_event_t ev)
 	default:
 		break;
 	}
-	dev_session_event(s, ev);
+	L.h.session_event(s, ev);
 	return 0;
 }
 
@@ -204,7 +202,7 @@ static coap_response_t on_response(coap_session_t *s, const coap_pdu_t *sent,
 	char peer[64];
 
 	(void)mid;
-	if (observe_response(s, sent, rcvd) || command_response(s, sent, rcvd))
+	if (L.h.response(s, sent, rcvd))
 		return COAP_RESPONSE_OK;
 	log_debug("peer=%s response with an unknown token: reset", loop_peer(s, peer, sizeof(peer)));
 	return COAP_RESPONSE_FAIL;	/* libcoap answers RST (RFC 7641 §3.6) */
@@ -214,8 +212,8 @@ static void on_nack(coap_session_t *s, const coap_pdu_t *sent, const coap_nack_r
 		    const coap_mid_t mid)
 {
 	(void)mid;
-	if (sent && !observe_nack(s, sent, reason))
-		command_nack(s, sent, reason);
+	if (sent)
+		L.h.nack(s, sent, reason);
 }
 
 /* libcoap's own messages name no peer and a hostile peer can trigger them per datagram: at most
@@ -372,7 +370,7 @@ static int coap_setup(const struct config *c)
 	/* reassembled bodies are bounded (deps-patches/libcoap/0003): an upload over max_payload
 	 * gets 4.13 + Size1 at its first block; responses and notifications may be larger */
 	coap_context_set_body_limits(L.coap, c->coap.max_payload, LOOP_MAX_RESPONSE_BODY);
-	r = uplink_resource(c);
+	r = L.h.resource(c);
 	if (!r) {
 		log_error("loop: cannot create the request handler");
 		return -1;
@@ -384,11 +382,12 @@ static int coap_setup(const struct config *c)
 	return 0;
 }
 
-int loop_init(const struct config *c, const struct keys *k)
+int loop_init(const struct config *c, const struct keys *k, const struct loop_handlers *h)
 {
 	struct timeval tick = { 0, LOOP_PREPARE_MS * 1000 };
 	int fd;
 
+	L.h = *h;
 	loop_set_config(c, k);
 	L.base = event_base_new();
 	if (!L.base) {

@@ -8,7 +8,21 @@ struct event_base;
 struct config;
 struct keys;
 
-int loop_init(const struct config *c, const struct keys *k);
+/* What the loop hands to the bridge; main.c fills it in (the loop includes no bridge header). */
+struct loop_handlers {
+	/* the resource that takes every device request */
+	coap_resource_t *(*resource)(const struct config *c);
+	/* the PSK callback accepted identity for s: its handshake must now complete in time */
+	void (*handshake_start)(coap_session_t *s, const char *identity);
+	/* libcoap session events of server sessions */
+	void (*session_event)(coap_session_t *s, coap_event_t ev);
+	/* a response to one of the gateway's own requests: nonzero when it was taken */
+	int (*response)(coap_session_t *s, const coap_pdu_t *sent, const coap_pdu_t *rcvd);
+	/* one of the gateway's own requests got no response */
+	void (*nack)(coap_session_t *s, const coap_pdu_t *sent, coap_nack_reason_t reason);
+};
+
+int loop_init(const struct config *c, const struct keys *k, const struct loop_handlers *h);
 struct event_base *loop_base(void);
 coap_context_t *loop_coap(void);
 /* Swaps the key store and cipher suites used for new handshakes (reload). */

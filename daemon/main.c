@@ -211,9 +211,25 @@ static void on_device_down(struct device *d, const char *reason)
 	command_device_down(d, reason);
 }
 
+/* Responses and NACKs to the gateway's own requests: observations first, then commands. */
+static int on_response(coap_session_t *s, const coap_pdu_t *sent, const coap_pdu_t *rcvd)
+{
+	return observe_response(s, sent, rcvd) || command_response(s, sent, rcvd);
+}
+
+static void on_nack(coap_session_t *s, const coap_pdu_t *sent, coap_nack_reason_t reason)
+{
+	if (!observe_nack(s, sent, reason))
+		command_nack(s, sent, reason);
+}
+
 static int run(void)
 {
 	static const struct dev_hooks hooks = { on_device_up, on_device_down };
+	static const struct loop_handlers handlers = {
+		.resource = uplink_resource, .handshake_start = dev_handshake_start,
+		.session_event = dev_session_event, .response = on_response, .nack = on_nack,
+	};
 	char listen[256] = "";
 	int rc;
 
@@ -228,7 +244,7 @@ static int run(void)
 				     .max_bytes = G.conf->mqtt.max_buffered_bytes,
 				     .max_inflight = G.conf->mqtt.max_inflight };
 
-	if (loop_init(G.conf, G.keys) < 0 || signals_init(loop_base()) < 0 ||
+	if (loop_init(G.conf, G.keys, &handlers) < 0 || signals_init(loop_base()) < 0 ||
 	    health_init(loop_base()) < 0 || exch_init() < 0 ||
 	    journal_open(loop_base(), G.conf->mqtt.persistence_dir, &jl) < 0 ||
 	    mqtt_init(loop_base(), &G.conf->mqtt, on_mqtt_state, command_on_message) < 0 ||
