@@ -6,6 +6,9 @@ per reading, its peak memory, the time from request to 2.04 (p50, p99, as the de
 and, for durable readings, fsyncs/s and readings per group commit. Modes: "0" = QoS 0 (no
 journal), "1" = QoS 1 with ack: stored (2.04 after the journal's fdatasync). Rows with more
 sessions and the same load show whether the cost of a reading grows with the number of sessions.
+The simulator keeps --window requests in flight per session; with the kernel's default socket
+buffers (net.core.rmem_default 212992) such bursts overflow the gateway's UDP socket, which the
+"UDP drops" column shows (each drop costs the device a 2 s retransmission).
 
     tests/bench/bench.py [--sessions 1000,10000] [--readings 20] [--window 4] [--qos 0,1]
                          [--plot bench.svg]
@@ -51,6 +54,13 @@ def scrape(port):
     return out
 
 
+def udp_drops():
+    """UDP datagrams the kernel dropped for a full receive buffer (whole machine)."""
+    rows = [l.split() for l in Path("/proc/net/snmp").read_text().splitlines()
+            if l.startswith("Udp:")]
+    return int(rows[1][rows[0].index("RcvbufErrors")]) if len(rows) >= 2 else 0
+
+
 def pct(v, q):
     return sorted(v)[min(len(v) - 1, int(len(v) * q))] if v else 0.0
 
@@ -73,6 +83,7 @@ def run(tmp, pki, broker, sessions, readings, window, qos):
         h.wait_mqtt_connected(gw, 30)
         cpu0, _ = proc_stat(gw.proc.pid)
         m0 = scrape(mport)
+        drops0 = udp_drops()
         t0 = time.monotonic()
         r = subprocess.run([os.environ["COAP2MQTT_SIM"], "--uri", gw.uri, "--keys", str(keys),
                             "--devices", str(sessions), "--count", str(readings),
@@ -83,6 +94,7 @@ def run(tmp, pki, broker, sessions, readings, window, qos):
         wall = time.monotonic() - t0
         cpu1, hwm = proc_stat(gw.proc.pid)
         m1 = scrape(mport)
+        drops = udp_drops() - drops0
         lines = r.stdout.strip().splitlines()
         kv = h.parse_kv(lines[-1]) if lines else {}
         rtts = [float(x["rtt_ms"]) for x in map(h.parse_kv, lines)
@@ -95,7 +107,7 @@ def run(tmp, pki, broker, sessions, readings, window, qos):
                 "wall": wall, "rate": ok / wall if wall else 0,
                 "cpu_us": (cpu1 - cpu0) * 1e6 / ok if ok else 0, "rss": hwm,
                 "p50": pct(rtts, 0.5), "p99": pct(rtts, 0.99), "fsyncs": fs / wall if wall else 0,
-                "per_commit": recs / commits if commits else 0}
+                "per_commit": recs / commits if commits else 0, "drops": drops}
     finally:
         gw.terminate()
 
@@ -121,14 +133,17 @@ def main():
         finally:
             broker.stop()
     print(f"{'sessions':>8} {'mode':>10} {'readings':>11} {'2.04/s':>8} {'gw cpu/reading':>15} "
-          f"{'peak RSS':>10} {'p50':>8} {'p99':>8} {'fsyncs/s':>9} {'per commit':>10}")
+          f"{'peak RSS':>10} {'p50':>8} {'p99':>8} {'fsyncs/s':>9} {'per commit':>10} "
+          f"{'UDP drops':>9}")
     for r in rows:
         mode = "qos0" if r["qos"] == 0 else f"qos{r['qos']} sync"
         print(f"{r['sessions']:>8} {mode:>10} {r['ok']:>5}/{r['sent']:<5} {r['rate']:>8.0f} "
               f"{r['cpu_us']:>12.1f} us {r['rss']:>6.1f} MiB {r['p50']:>5.1f} ms {r['p99']:>5.1f} ms "
-              f"{r['fsyncs']:>9.0f} {r['per_commit']:>10.1f}")
+              f"{r['fsyncs']:>9.0f} {r['per_commit']:>10.1f} {r['drops']:>9}")
     print("(wall time includes the DTLS handshakes of every session; p50/p99: request to 2.04 as "
-          "the simulated devices see it, retransmissions included)")
+          "the simulated devices see it, retransmissions included; UDP drops: datagrams the kernel "
+          "dropped for a full socket buffer during the row, each costing a 2 s retransmission: "
+          f"net.core.rmem_default is {Path('/proc/sys/net/core/rmem_default').read_text().strip()})")
     if a.plot:
         svg_plot(rows, a.plot)
         print(f"plot: {a.plot}")
