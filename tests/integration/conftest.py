@@ -295,6 +295,11 @@ class Broker:
         return rc
 
     def kill(self):
+        if self.paused and self.proc.poll() is None:
+            # as it is: a SIGCONT first would let it take (and acknowledge) what waits in its
+            # sockets before it dies
+            self.proc.kill()
+            self.proc.wait(10)
         rc = end_process(self.proc, signal.SIGKILL, 10)
         self.paused = False
         return rc

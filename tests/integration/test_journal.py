@@ -148,11 +148,11 @@ def test_broker_losing_its_session_gets_everything_again(broker_factory, subscri
         bg = fleet_sim(g, 20)
         r = bg.wait(120)
     finally:
-        b.kill()  # the broker dies with its session: nothing was saved
+        b.kill()  # the broker dies, stopped, with its session: it acknowledged nothing
     acked = answered(r.responses)
     assert len(acked) == 1000, f"{len(acked)} of 1000 answered:\n{r}"
     # a new broker on the same port, without the gateway's session; the gateway is held back
-    # until the subscriber has subscribed there again (the new broker has no session for it)
+    # until a subscriber has subscribed there (the new broker has no session for it either)
     os.kill(g.proc.pid, signal.SIGSTOP)
     try:
         b.start()
