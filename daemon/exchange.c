@@ -99,6 +99,17 @@ static void unhash(struct exch *e)
 		*pp = e->hnext;
 }
 
+/* Newest last: the expiry order. */
+static void fifo_append(struct exch *e)
+{
+	e->fnext = NULL;
+	if (X.ftail)
+		X.ftail->fnext = e;
+	else
+		X.fhead = e;
+	X.ftail = e;
+}
+
 static void dev_put(struct exch_dev *d)
 {
 	if (--d->n == 0) {
@@ -119,11 +130,7 @@ static void expire(time_t now)
 		e->fnext = NULL;
 		if (e->ctx) {
 			e->t = now;
-			if (X.ftail)
-				X.ftail->fnext = e;
-			else
-				X.fhead = e;
-			X.ftail = e;
+			fifo_append(e);
 			continue;
 		}
 		unhash(e);
@@ -188,11 +195,7 @@ struct exch *exch_add(const char *key, uint16_t mid, const uint8_t *tok, size_t 
 	b = bucket(e->kh, mid);
 	e->hnext = X.buckets[b];
 	X.buckets[b] = e;
-	if (X.ftail)
-		X.ftail->fnext = e;
-	else
-		X.fhead = e;
-	X.ftail = e;
+	fifo_append(e);
 	return e;
 }
 

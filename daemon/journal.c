@@ -457,6 +457,17 @@ static void do_unlink(struct jjob *j)
 	}
 }
 
+/* Appends j to a job list (the caller holds J.mu). */
+static void job_append(struct jjob **head, struct jjob **tail, struct jjob *j)
+{
+	j->next = NULL;
+	if (*tail)
+		(*tail)->next = j;
+	else
+		*head = j;
+	*tail = j;
+}
+
 static void *writer_main(void *unused)
 {
 	uint64_t one = 1;
@@ -482,12 +493,7 @@ static void *writer_main(void *unused)
 		else
 			do_unlink(j);
 		pthread_mutex_lock(&J.mu);
-		j->next = NULL;
-		if (J.done_tail)
-			J.done_tail->next = j;
-		else
-			J.done = j;
-		J.done_tail = j;
+		job_append(&J.done, &J.done_tail, j);
 		if (write(J.efd, &one, sizeof(one)) < 0 && errno != EAGAIN)
 			log_error("journal: eventfd write failed: %s", strerror(errno));
 	}
@@ -501,12 +507,7 @@ static void *writer_main(void *unused)
 static void job_submit(struct jjob *j)
 {
 	pthread_mutex_lock(&J.mu);
-	j->next = NULL;
-	if (J.jobs_tail)
-		J.jobs_tail->next = j;
-	else
-		J.jobs = j;
-	J.jobs_tail = j;
+	job_append(&J.jobs, &J.jobs_tail, j);
 	pthread_cond_signal(&J.cv);
 	pthread_mutex_unlock(&J.mu);
 	J.jobs_inflight++;
