@@ -922,19 +922,22 @@ static void coap_numbers(struct cctx *x, const struct cnode **v)
 	if (v[6] && get_choice(x, v[6], blocks, sizeof(blocks) / sizeof(blocks[0]),
 			       "16, 32, 64, 128, 256, 512 or 1024", &b))
 		cc->block_size = (unsigned)b;
+	if (v[7] && get_int(x, v[7], 65536, 1ll << 30, &ll))
+		cc->receive_buffer = (unsigned)ll;
 }
 
 static void conf_coap(struct cctx *x, const struct cnode *n)
 {
 	static const char *const names[] = { "listen", "idle_timeout", "max_sessions", "max_payload",
-					     "ciphers", "psk_hint", "block_size", NULL };
-	const struct cnode *v[8];
+					     "ciphers", "psk_hint", "block_size", "receive_buffer", NULL };
+	const struct cnode *v[9];
 	struct conf_coap *cc = &x->c->coap;
 
 	cc->idle_timeout = 300;
 	cc->max_sessions = 20000;
 	cc->max_payload = 1024;
 	cc->block_size = 512;
+	cc->receive_buffer = 4u << 20;
 	if (!conf_fields(x, n, names, v))
 		return;
 	if (v[0])

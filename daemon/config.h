@@ -35,6 +35,8 @@ struct conf_coap {
 	size_t n_ciphers;
 	char *psk_hint;			/* NULL = send no identity hint (default) */
 	unsigned block_size;		/* 16..1024, power of two, default 512 */
+	unsigned receive_buffer;	/* bytes, each listening socket's SO_RCVBUF, default 4 MiB,
+					 * 64 KiB..1 GiB */
 };
 
 struct conf_mqtt {

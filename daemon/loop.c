@@ -4,6 +4,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/random.h>
+#include <sys/socket.h>
 #include <time.h>
 
 #include <event2/event.h>
@@ -21,6 +22,7 @@
 #define LOOP_PREPARE_MS 100		/* libcoap timer scan at most this often when idle */
 #define LOOP_LIBCOAP_LOG_PER_S 20	/* libcoap log lines per second, beyond: counted */
 #define LOOP_MAX_RESPONSE_BODY (256 * 1024)	/* largest notification or command response */
+#define LOOP_MAX_ENDPOINTS 32		/* listening sockets (coap.listen entries x addresses) */
 
 static struct {
 	struct loop_handlers h;		/* the bridge, as main.c wired it */
@@ -32,6 +34,9 @@ static struct {
 	char ciphers[1024];		/* cipher list from coap.ciphers, "" = library default */
 	unsigned block_szx;		/* coap.block_size as SZX: size = 1 << (szx + 4) */
 	int kicked;
+	unsigned receive_buffer;	/* coap.receive_buffer */
+	struct { int fd; char name[64]; } ep[LOOP_MAX_ENDPOINTS];	/* listening sockets */
+	size_t n_ep;
 } L;
 
 struct event_base *loop_base(void)
@@ -65,6 +70,35 @@ size_t loop_block_size(void)
 	return (size_t)16 << L.block_szx;
 }
 
+/* A listening socket's receive buffer. Datagrams that arrive while the loop is busy wait there;
+ * the kernel's default (net.core.rmem_default, ~208 KiB: a few hundred datagrams) overflows when
+ * a fleet reports at the same moment, and each drop costs a device a retransmission (2 s and
+ * more). Linux caps SO_RCVBUF at net.core.rmem_max; SO_RCVBUFFORCE passes the cap where the
+ * process may (CAP_NET_ADMIN). What the kernel reports is twice the usable size. */
+static void set_receive_buffer(int fd, const char *name, unsigned want)
+{
+	int v = (int)want, got = 0;
+	socklen_t len = sizeof(got);
+
+	if (setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &v, sizeof(v)) < 0 ||
+	    getsockopt(fd, SOL_SOCKET, SO_RCVBUF, &got, &len) < 0) {
+		log_warn("loop: listen=%s receive_buffer=%u outcome=failed error=\"%s\"", name, want,
+			 strerror(errno));
+		return;
+	}
+	if ((unsigned)got / 2 < want &&
+	    setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &v, sizeof(v)) == 0) {
+		len = sizeof(got);
+		if (getsockopt(fd, SOL_SOCKET, SO_RCVBUF, &got, &len) < 0)
+			got = 0;
+	}
+	if ((unsigned)got / 2 < want)
+		log_warn("loop: listen=%s receive_buffer=%u outcome=capped effective=%d hint=\"raise "
+			 "net.core.rmem_max to %u (sysctl)\"", name, want, got / 2, want);
+	else
+		log_debug("loop: listen=%s receive_buffer=%u outcome=ok", name, want);
+}
+
 void loop_set_config(const struct config *c, const struct keys *k)
 {
 	size_t n = 0;
@@ -82,6 +116,9 @@ void loop_set_config(const struct config *c, const struct keys *k)
 	/* applied by libcoap to each new server session (deps-patches/libcoap/0002) */
 	if (!coap_wolfssl_set_server_cipher_list(L.ciphers))
 		log_error("loop: out of memory setting coap.ciphers");
+	L.receive_buffer = c->coap.receive_buffer;
+	for (size_t i = 0; i < L.n_ep; i++)
+		set_receive_buffer(L.ep[i].fd, L.ep[i].name, L.receive_buffer);
 }
 
 /* The session's WOLFSSL object; libcoap's wolfSSL backend hands out a pointer to it. */
@@ -324,11 +361,25 @@ static int add_listener(const char *uri)
 		return -1;
 	}
 	for (ai = info; ai; ai = ai->next) {
-		if (!coap_new_endpoint(L.coap, &ai->addr, ai->proto)) {
+		coap_endpoint_t *ep;
+
+		if (L.n_ep == LOOP_MAX_ENDPOINTS) {
+			log_error("loop: listen %s: more than %d listening sockets", uri,
+				  LOOP_MAX_ENDPOINTS);
+			coap_free_address_info(info);
+			return -1;
+		}
+		ep = coap_new_endpoint(L.coap, &ai->addr, ai->proto);
+		if (!ep) {
 			log_error("loop: listen %s: cannot bind (address in use or not local?)", uri);
 			coap_free_address_info(info);
 			return -1;
 		}
+		/* the socket stays libcoap's (deps-patches/libcoap/0008) */
+		L.ep[L.n_ep].fd = coap_endpoint_get_fd(ep);
+		snprintf(L.ep[L.n_ep].name, sizeof(L.ep[L.n_ep].name), "%s", uri);
+		if (L.ep[L.n_ep].fd >= 0)
+			set_receive_buffer(L.ep[L.n_ep++].fd, uri, L.receive_buffer);
 		n++;
 	}
 	coap_free_address_info(info);
@@ -441,6 +492,7 @@ void loop_shutdown(void)
 	if (L.coap)
 		coap_free_context(L.coap);
 	L.coap = NULL;
+	L.n_ep = 0;
 	coap_wolfssl_set_server_cipher_list(NULL);
 	coap_cleanup();
 	if (L.base)

@@ -504,6 +504,7 @@ class Gateway:
         self.persistence_dir = self.dir / "store"
         self.proc = None
         self.env = None  # environment for the process (None: the test's own)
+        self.wrapper = []  # argv before the gateway's own (a program that execs it, same pid)
         self.exit_expected = False  # the test stopped it, or waited for it to exit
         self.started_at = None
         self.log_mark = 0
@@ -531,7 +532,7 @@ class Gateway:
         self.log_mark = len(read_text(self.log))
         log = open(self.log, "ab")
         try:
-            self.proc = spawn([GW_BIN, "-c", self.config_path], stdout=log,
+            self.proc = spawn([*self.wrapper, GW_BIN, "-c", self.config_path], stdout=log,
                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.dir,
                               env=self.env)
         finally:

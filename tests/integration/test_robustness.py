@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 from conftest import GW_BIN, SimBackground, coap_post, random_bytes, sim, wait_until
 
@@ -181,3 +182,62 @@ def test_sighup_reloads_valid_config_and_keeps_running_on_invalid(world):
     r = sim(gw, "--count", 1, "--path", "sensors/still", "--payload", "ok", identity="sensor-03")
     assert r.codes() == ["2.04"], r
     world.sub.wait_for(2, 20)
+
+
+# ---- the listening socket's receive buffer (coap.receive_buffer) ----
+
+BURST = 2500  # datagrams arriving while the gateway is not reading: a fleet reporting at once
+
+
+def udp_socket(port):
+    """(bytes queued, datagrams dropped) of the UDP socket on 127.0.0.1:port (/proc/net/udp)."""
+    for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[1] == f"0100007F:{port:04X}":
+            return int(f[4].split(":")[1], 16), int(f[-1])
+    raise AssertionError(f"no UDP socket on 127.0.0.1:{port}")
+
+
+def burst_while_paused(gw):
+    """Datagrams dropped by the gateway's socket for BURST datagrams (DTLS-like, 100 bytes, from
+    one stranger) sent while the gateway is stopped; it reads them all once it runs again."""
+    _, drops0 = udp_socket(gw.port)
+    os.kill(gw.proc.pid, signal.SIGSTOP)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for i in range(BURST):
+                s.sendto(bytes([23, 0xFE, 0xFD, 0, 1]) + i.to_bytes(6, "big") + bytes([0, 87])
+                         + bytes(87), ("127.0.0.1", gw.port))
+        queued, drops = udp_socket(gw.port)
+        assert queued > 0
+    finally:
+        os.kill(gw.proc.pid, signal.SIGCONT)
+    wait_until(lambda: udp_socket(gw.port)[0] == 0, 20, "the gateway to read its queue")
+    return drops - drops0
+
+
+def test_receive_buffer_holds_a_burst(broker_factory, gateway_factory):
+    """The default buffer (4 MiB) queues what arrives while the gateway is busy; the smallest one
+    allowed (64 KiB) drops most of the same burst. Both keep serving."""
+    b = broker_factory()
+    big = gateway_factory(b, name="big")
+    small = gateway_factory(b, name="small", coap={"receive_buffer": 65536})
+    assert burst_while_paused(big) == 0
+    assert burst_while_paused(small) > BURST // 2
+    for gw in (big, small):
+        assert sim(gw, "--count", 1, "--path", "sensors/t", "--payload", "1").codes() == ["2.04"]
+
+
+def test_receive_buffer_capped_by_the_kernel_is_logged(broker_factory, gateway_factory):
+    """A buffer above net.core.rmem_max, without CAP_NET_ADMIN to pass it: the gateway logs what
+    it got, with the sysctl to raise, and serves with that."""
+    rmem_max = int(Path("/proc/sys/net/core/rmem_max").read_text())
+    want = min(2 * rmem_max, 1 << 30)
+    g = gateway_factory(broker_factory(), start=False, coap={"receive_buffer": want})
+    if os.geteuid() == 0:  # root passes the cap (SO_RCVBUFFORCE): run it without that capability
+        g.wrapper = ["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin"]
+    g.start()
+    line = g.wait_for_log(r"loop: listen=\S+ receive_buffer=\d+ outcome=capped .*", 20).group(0)
+    assert f"receive_buffer={want} " in line and f"effective={rmem_max} " in line, line
+    assert "rmem_max" in line, line
+    assert sim(g, "--count", 1, "--path", "sensors/t", "--payload", "1").codes() == ["2.04"]
