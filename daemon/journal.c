@@ -849,7 +849,7 @@ static void on_published(void *arg, enum mqtt_status st)
 
 static void pump(void)
 {
-	while (J.connected && !J.stopping && J.qhead && J.n_sent < J.lim.max_inflight) {
+	while (J.connected && !J.stopping && J.qhead && (size_t)J.n_sent < mqtt_window()) {
 		struct jrec *r = J.qhead;
 		uintptr_t tag;
 
@@ -1232,8 +1232,6 @@ int journal_open(struct event_base *base, const char *dir, const struct journal_
 	snprintf(J.dir, sizeof(J.dir), "%s", dir);
 	J.evb = base;
 	J.lim = *lim;
-	if (J.lim.max_inflight < 1)
-		J.lim.max_inflight = 1;
 	if (mkdir(dir, 0750) < 0 && errno != EEXIST) {
 		log_error("journal: cannot create persistence_dir %s: %s", dir, strerror(errno));
 		return -1;
@@ -1280,6 +1278,7 @@ int journal_open(struct event_base *base, const char *dir, const struct journal_
 		return -1;
 	}
 	J.thread_up = 1;
+	pthread_setname_np(J.thread, "c2m-journal");	/* as top -H and perf show it */
 	delete_drained();
 	return 0;
 }

@@ -28,7 +28,6 @@ enum journal_take {
 struct journal_limits {
 	size_t max_records;	/* mqtt.max_buffered */
 	uint64_t max_bytes;	/* mqtt.max_buffered_bytes */
-	int max_inflight;	/* records handed to the MQTT client at once */
 };
 
 /* Opens (creates) dir, checks every segment, cuts a torn or corrupt tail, loads every unretired

@@ -241,8 +241,7 @@ static int run(void)
 	if (G.conf->n_devices == 0)
 		log_warn("no devices configured: every handshake will be refused");
 	struct journal_limits jl = { .max_records = (size_t)G.conf->mqtt.max_buffered,
-				     .max_bytes = G.conf->mqtt.max_buffered_bytes,
-				     .max_inflight = G.conf->mqtt.max_inflight };
+				     .max_bytes = G.conf->mqtt.max_buffered_bytes };
 
 	if (loop_init(G.conf, G.keys, &handlers) < 0 || signals_init(loop_base()) < 0 ||
 	    health_init(loop_base()) < 0 || exch_init() < 0 ||

@@ -55,6 +55,7 @@ static struct {
 	int stopping;			/* mqtt_shutdown running (loop thread) */
 	size_t unfinished;		/* publishes not completed at stop */
 	atomic_size_t outstanding;
+	atomic_uint receive_max;	/* the broker's Receive Maximum, 0 = none announced */
 	unsigned retry_s;
 	uint64_t msg_seq;
 	char boot_id[24];
@@ -180,8 +181,13 @@ static void on_pub_fail(void *ctx, MQTTAsync_failureData *r)
 
 static void on_connect_ok5(void *ctx, MQTTAsync_successData5 *r)
 {
+	int rm = 0;
+
 	(void)ctx;
-	(void)r;
+	/* Receive Maximum absent means 65,535 (MQTT 5.0 3.2.2.3.3) */
+	if (r && MQTTProperties_hasProperty(&r->properties, MQTTPROPERTY_CODE_RECEIVE_MAXIMUM))
+		rm = MQTTProperties_getNumericValue(&r->properties, MQTTPROPERTY_CODE_RECEIVE_MAXIMUM);
+	atomic_store(&M.receive_max, rm > 0 ? (unsigned)rm : 65535u);
 	queue_event(EV_CONNECTED, NULL);
 }
 
@@ -349,7 +355,8 @@ static void set_state(int up, const char *why)
 			trace_verbose(0);
 			if (stats_get(STAT_BROKER_LOST))
 				stats_inc(STAT_BROKER_RECONNECTS);
-			log_info("mqtt: broker=%s connected buffered=%zu", M.uri, mqtt_outstanding());
+			log_info("mqtt: broker=%s connected buffered=%zu window=%zu", M.uri,
+				 mqtt_outstanding(), mqtt_window());
 			status_online();
 			subscribe_all();
 		}
@@ -573,6 +580,13 @@ static void add_str_prop(MQTTProperties *props, int id, const char *key, const c
 		p.value.data.len = (int)strlen(val);
 	}
 	MQTTProperties_add(props, &p);
+}
+
+size_t mqtt_window(void)
+{
+	size_t w = (size_t)M.conf->max_inflight, rm = atomic_load(&M.receive_max);
+
+	return rm && 2 * rm < w ? 2 * rm : w;
 }
 
 enum mqtt_send mqtt_publish(const struct mqtt_msg *m, mqtt_done_fn done, void *arg)

@@ -69,6 +69,11 @@ enum mqtt_send mqtt_publish(const struct mqtt_msg *m, mqtt_done_fn done, void *a
 int mqtt_connected(void);
 /* Publishes accepted and not yet completed. */
 size_t mqtt_outstanding(void);
+/* How many QoS 1/2 publishes are worth handing to the client at once: mqtt.max_inflight, but at
+ * most twice the broker's Receive Maximum (MQTT 5 CONNACK), which is all the client may have
+ * unacknowledged; what waits beyond that waits better in the journal than in the client's
+ * command queue, which it walks on every send. */
+size_t mqtt_window(void);
 /* MQTT 5 Content Type for a CoAP Content-Format, NULL when unknown. */
 const char *mqtt_content_type(int content_format);
 

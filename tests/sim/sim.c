@@ -63,6 +63,7 @@ struct opts {
 	long devices;
 	bool devices_set;
 	long first;
+	long source_port;	/* 0: the kernel picks each device's port */
 	long count;
 	long interval_ms;
 	long ramp_ms;
@@ -304,6 +305,9 @@ usage(FILE *f)
 "                       printf format with one %d numbers the devices from --first\n"
 "                       (needed with --devices > 1); a literal % is written %%\n"
 "  --first K            number of the first device, default 1\n"
+"  --source-port P      device i (from 0) sends from port P+i, default: a port the kernel\n"
+"                       picks (libcoap sets SO_REUSEADDR, so two of them can be given the\n"
+"                       same port, and a gateway then sees one peer); P+devices-1 <= 65535\n"
 "  --key KEY            PSK key as text (all devices share it)\n"
 "  --key-hex HEX        PSK key as hex instead\n"
 "  --keys FILE          devices from a keys file instead: \"identity key\" or\n"
@@ -475,7 +479,7 @@ opts_defaults(struct opts *o)
 }
 
 enum {
-	OPT_URI = 256, OPT_IDENTITY, OPT_FIRST, OPT_KEY, OPT_KEY_HEX, OPT_KEYS, OPT_DEVICES,
+	OPT_URI = 256, OPT_IDENTITY, OPT_FIRST, OPT_SOURCE_PORT, OPT_KEY, OPT_KEY_HEX, OPT_KEYS, OPT_DEVICES,
 	OPT_COUNT, OPT_INTERVAL, OPT_RAMP, OPT_WINDOW, OPT_TYPE, OPT_METHOD, OPT_PATH,
 	OPT_PAYLOAD, OPT_PAYLOAD_FILE, OPT_CF, OPT_BLOCK, OPT_TIMEOUT, OPT_ACK_TIMEOUT,
 	OPT_MAX_RETRANSMIT, OPT_HANDSHAKE, OPT_MAX_HS, OPT_CIPHER, OPT_QUIET, OPT_VERBOSE, OPT_HELP,
@@ -487,6 +491,7 @@ static const struct option long_opts[] = {
 	{ "uri", required_argument, NULL, OPT_URI },
 	{ "identity", required_argument, NULL, OPT_IDENTITY },
 	{ "first", required_argument, NULL, OPT_FIRST },
+	{ "source-port", required_argument, NULL, OPT_SOURCE_PORT },
 	{ "key", required_argument, NULL, OPT_KEY },
 	{ "key-hex", required_argument, NULL, OPT_KEY_HEX },
 	{ "keys", required_argument, NULL, OPT_KEYS },
@@ -623,6 +628,7 @@ opt_one(struct opts *o, int c, const char *arg)
 	case OPT_IDENTITY:	o->identity = arg; o->identity_set = true; return 0;
 	case OPT_FIRST:
 		return opt_num("--first", arg, 0, INT_MAX - SIM_MAX_DEVICES, &o->first);
+	case OPT_SOURCE_PORT:	return opt_num("--source-port", arg, 1, 65535, &o->source_port);
 	case OPT_KEY:		return opt_key(o, arg, false) ? 0 : -1;
 	case OPT_KEY_HEX:	return opt_key(o, arg, true) ? 0 : -1;
 	case OPT_KEYS:		o->keys_file = arg; return 0;
@@ -869,6 +875,10 @@ devices_init(struct sim *s)
 			return false;
 		}
 	} else if (!devices_from_opts(s)) {
+		return false;
+	}
+	if (o->source_port && (size_t)o->source_port + s->ndev - 1 > 65535) {
+		fprintf(stderr, "coap2mqtt-sim: --source-port + devices - 1 is at most 65535\n");
 		return false;
 	}
 	if (s->ndev * (size_t)o->window > SIM_MAX_SLOTS) {
@@ -1828,9 +1838,18 @@ static coap_session_t *
 session_new(struct sim *s, struct device *d)
 {
 	coap_dtls_cpsk_t psk;
+	coap_address_t src, *local = NULL;
 
+	if (s->o.source_port) {
+		/* the wildcard address of the gateway's family, this device's own port */
+		coap_address_init(&src);
+		src.size = s->dst.size;
+		src.addr.sa.sa_family = s->dst.addr.sa.sa_family;
+		coap_address_set_port(&src, (uint16_t)(s->o.source_port + (d - s->dev)));
+		local = &src;
+	}
 	if (s->proto == COAP_PROTO_UDP)
-		return coap_new_client_session(s->ctx, NULL, &s->dst, s->proto);
+		return coap_new_client_session(s->ctx, local, &s->dst, s->proto);
 	memset(&psk, 0, sizeof(psk));
 	psk.version = COAP_DTLS_CPSK_SETUP_VERSION;
 	psk.client_sni = s->sni;
@@ -1838,7 +1857,7 @@ session_new(struct sim *s, struct device *d)
 	psk.psk_info.identity.length = strlen(d->identity);
 	psk.psk_info.key.s = d->key;
 	psk.psk_info.key.length = d->key_len;
-	return coap_new_client_session_psk2(s->ctx, NULL, &s->dst, s->proto, &psk);
+	return coap_new_client_session_psk2(s->ctx, local, &s->dst, s->proto, &psk);
 }
 
 static void
