@@ -142,8 +142,11 @@ def run(tmp, pki, broker, sessions, readings, window, qos, inflight, rate=0, sec
                  "--timeout", "240", "--handshake-timeout", "60",
                  "--max-handshakes", str(40 // nsim),
                  "--source-port", str(SOURCE_PORT + first)],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
-        outs = [p.communicate(timeout=300)[0] for p in sims]
+                stdout=open(d / f"sim-{k}.out", "w"), stderr=subprocess.DEVNULL))
+        # (to files: a pipe read one simulator after another would stop the others when full)
+        for p in sims:
+            p.wait(timeout=300)
+        outs = [(d / f"sim-{k}.out").read_text() for k in range(len(sims))]
         wall = time.monotonic() - t0
         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         sim_cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
