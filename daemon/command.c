@@ -20,17 +20,23 @@
 #define CMD_MAX_PER_DEVICE 256		/* queued commands per device */
 #define CMD_MAX_TOTAL 100000		/* queued commands in all */
 
-struct cmd {
+/* Where a command's answer goes (also for a command refused before it was queued). */
+struct cmd_to {
 	struct device *dev;
-	coap_pdu_code_t method;
 	char path[ROUTE_MAX_TOPIC];
 	char resp_topic[ROUTE_MAX_TOPIC];	/* "" = nowhere to answer */
 	int qos;
+	const void *corr;			/* MQTT 5 Correlation Data, echoed */
+	size_t corr_len;
+};
+
+struct cmd {
+	struct cmd_to to;
+	coap_pdu_code_t method;
 	int content_format;
 	uint8_t *payload;
 	size_t len;
-	uint8_t *corr;
-	size_t corr_len;
+	uint8_t *corr;				/* owns to.corr */
 	uint8_t token[CMD_TOKEN_LEN];
 	coap_session_t *session;		/* set once sent */
 	struct event *ttl_timer;
@@ -66,35 +72,35 @@ static struct cmdq *queue_of(struct device *d, int create)
 
 /* ---- answers to MQTT ---- */
 
-static void answer(const struct cmd *c, const char *code, const void *data, size_t len, int cf)
+static void answer(const struct cmd_to *to, const char *code, const void *data, size_t len, int cf)
 {
 	struct mqtt_msg m;
 
-	if (!c->resp_topic[0]) {
+	if (!to->resp_topic[0]) {
 		log_info("identity=%s path=/%s command answered %s; no response topic",
-			 dev_identity(c->dev), c->path, code);
+			 dev_identity(to->dev), to->path, code);
 		return;
 	}
-	m = (struct mqtt_msg){ .topic = c->resp_topic, .payload = data, .len = len, .qos = c->qos,
-			       .content_format = cf, .identity = dev_identity(c->dev),
-			       .coap_code = code, .correlation = c->corr,
-			       .correlation_len = c->corr_len };
+	m = (struct mqtt_msg){ .topic = to->resp_topic, .payload = data, .len = len, .qos = to->qos,
+			       .content_format = cf, .identity = dev_identity(to->dev),
+			       .coap_code = code, .correlation = to->corr,
+			       .correlation_len = to->corr_len };
 	if (mqtt_publish(&m, NULL, NULL) != MQTT_SEND_OK) {
 		stats_inc(STAT_DROPPED);
 		log_warn("identity=%s command response to %s dropped: MQTT buffer full",
-			 dev_identity(c->dev), c->resp_topic);
+			 dev_identity(to->dev), to->resp_topic);
 	}
 }
 
-static void answer_error(const struct cmd *c, const char *code, const char *why)
+static void answer_error(const struct cmd_to *to, const char *code, const char *why)
 {
 	char text[160];
 
 	snprintf(text, sizeof(text), "%s %s", code, why);
-	log_warn("peer=%s identity=%s path=/%s command failed: %s", dev_peer(c->dev),
-		 dev_identity(c->dev), c->path, text);
+	log_warn("peer=%s identity=%s path=/%s command failed: %s", dev_peer(to->dev),
+		 dev_identity(to->dev), to->path, text);
 	stats_inc(STAT_COMMAND_ERRORS);
-	answer(c, code, text, strlen(text), 0);
+	answer(to, code, text, strlen(text), 0);
 }
 
 /* ---- queue ---- */
@@ -126,14 +132,21 @@ static void unlink_cmd(struct cmdq *q, struct cmd *c)
 
 static void send_next(struct device *d);
 
-/* The head command is done (answered or failed): drop it and start the next. */
-static void finish(struct cmd *c)
+/* Every command ends here. code != NULL: it failed, and the error is published to its response
+ * topic (code NULL: the device's answer already was). It leaves its queue and is freed; with
+ * next, the device's next command is sent (not when the device's session is going away). */
+static void cmd_done(struct cmd *c, const char *code, const char *why, int next)
 {
-	struct device *d = c->dev;
+	struct device *d = c->to.dev;
+	struct cmdq *q = queue_of(d, 0);
 
-	unlink_cmd(queue_of(d, 0), c);
+	if (code)
+		answer_error(&c->to, code, why);
+	if (q)
+		unlink_cmd(q, c);
 	cmd_free(c);
-	send_next(d);
+	if (next)
+		send_next(d);
 }
 
 static void on_ttl(evutil_socket_t fd, short what, void *arg)
@@ -144,10 +157,8 @@ static void on_ttl(evutil_socket_t fd, short what, void *arg)
 	(void)what;
 	if (c->session)
 		return;		/* in flight: retransmission decides */
-	answer_error(c, "5.04", dev_session(c->dev) ? "timeout: queued behind other commands" :
-		     "device offline");
-	unlink_cmd(queue_of(c->dev, 0), c);
-	cmd_free(c);
+	cmd_done(c, "5.04", dev_session(c->to.dev) ? "timeout: queued behind other commands" :
+		 "device offline", 0);
 }
 
 static int cmd_send(struct cmd *c, coap_session_t *s)
@@ -159,7 +170,7 @@ static int cmd_send(struct cmd *c, coap_session_t *s)
 		return -1;
 	loop_token(c->token, sizeof(c->token));
 	coap_add_token(pdu, sizeof(c->token), c->token);
-	loop_add_path(pdu, c->path);
+	loop_add_path(pdu, c->to.path);
 	if (c->content_format >= 0)
 		coap_add_option(pdu, COAP_OPTION_CONTENT_FORMAT,
 				coap_encode_var_safe(buf, sizeof(buf), (unsigned)c->content_format), buf);
@@ -194,12 +205,10 @@ static void send_next(struct device *d)
 
 		if (cmd_send(c, s) == 0) {
 			stats_inc(STAT_COMMANDS);
-			log_debug("identity=%s path=/%s command sent", dev_identity(d), c->path);
+			log_debug("identity=%s path=/%s command sent", dev_identity(d), c->to.path);
 			return;
 		}
-		answer_error(c, "5.00", "could not send the request");
-		unlink_cmd(q, c);
-		cmd_free(c);
+		cmd_done(c, "5.00", "could not send the request", 0);
 	}
 }
 
@@ -220,20 +229,17 @@ static int topic_ok(const char *t)
 	return t && *t && strlen(t) < ROUTE_MAX_TOPIC && !strpbrk(t, "+#");
 }
 
-static struct cmd *cmd_new(struct device *d, const struct conf_command *r, const struct mqtt_in *m,
-			   const char *path, const char *resp)
+static struct cmd *cmd_new(const struct cmd_to *to, const struct conf_command *r,
+			   const struct mqtt_in *m)
 {
 	struct cmd *c = calloc(1, sizeof(*c));
 
 	if (!c)
 		return NULL;
 	C.queued++;
-	c->dev = d;
+	c->to = *to;
 	c->method = method_code(r->method);
-	c->qos = r->qos;
 	c->content_format = mqtt_content_format(m->content_type);
-	snprintf(c->path, sizeof(c->path), "%s", path);
-	snprintf(c->resp_topic, sizeof(c->resp_topic), "%s", resp);
 	c->payload = m->len ? malloc(m->len) : NULL;
 	c->corr = m->correlation_len ? malloc(m->correlation_len) : NULL;
 	c->ttl_timer = evtimer_new(loop_base(), on_ttl, c);
@@ -246,7 +252,7 @@ static struct cmd *cmd_new(struct device *d, const struct conf_command *r, const
 	c->len = m->len;
 	if (c->corr)
 		memcpy(c->corr, m->correlation, m->correlation_len);
-	c->corr_len = m->correlation_len;
+	c->to.corr = c->corr;
 	return c;
 }
 
@@ -256,21 +262,18 @@ static void enqueue(struct device *d, const struct conf_command *r, const struct
 	struct cmdq *q = queue_of(d, 1);
 	struct cmd *c;
 	struct timeval tv = { (time_t)r->ttl, 0 };
+	struct cmd_to to = { .dev = d, .qos = r->qos, .corr = m->correlation,
+			     .corr_len = m->correlation_len };
 
+	snprintf(to.path, sizeof(to.path), "%s", path);
+	snprintf(to.resp_topic, sizeof(to.resp_topic), "%s", resp);
 	if (!q || q->n >= CMD_MAX_PER_DEVICE || C.queued >= CMD_MAX_TOTAL ||
-	    (c = cmd_new(d, r, m, path, resp)) == NULL) {
-		struct cmd tmp = { .dev = d, .qos = r->qos };
-
-		snprintf(tmp.path, sizeof(tmp.path), "%s", path);
-		snprintf(tmp.resp_topic, sizeof(tmp.resp_topic), "%s", resp);
-		tmp.corr = (uint8_t *)m->correlation;
-		tmp.corr_len = m->correlation_len;
-		answer_error(&tmp, "5.03", "command queue full");
+	    (c = cmd_new(&to, r, m)) == NULL) {
+		answer_error(&to, "5.03", "command queue full");
 		return;
 	}
 	if (!dev_session(d) && r->ttl == 0) {
-		answer_error(c, "5.04", "device offline");
-		cmd_free(c);
+		cmd_done(c, "5.04", "device offline", 0);
 		return;
 	}
 	evtimer_add(c->ttl_timer, &tv);
@@ -333,11 +336,11 @@ int command_response(coap_session_t *s, const coap_pdu_t *sent, const coap_pdu_t
 	coap_get_data_large(rcvd, &len, &data, &off, &total);
 	cf = coap_check_option(rcvd, COAP_OPTION_CONTENT_FORMAT, &oi);
 	snprintf(cs, sizeof(cs), "%u.%02u", code >> 5, code & 31);
-	log_debug("identity=%s path=/%s command answered %s bytes=%zu", dev_identity(c->dev), c->path,
-		  cs, len);
-	answer(c, cs, data, len, cf ? (int)coap_decode_var_bytes(coap_opt_value(cf),
-								 coap_opt_length(cf)) : -1);
-	finish(c);
+	log_debug("identity=%s path=/%s command answered %s bytes=%zu", dev_identity(c->to.dev),
+		  c->to.path, cs, len);
+	answer(&c->to, cs, data, len, cf ? (int)coap_decode_var_bytes(coap_opt_value(cf),
+								     coap_opt_length(cf)) : -1);
+	cmd_done(c, NULL, NULL, 1);
 	return 1;
 }
 
@@ -348,9 +351,8 @@ int command_nack(coap_session_t *s, const coap_pdu_t *sent, coap_nack_reason_t r
 
 	if (!c || c->session != s)
 		return 0;
-	answer_error(c, "5.04", reason == COAP_NACK_TOO_MANY_RETRIES ? "timeout: no answer" :
-		     reason == COAP_NACK_RST ? "reset by the device" : "not deliverable");
-	finish(c);
+	cmd_done(c, "5.04", reason == COAP_NACK_TOO_MANY_RETRIES ? "timeout: no answer" :
+		 reason == COAP_NACK_RST ? "reset by the device" : "not deliverable", 1);
 	return 1;
 }
 
@@ -365,13 +367,10 @@ void command_device_down(struct device *d, const char *reason)
 
 	/* the one in flight is lost with its session; queued ones wait for their ttl */
 	if (q && q->head && q->head->session) {
-		struct cmd *c = q->head;
 		char why[64];
 
 		snprintf(why, sizeof(why), "device disconnected (%s)", reason);
-		answer_error(c, "5.04", why);
-		unlink_cmd(q, c);
-		cmd_free(c);
+		cmd_done(q->head, "5.04", why, 0);
 	}
 }
 
@@ -444,13 +443,8 @@ static void drain(struct device *d)
 {
 	struct cmdq *q = queue_of(d, 0);
 
-	while (q && q->head) {
-		struct cmd *c = q->head;
-
-		answer_error(c, "5.03", "gateway stopping");
-		unlink_cmd(q, c);
-		cmd_free(c);
-	}
+	while (q && q->head)
+		cmd_done(q->head, "5.03", "gateway stopping", 0);
 	free(q);
 	*dev_command_slot(d) = NULL;
 }

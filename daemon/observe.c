@@ -26,19 +26,29 @@
 #define OBS_RETRY_MIN 5			/* s, first retry after an error or timeout */
 #define OBS_RETRY_MAX 300		/* s */
 
+/* An observation's life: new -> registering -> observing (notifications arrive) or polling
+ * (answered without Observe: GET again when the value expires) or waiting (refused, reset, timed
+ * out or silent: register again after a backoff). Its token is in the map only while registering
+ * or observing; its one timer means what its state says. */
+enum obs_state { OBS_NEW, OBS_REGISTERING, OBS_OBSERVING, OBS_POLLING, OBS_WAITING };
+
+static const char *const obs_state_name[] = { "new", "registering", "observing", "polling",
+					      "waiting" };
+
 struct obs {
+	enum obs_state state;
 	struct device *dev;
 	coap_session_t *session;	/* the session it was registered on */
 	const struct conf_observe *rule;
 	char path[OBS_MAX_PATH + 1];	/* "" for discovery (GET /.well-known/core) */
 	int discover;
 	uint8_t token[OBS_TOKEN_LEN];
-	int registered;			/* a 2.xx with Observe arrived */
 	int have_seq;
 	uint32_t seq;
 	uint64_t t_last;		/* s, monotonic */
 	unsigned backoff;		/* s before the next retry */
-	struct event *timer;		/* retry, or re-register after silence */
+	struct event *timer;		/* registering: no answer; observing: silence; polling: next
+					 * GET; waiting: retry */
 	struct obs *next;		/* the device's list */
 };
 
@@ -114,24 +124,48 @@ static void arm(struct obs *o, unsigned secs)
 		evtimer_add(o->timer, &tv);
 }
 
+static const char *obs_path(const struct obs *o)
+{
+	return o->discover ? ".well-known/core" : o->path;
+}
+
+/* The one place an observation changes state: the token map, the timer and the log follow.
+ * why: the cause, logged with the transition (NULL: none worth a line when the state stays). */
+static void obs_enter(struct obs *o, enum obs_state to, unsigned timer_s, const char *why)
+{
+	enum obs_state from = o->state;
+	enum log_level lvl = to == OBS_WAITING ? LOG_LVL_WARNING :
+			     to == OBS_REGISTERING && from != OBS_OBSERVING ? LOG_LVL_DEBUG :
+			     LOG_LVL_INFO;
+
+	if (to == OBS_POLLING || to == OBS_WAITING)
+		hmap_del(O.by_token, o->token, sizeof(o->token));
+	o->state = to;
+	arm(o, timer_s);
+	if (from != to || why)
+		log_msg(lvl, "peer=%s identity=%s path=/%s observation=%s->%s timer_s=%u%s%s%s",
+			dev_peer(o->dev), dev_identity(o->dev), obs_path(o), obs_state_name[from],
+			obs_state_name[to], timer_s, why ? " reason=\"" : "", why ? why : "",
+			why ? "\"" : "");
+	if (to == OBS_WAITING)
+		o->backoff = o->backoff * 2 > OBS_RETRY_MAX ? OBS_RETRY_MAX : o->backoff * 2;
+	else if (to == OBS_OBSERVING)
+		o->backoff = OBS_RETRY_MIN;
+}
+
 /* (Re-)registers o with a fresh token: a late notification for the old one gets RST. */
-static void obs_register(struct obs *o)
+static void obs_register(struct obs *o, const char *why)
 {
 	hmap_del(O.by_token, o->token, sizeof(o->token));
 	loop_token(o->token, sizeof(o->token));
-	o->registered = 0;
 	o->have_seq = 0;
 	if (hmap_put(O.by_token, o->token, sizeof(o->token), o) < 0 || send_get(o, 0,
 	    COAP_MESSAGE_CON) < 0) {
-		log_warn("identity=%s path=/%s observe registration not sent; retry in %us",
-			 dev_identity(o->dev), o->path, o->backoff);
-		arm(o, o->backoff);
+		obs_enter(o, OBS_WAITING, o->backoff, "registration not sent");
 		return;
 	}
 	/* no answer at all (not even a NACK) within the retry time: try again */
-	arm(o, OBS_RETRY_MAX);
-	log_debug("identity=%s path=/%s%s sent", dev_identity(o->dev), o->discover ?
-		  ".well-known/core" : o->path, o->discover ? " discovery" : " observe registration");
+	obs_enter(o, OBS_REGISTERING, OBS_RETRY_MAX, why);
 }
 
 static struct obs *obs_new(struct device *d, const struct conf_observe *rule, const char *path,
@@ -156,7 +190,7 @@ static struct obs *obs_new(struct device *d, const struct conf_observe *rule, co
 	*dev_list(d) = o;
 	if (!discover)
 		O.active++;
-	obs_register(o);
+	obs_register(o, NULL);
 	return o;
 }
 
@@ -186,21 +220,13 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
 {
 	struct obs *o = arg;
 
+	char why[64];
+
 	(void)fd;
 	(void)what;
-	if (o->registered)
-		log_info("identity=%s path=/%s no notification for Max-Age + %ds; re-registering",
-			 dev_identity(o->dev), o->path, OBS_SILENCE_MARGIN);
-	obs_register(o);
-}
-
-static void retry_later(struct obs *o, const char *why)
-{
-	log_warn("peer=%s identity=%s path=/%s observe %s; retry in %us", dev_peer(o->dev),
-		 dev_identity(o->dev), o->discover ? ".well-known/core" : o->path, why, o->backoff);
-	hmap_del(O.by_token, o->token, sizeof(o->token));
-	arm(o, o->backoff);
-	o->backoff = o->backoff * 2 > OBS_RETRY_MAX ? OBS_RETRY_MAX : o->backoff * 2;
+	snprintf(why, sizeof(why), "no notification for Max-Age + %d s", OBS_SILENCE_MARGIN);
+	obs_register(o, o->state == OBS_OBSERVING ? why :
+		     o->state == OBS_REGISTERING ? "no answer" : NULL);
 }
 
 static int has_path(struct device *d, const char *path)
@@ -302,21 +328,14 @@ static void notification(struct obs *o, const coap_pdu_t *rcvd)
 				  dev_identity(o->dev), o->path, v, o->seq);
 			return;
 		}
-		if (!o->registered)
-			log_info("peer=%s identity=%s path=/%s observing", dev_peer(o->dev),
-				 dev_identity(o->dev), o->path);
 		o->have_seq = 1;
 		o->seq = v;
 		o->t_last = t;
-		o->registered = 1;
-		o->backoff = OBS_RETRY_MIN;
-		arm(o, age + OBS_SILENCE_MARGIN);
+		obs_enter(o, OBS_OBSERVING, age + OBS_SILENCE_MARGIN, NULL);
 	} else {
 		/* answered, but not observable: poll again when the value expires */
-		log_info("identity=%s path=/%s answered without Observe; polling every %us",
-			 dev_identity(o->dev), o->path, age ? age : OBS_DEFAULT_MAX_AGE);
-		hmap_del(O.by_token, o->token, sizeof(o->token));
-		arm(o, age ? age : OBS_DEFAULT_MAX_AGE);
+		obs_enter(o, OBS_POLLING, age ? age : OBS_DEFAULT_MAX_AGE,
+			  "answered without Observe");
 	}
 	publish(o, rcvd);
 }
@@ -333,7 +352,7 @@ int observe_response(coap_session_t *s, const coap_pdu_t *sent, const coap_pdu_t
 		return 0;
 	if (COAP_RESPONSE_CLASS(code) != 2) {
 		snprintf(why, sizeof(why), "refused with %u.%02u", code >> 5, code & 31);
-		retry_later(o, why);
+		obs_enter(o, OBS_WAITING, o->backoff, why);
 		return 1;
 	}
 	if (o->discover) {
@@ -357,10 +376,8 @@ int observe_nack(coap_session_t *s, const coap_pdu_t *sent, coap_nack_reason_t r
 
 	if (!o || o->session != s)
 		return 0;
-	if (reason == COAP_NACK_RST)
-		retry_later(o, "registration reset by the device");
-	else
-		retry_later(o, "registration timed out");
+	obs_enter(o, OBS_WAITING, o->backoff, reason == COAP_NACK_RST ?
+		  "registration reset by the device" : "registration timed out");
 	return 1;
 }
 
@@ -399,7 +416,7 @@ void observe_device_down(struct device *d, const char *reason)
 static void cancel_all(struct device *d)
 {
 	for (struct obs *o = *dev_list(d); o; o = o->next)
-		if (o->registered && o->session == dev_session(d))
+		if (o->state == OBS_OBSERVING && o->session == dev_session(d))
 			send_get(o, 1, COAP_MESSAGE_NON);	/* RFC 7641 §3.6 */
 	observe_device_down(d, "cancelled");
 }

@@ -14,7 +14,7 @@ keeps --window requests in flight (the gateway's capacity; wall time includes th
 counted once every session is up).
 
     tests/bench/bench.py [--sessions 1000,10000] [--readings 20] [--window 4] [--qos 0,1]
-                         [--rate 5000] [--inflight 1000] [--plot bench.svg]
+                         [--rate 2000,5000] [--inflight 1000] [--plot bench.svg]
 
 Needs a build (build/coap2mqtt, build/tests/coap2mqtt-sim; or COAP2MQTT_BIN/COAP2MQTT_SIM).
 Bounded: every run has a deadline and all processes are stopped at the end.
@@ -25,6 +25,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -66,15 +67,46 @@ def thread_cpu(pid):
 
 
 def scrape(port):
-    """The gateway's Prometheus numbers as {name: value} (unlabelled series only)."""
+    """The gateway's Prometheus numbers as {name: value} (labelled series as name{labels})."""
     import urllib.request
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     out = {}
     for line in text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            k, v = line.split()
+        if line and not line.startswith("#"):
+            k, v = line.rsplit(" ", 1)
             out[k.replace("coap2mqtt_", "")] = float(v)
     return out
+
+
+class Sampler(threading.Thread):
+    """Samples (time, handshakes, readings answered 2.04, gateway CPU s) every 0.1 s, so that the
+    phase with every session established can be told from the set-up."""
+
+    def __init__(self, port, pid):
+        super().__init__(daemon=True)
+        self.port, self.pid, self.rows, self.halt = port, pid, [], threading.Event()
+
+    def run(self):
+        while not self.halt.wait(0.1):
+            try:
+                m = scrape(self.port)
+                self.rows.append((time.monotonic(), m.get("handshakes_total", 0),
+                                  m.get('requests_total{code="2.04"}', 0), proc_stat(self.pid)[0]))
+            except OSError:
+                pass
+
+    def established(self, sessions):
+        """(2.04/s, gateway CPU us per reading) from the first sample with every session's
+        handshake done to the first with the final count; None if there is no such span."""
+        if not self.rows:
+            return None
+        h0, last = self.rows[0][1], self.rows[-1][2]
+        up = next((r for r in self.rows if r[1] - h0 >= sessions), None)
+        end = next((r for r in self.rows if r[2] >= last), None)
+        if not up or not end or end[0] - up[0] < 1 or end[2] <= up[2]:
+            return None
+        n = end[2] - up[2]
+        return n / (end[0] - up[0]), (end[3] - up[3]) * 1e6 / n
 
 
 def udp_drops():
@@ -124,6 +156,8 @@ def run(tmp, pki, broker, sessions, readings, window, qos, inflight, rate=0, sec
             readings = warm + -(-seconds * 1000 // interval)
             window = 1
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        sampler = Sampler(mport, gw.proc.pid)
+        sampler.start()
         # one simulator per SIM_SESSIONS devices: its loop visits every device it runs
         # together they keep at most 40 handshakes going; the gateway holds 100 at once, and a
         # new ClientHello beyond that pushes out the oldest handshake
@@ -148,6 +182,9 @@ def run(tmp, pki, broker, sessions, readings, window, qos, inflight, rate=0, sec
             p.wait(timeout=300)
         outs = [(d / f"sim-{k}.out").read_text() for k in range(len(sims))]
         wall = time.monotonic() - t0
+        sampler.halt.set()
+        sampler.join()
+        est = sampler.established(sessions) if not rate else None
         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         sim_cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
         cpu1, hwm = proc_stat(gw.proc.pid)
@@ -169,6 +206,7 @@ def run(tmp, pki, broker, sessions, readings, window, qos, inflight, rate=0, sec
         recs = m1.get("journal_records_total", 0) - m0.get("journal_records_total", 0)
         return {"sessions": sessions, "qos": qos, "ok": ok, "load": f"{rate}/s" if rate else "max", "sent": sent,
                 "wall": wall, "rate": ok / wall if wall else 0,
+                "est_rate": est[0] if est else 0, "est_cpu": est[1] if est else 0,
                 "cpu_us": (cpu1 - cpu0) * 1e6 / ok if ok else 0, "rss": hwm,
                 "p50": pct(rtts, 0.5), "p99": pct(rtts, 0.99), "fsyncs": fs / wall if wall else 0,
                 "per_commit": recs / commits if commits else 0, "drops": drops,
@@ -186,7 +224,7 @@ def main():
     ap.add_argument("--window", type=int, default=4, help="CON requests in flight per device")
     ap.add_argument("--qos", default="0,1")
     ap.add_argument("--inflight", type=int, default=1000, help="mqtt.max_inflight")
-    ap.add_argument("--rate", default="5000",
+    ap.add_argument("--rate", default="2000,5000",
                     help="offered readings/s of the open-loop rows (latency), ',' for several; "
                          "0 = none")
     ap.add_argument("--plot", help="also draw readings/s and p99 per row into this SVG file")
@@ -209,16 +247,21 @@ def main():
         finally:
             broker.stop()
     print(f"{'sessions':>8} {'mode':>10} {'load':>7} {'readings':>13} {'2.04/s':>8} {'gw cpu/reading':>15} "
+          f"{'2.04/s up':>9} {'cpu up':>9} "
           f"{'peak RSS':>10} {'p50':>8} {'p99':>8} {'fsyncs/s':>9} {'per commit':>10} "
           f"{'UDP drops':>9} {'fsync p99':>9} {'sim cpu':>7}  gw cpu us/reading by thread")
     for r in rows:
         mode = "qos0" if r["qos"] == 0 else f"qos{r['qos']} sync"
         print(f"{r['sessions']:>8} {mode:>10} {r['load']:>7} {r['ok']:>6}/{r['sent']:<6} {r['rate']:>8.0f} "
-              f"{r['cpu_us']:>12.1f} us {r['rss']:>6.1f} MiB {r['p50']:>5.1f} ms {r['p99']:>5.1f} ms "
+              f"{r['cpu_us']:>12.1f} us "
+              + (f"{r['est_rate']:>9.0f} {r['est_cpu']:>6.1f} us " if r["est_rate"] else
+                 f"{'-':>9} {'-':>9} ")
+              + f"{r['rss']:>6.1f} MiB {r['p50']:>5.1f} ms {r['p99']:>5.1f} ms "
               f"{r['fsyncs']:>9.0f} {r['per_commit']:>10.1f} {r['drops']:>9} {r['fsync_p99']:>6.1f} ms "
               f"{r['sim_cpu']:>6.0f}%  "
               + " ".join(f"{k}={v:.0f}" for k, v in sorted(r["threads"].items())))
-    print("(max: closed loop, wall time includes the DTLS handshakes of every session; R/s: open "
+    print("(max: closed loop, wall time includes the DTLS handshakes of every session; '2.04/s up' "
+          "and 'cpu up': the same once every session is established (sampled every 0.1 s); R/s: open "
           "loop, p50/p99 from 2 s after the last session was up; p50/p99: request to 2.04 as the "
           "simulated devices see it, retransmissions and the simulators' own delays included; UDP "
           "drops: datagrams the kernel dropped for a full socket buffer, machine-wide, each costing "
