@@ -13,6 +13,7 @@
 #include "log.h"
 #include "loop.h"
 #include "mqtt.h"
+#include "pdu.h"
 #include "route.h"
 #include "stats.h"
 
@@ -164,19 +165,17 @@ static void on_ttl(evutil_socket_t fd, short what, void *arg)
 static int cmd_send(struct cmd *c, coap_session_t *s)
 {
 	coap_pdu_t *pdu = coap_new_pdu(COAP_MESSAGE_CON, c->method, s);
-	uint8_t buf[4];
 
 	if (!pdu)
 		return -1;
-	loop_token(c->token, sizeof(c->token));
+	pdu_token(c->token, sizeof(c->token));
 	coap_add_token(pdu, sizeof(c->token), c->token);
-	loop_add_path(pdu, c->to.path);
+	pdu_add_path(pdu, c->to.path);
 	if (c->content_format >= 0)
-		coap_add_option(pdu, COAP_OPTION_CONTENT_FORMAT,
-				coap_encode_var_safe(buf, sizeof(buf), (unsigned)c->content_format), buf);
+		pdu_add_uint(pdu, COAP_OPTION_CONTENT_FORMAT, (unsigned)c->content_format);
 	/* only when block-wise is needed anyway: Block options are critical (RFC 7959 §2.1) */
 	if (c->len > loop_block_size())
-		loop_add_block_size(pdu, COAP_OPTION_BLOCK1);
+		pdu_add_block_size(pdu, COAP_OPTION_BLOCK1, loop_block_size());
 	/* larger than one datagram: libcoap sends it block-wise (RFC 7959 Block1) */
 	if (c->len && !coap_add_data_large_request(s, pdu, c->len, c->payload, NULL, NULL)) {
 		coap_delete_pdu(pdu);

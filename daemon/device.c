@@ -13,6 +13,7 @@
 #include "log.h"
 #include "loop.h"
 #include "mqtt.h"
+#include "pdu.h"
 #include "stats.h"
 
 #define DEV_HANDSHAKE_S 10	/* a PSK handshake not done by then has failed (wrong key) */
@@ -195,7 +196,7 @@ struct dev_sess *dev_sess_get(coap_session_t *s)
 	}
 	d->session = s;
 	sess_fill_identity(d);
-	loop_peer(s, d->peer, sizeof(d->peer));
+	pdu_peer(s, d->peer, sizeof(d->peer));
 	coap_session_set_app_data(s, d);
 	D.n_sess++;
 	return d;
@@ -273,7 +274,7 @@ void dev_session_event(coap_session_t *s, coap_event_t ev)
 			evtimer_del(d->hs_timer);
 		stats_inc(STAT_HANDSHAKE_OK);
 		log_info("peer=%s identity=%s handshake ok cipher=%s", d->peer, d->identity,
-			 loop_cipher(s));
+			 pdu_cipher(s));
 		dev_up(d);
 		break;
 	case COAP_EVENT_DTLS_ERROR:

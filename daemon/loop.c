@@ -3,19 +3,15 @@
 #include <errno.h>
 #include <string.h>
 #include <sys/epoll.h>
-#include <sys/random.h>
 #include <sys/socket.h>
 #include <time.h>
 
 #include <event2/event.h>
-#include <wolfssl/options.h>
-#include <wolfssl/ssl.h>
-
 #include "config.h"
 #include "keys.h"
 #include "log.h"
 #include "loop.h"
-#include "route.h"
+#include "pdu.h"
 
 #define LOOP_EPOLL_BATCH 64
 #define LOOP_EPOLL_ROUNDS 8		/* batches per wake-up before yielding to other events */
@@ -32,7 +28,7 @@ static struct {
 	const struct keys *keys;
 	coap_bin_const_t psk_out;	/* key handed to libcoap (it copies it at once) */
 	char ciphers[1024];		/* cipher list from coap.ciphers, "" = library default */
-	unsigned block_szx;		/* coap.block_size as SZX: size = 1 << (szx + 4) */
+	size_t block_size;		/* coap.block_size */
 	int kicked;
 	unsigned receive_buffer;	/* coap.receive_buffer */
 	struct { int fd; char name[64]; } ep[LOOP_MAX_ENDPOINTS];	/* listening sockets */
@@ -49,25 +45,9 @@ coap_context_t *loop_coap(void)
 	return L.coap;
 }
 
-void loop_add_block_size(coap_pdu_t *pdu, coap_option_num_t option)
-{
-	uint8_t buf[4];
-
-	coap_add_option(pdu, option, coap_encode_var_safe(buf, sizeof(buf), L.block_szx), buf);
-}
-
-void loop_add_path(coap_pdu_t *pdu, const char *path)
-{
-	struct route_seg segs[ROUTE_MAX_SEGMENTS];
-	size_t n = route_split(path, strlen(path), segs, ROUTE_MAX_SEGMENTS);
-
-	for (size_t i = 0; i < n; i++)
-		coap_add_option(pdu, COAP_OPTION_URI_PATH, segs[i].len, (const uint8_t *)segs[i].s);
-}
-
 size_t loop_block_size(void)
 {
-	return (size_t)16 << L.block_szx;
+	return L.block_size;
 }
 
 /* A listening socket's receive buffer. Datagrams that arrive while the loop is busy wait there;
@@ -103,9 +83,7 @@ void loop_set_config(const struct config *c, const struct keys *k)
 {
 	size_t n = 0;
 
-	L.block_szx = 0;
-	while (L.block_szx < 6 && (16u << L.block_szx) < c->coap.block_size)
-		L.block_szx++;
+	L.block_size = c->coap.block_size;
 
 	L.keys = k;
 	L.ciphers[0] = '\0';
@@ -121,39 +99,9 @@ void loop_set_config(const struct config *c, const struct keys *k)
 		set_receive_buffer(L.ep[i].fd, L.ep[i].name, L.receive_buffer);
 }
 
-/* The session's WOLFSSL object; libcoap's wolfSSL backend hands out a pointer to it. */
-static WOLFSSL *session_ssl(coap_session_t *s)
-{
-	coap_tls_library_t lib;
-	WOLFSSL **pssl;
-
-	if (coap_session_get_proto(s) != COAP_PROTO_DTLS || !coap_session_get_tls(s, &lib))
-		return NULL;
-	pssl = coap_session_get_tls(s, &lib);
-	return lib == COAP_TLS_LIBRARY_WOLFSSL && pssl ? *pssl : NULL;
-}
-
-const char *loop_cipher(coap_session_t *s)
-{
-	WOLFSSL *ssl = session_ssl(s);
-	const char *name = ssl ? wolfSSL_get_cipher(ssl) : NULL;
-
-	return name ? name : "none";
-}
-
-
 const struct keys *loop_keys(void)
 {
 	return L.keys;
-}
-
-const char *loop_peer(const coap_session_t *s, char *buf, size_t len)
-{
-	const coap_address_t *a = s ? coap_session_get_addr_remote(s) : NULL;
-
-	if (!a || coap_print_addr(a, (uint8_t *)buf, len) == 0)
-		snprintf(buf, len, "?");
-	return buf;
 }
 
 static void identity_str(const coap_bin_const_t *id, char *buf, size_t len)
@@ -184,7 +132,7 @@ static const coap_bin_const_t *on_psk_identity(coap_bin_const_t *identity, coap_
 	if (!e) {
 		identity_str(identity, id, sizeof(id));
 		log_warn("peer=%s identity=\"%s\" handshake refused: unknown identity; add it to "
-			 "devices or devices_file", loop_peer(s, peer, sizeof(peer)), id);
+			 "devices or devices_file", pdu_peer(s, peer, sizeof(peer)), id);
 		return NULL;
 	}
 	L.h.handshake_start(s, e->identity);
@@ -205,11 +153,11 @@ static int on_coap_event(coap_session_t *s, const coap_event_t ev)
 		/* an unknown identity was logged by the PSK callback already */
 		if (bid && bid->length && keys_find(L.keys, (const char *)bid->s, bid->length))
 			log_warn("peer=%s identity=\"%s\" handshake failed: wrong key or no common "
-				 "cipher suite; check the device's key", loop_peer(s, peer, sizeof(peer)),
+				 "cipher suite; check the device's key", pdu_peer(s, peer, sizeof(peer)),
 				 id);
 		else if (!bid || !bid->length)
 			log_info("peer=%s handshake failed before an identity was sent",
-				 loop_peer(s, peer, sizeof(peer)));
+				 pdu_peer(s, peer, sizeof(peer)));
 		break;
 	}
 	default:
@@ -217,19 +165,6 @@ static int on_coap_event(coap_session_t *s, const coap_event_t ev)
 	}
 	L.h.session_event(s, ev);
 	return 0;
-}
-
-void loop_token(uint8_t *buf, size_t len)
-{
-	static uint64_t counter;
-
-	if (getrandom(buf, len, GRND_NONBLOCK) == (ssize_t)len)
-		return;
-	/* no kernel entropy yet (early boot): libcoap's generator plus a counter keeps them unique */
-	coap_prng(buf, len);
-	counter++;
-	for (size_t i = 0; i < len && i < sizeof(counter); i++)
-		buf[i] ^= (uint8_t)(counter >> (8 * i));
 }
 
 /* Responses and notifications to the gateway's own requests (observe, commands). */
@@ -241,7 +176,7 @@ static coap_response_t on_response(coap_session_t *s, const coap_pdu_t *sent,
 	(void)mid;
 	if (L.h.response(s, sent, rcvd))
 		return COAP_RESPONSE_OK;
-	log_debug("peer=%s response with an unknown token: reset", loop_peer(s, peer, sizeof(peer)));
+	log_debug("peer=%s response with an unknown token: reset", pdu_peer(s, peer, sizeof(peer)));
 	return COAP_RESPONSE_FAIL;	/* libcoap answers RST (RFC 7641 §3.6) */
 }
 

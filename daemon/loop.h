@@ -27,8 +27,6 @@ struct event_base *loop_base(void);
 coap_context_t *loop_coap(void);
 /* Swaps the key store and cipher suites used for new handshakes (reload). */
 void loop_set_config(const struct config *c, const struct keys *k);
-/* Name of the session's negotiated cipher suite. */
-const char *loop_cipher(coap_session_t *s);
 const struct keys *loop_keys(void);
 int loop_run(void);
 void loop_stop(void);
@@ -37,15 +35,7 @@ void loop_close_listeners(void);
 void loop_shutdown(void);
 /* Asks for libcoap's timers to be re-armed soon (after something was sent that needs them). */
 void loop_kick(void);
-/* Adds a Block option (COAP_OPTION_BLOCK1 or BLOCK2, block 0) asking for coap.block_size blocks
- * on what the gateway sends or wants back; libcoap then uses that size (RFC 7959 §2.3). */
-void loop_add_block_size(coap_pdu_t *pdu, coap_option_num_t option);
+/* coap.block_size: the block size the gateway asks for on what it sends block-wise. */
 size_t loop_block_size(void);
-/* Adds "a/b/c" to a request as Uri-Path options. */
-void loop_add_path(coap_pdu_t *pdu, const char *path);
-/* Fills buf with unpredictable bytes (tokens). */
-void loop_token(uint8_t *buf, size_t len);
-/* "addr:port" of the session's peer into buf. */
-const char *loop_peer(const coap_session_t *s, char *buf, size_t len);
 
 #endif

@@ -15,6 +15,7 @@
 #include "loop.h"
 #include "mqtt.h"
 #include "observe.h"
+#include "pdu.h"
 #include "route.h"
 #include "stats.h"
 
@@ -95,7 +96,6 @@ static int send_get(struct obs *o, int observe, coap_pdu_type_t type)
 {
 	coap_session_t *s = o->session;
 	coap_pdu_t *pdu = s ? coap_new_pdu(type, COAP_REQUEST_CODE_GET, s) : NULL;
-	uint8_t buf[4];
 
 	if (!pdu)
 		return -1;
@@ -104,9 +104,8 @@ static int send_get(struct obs *o, int observe, coap_pdu_type_t type)
 		coap_add_option(pdu, COAP_OPTION_URI_PATH, 11, (const uint8_t *)".well-known");
 		coap_add_option(pdu, COAP_OPTION_URI_PATH, 4, (const uint8_t *)"core");
 	} else {
-		coap_add_option(pdu, COAP_OPTION_OBSERVE, coap_encode_var_safe(buf, sizeof(buf),
-			(unsigned)observe), buf);
-		loop_add_path(pdu, o->path);
+		pdu_add_uint(pdu, COAP_OPTION_OBSERVE, (unsigned)observe);
+		pdu_add_path(pdu, o->path);
 	}
 	if (coap_send(s, pdu) == COAP_INVALID_MID)
 		return -1;
@@ -157,7 +156,7 @@ static void obs_enter(struct obs *o, enum obs_state to, unsigned timer_s, const 
 static void obs_register(struct obs *o, const char *why)
 {
 	hmap_del(O.by_token, o->token, sizeof(o->token));
-	loop_token(o->token, sizeof(o->token));
+	pdu_token(o->token, sizeof(o->token));
 	o->have_seq = 0;
 	if (hmap_put(O.by_token, o->token, sizeof(o->token), o) < 0 || send_get(o, 0,
 	    COAP_MESSAGE_CON) < 0) {

@@ -13,6 +13,7 @@
 #include "log.h"
 #include "loop.h"
 #include "mqtt.h"
+#include "pdu.h"
 #include "route.h"
 #include "stats.h"
 #include "uplink.h"
@@ -44,12 +45,8 @@ static struct {
 static void set_error(coap_pdu_t *resp, uint8_t code, const char *diag)
 {
 	coap_pdu_set_code(resp, code);
-	if (code == COAP_RESPONSE_CODE(503)) {
-		uint8_t buf[4];
-
-		coap_add_option(resp, COAP_OPTION_MAXAGE,
-				coap_encode_var_safe(buf, sizeof(buf), UPLINK_RETRY_S), buf);
-	}
+	if (code == COAP_RESPONSE_CODE(503))
+		pdu_add_uint(resp, COAP_OPTION_MAXAGE, UPLINK_RETRY_S);
 	if (diag)
 		coap_add_data(resp, strlen(diag), (const uint8_t *)diag);
 }
@@ -257,7 +254,7 @@ static void reply(coap_pdu_t *resp, coap_session_t *s, struct dev_sess *dev, coa
 		  struct exch *ex, uint8_t code, const char *diag, const char *why)
 {
 	char peer[64], who[160];
-	const char *p = dev ? dev_sess_peer(dev) : loop_peer(s, peer, sizeof(peer));
+	const char *p = dev ? dev_sess_peer(dev) : pdu_peer(s, peer, sizeof(peer));
 	const char *id = dev ? dev_sess_identity(dev) : "?";
 
 	if (code == COAP_RESPONSE_CODE(204))
@@ -408,11 +405,7 @@ static void on_request(coap_resource_t *res, coap_session_t *s, const coap_pdu_t
 	uplink_decide(U.conf, req, dev_sess_identity(dev), &d);
 	coap_get_data_large(req, &len, &data, &offset, &total);
 	if (d.route && total > U.conf->coap.max_payload) {
-		uint8_t buf[4];
-
-		coap_add_option(resp, COAP_OPTION_SIZE1,
-				coap_encode_var_safe(buf, sizeof(buf), (unsigned)U.conf->coap.max_payload),
-				buf);
+		pdu_add_uint(resp, COAP_OPTION_SIZE1, (unsigned)U.conf->coap.max_payload);
 		reply(resp, s, dev, mid, ex, COAP_RESPONSE_CODE(413), "payload too large", NULL);
 		return;
 	}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 LAYERS = [
     ("base", ["log", "stats", "hmap", "route"]),
+    ("messages", ["pdu"]),
     ("configuration", ["keys", "config"]),
     ("transports", ["loop", "mqtt", "exchange"]),
     ("state", ["journal", "device"]),
