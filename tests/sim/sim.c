@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/epoll.h>
 #include <sys/random.h>
 #include <sys/resource.h>
 #include <time.h>
@@ -38,6 +39,8 @@
 #define SIM_NON_DRAIN_US	500000		/* after the last NON, wait for answers */
 #define SIM_STOP_DRAIN_US	1000000		/* after SIGINT/SIGTERM, wait for answers */
 #define SIM_HOUSEKEEP_US	250000
+#define SIM_PREPARE_US		50000	/* libcoap's timer scan at least this often */
+#define SIM_EPOLL_BATCH		64
 #define SIM_BACKOFF_MIN_US	1000000
 #define SIM_BACKOFF_MAX_US	30000000
 #define SIM_NEVER		INT64_MAX
@@ -85,6 +88,7 @@ struct opts {
 	int verbosity;			/* 0 quiet, 1 normal, 2 verbose, 3 debug */
 	bool count_set;
 	bool serve;			/* serve resources on each device's session */
+	bool hold;			/* open the sessions, send readings after SIGUSR1 */
 	long notify_ms;
 	int notify_flags;		/* COAP_RESOURCE_FLAGS_NOTIFY_* */
 	long stale_every;		/* 0 = never */
@@ -190,9 +194,10 @@ struct sim {
 	coap_resource_t *res[RES_N];	/* --serve */
 	int64_t next_notify_us;
 	uint64_t notifies, puts;
+	bool holding;			/* --hold, until SIGUSR1 */
 };
 
-static volatile sig_atomic_t sim_signals;
+static volatile sig_atomic_t sim_signals, sim_release;
 
 /* ---- small helpers ---- */
 
@@ -344,6 +349,9 @@ usage(FILE *f)
 "                       server accepts by default); 0 = no limit\n"
 "  --cipher LIST        offer only these DTLS cipher suites (OpenSSL or IANA names,\n"
 "                       ':'-separated), e.g. PSK-AES128-CCM8\n"
+"  --hold               open every device's session at start (--max-handshakes at a time) and\n"
+"                       send no reading before SIGUSR1; --ramp and --interval count from\n"
+"                       then (a benchmark measures readings with every session up)\n"
 "  --serve              each device serves, on the session it opened, as a sensor node:\n"
 "                       temperature, humidity (GET, observable), config (GET, observable,\n"
 "                       --config-size bytes, block-wise), led (PUT/POST stores, GET reads,\n"
@@ -483,7 +491,7 @@ enum {
 	OPT_COUNT, OPT_INTERVAL, OPT_RAMP, OPT_WINDOW, OPT_TYPE, OPT_METHOD, OPT_PATH,
 	OPT_PAYLOAD, OPT_PAYLOAD_FILE, OPT_CF, OPT_BLOCK, OPT_TIMEOUT, OPT_ACK_TIMEOUT,
 	OPT_MAX_RETRANSMIT, OPT_HANDSHAKE, OPT_MAX_HS, OPT_CIPHER, OPT_QUIET, OPT_VERBOSE, OPT_HELP,
-	OPT_VERSION, OPT_SERVE, OPT_NOTIFY_INTERVAL, OPT_NOTIFY_TYPE, OPT_STALE_EVERY,
+	OPT_VERSION, OPT_HOLD, OPT_SERVE, OPT_NOTIFY_INTERVAL, OPT_NOTIFY_TYPE, OPT_STALE_EVERY,
 	OPT_UNKNOWN_EVERY, OPT_CONFIG_SIZE,
 };
 
@@ -518,6 +526,7 @@ static const struct option long_opts[] = {
 	{ "help", no_argument, NULL, OPT_HELP },
 	{ "version", no_argument, NULL, OPT_VERSION },
 	{ "serve", no_argument, NULL, OPT_SERVE },
+	{ "hold", no_argument, NULL, OPT_HOLD },
 	{ "notify-interval", required_argument, NULL, OPT_NOTIFY_INTERVAL },
 	{ "notify-type", required_argument, NULL, OPT_NOTIFY_TYPE },
 	{ "stale-every", required_argument, NULL, OPT_STALE_EVERY },
@@ -663,6 +672,7 @@ opt_one(struct opts *o, int c, const char *arg)
 	case OPT_QUIET:		o->verbosity = 0; return 0;
 	case OPT_VERBOSE:	o->verbosity = o->verbosity < 1 ? 2 : o->verbosity + 1; return 0;
 	case OPT_SERVE:		o->serve = true; return 0;
+	case OPT_HOLD:		o->hold = true; return 0;
 	case OPT_NOTIFY_INTERVAL:
 		return opt_num("--notify-interval", arg, 1, 86400000, &o->notify_ms);
 	case OPT_NOTIFY_TYPE:	return opt_notify_type(o, arg);
@@ -2292,6 +2302,19 @@ dev_tick_readings(struct sim *s, struct device *d, int64_t now)
 		}
 		hs_wake = d->opened_us + s->handshake_us;
 	}
+	if (s->holding && !s->stop_us) {
+		/* --hold: only the session, as many handshakes at once as allowed */
+		if (d->state == DEV_IDLE && !(s->o.max_handshakes && s->proto != COAP_PROTO_UDP &&
+		    s->handshaking >= s->o.max_handshakes) && !dev_open(s, d)) {
+			fprintf(stderr, "coap2mqtt-sim: device=%s: cannot create a session\n",
+			    dev_name(d));
+			d->state = DEV_OPEN;
+			d->up = false;
+			dev_lost(s, d, "session-create");
+			return now;
+		}
+		return hs_wake;
+	}
 	if (d->state == DEV_GAVE_UP || s->stop_us || dev_all_sent(s, d))
 		return hs_wake;
 	for (long n = 0; n < s->o.window && now >= d->next_due_us && !dev_all_sent(s, d); n++) {
@@ -2373,10 +2396,49 @@ sim_housekeep(struct sim *s, int64_t now)
 	}
 }
 
+/*
+ * libcoap's own coap_io_process() walks every session before each epoll_wait() to find its next
+ * timeout: with thousands of devices in one process that walk was most of the simulator's CPU.
+ * Like the gateway, the loop calls coap_io_prepare_epoll() (the walk: retransmissions, DTLS and
+ * session timers) only when libcoap's timerfd fires and at least every SIM_PREPARE_US, and
+ * hands what epoll reports to coap_io_do_epoll() (deps-patches/libcoap/0001).
+ */
+static int
+sim_io(struct sim *s, int efd, int64_t wake, int64_t *next_prepare)
+{
+	struct epoll_event ev[SIM_EPOLL_BATCH];
+	int64_t now = now_us();
+	int n, timer = 0;
+
+	if (now >= *next_prepare) {
+		coap_tick_t t;
+
+		coap_ticks(&t);
+		coap_io_prepare_epoll(s->ctx, t);
+		*next_prepare = now + SIM_PREPARE_US;
+	}
+	if (*next_prepare < wake)
+		wake = *next_prepare;
+	n = epoll_wait(efd, ev, SIM_EPOLL_BATCH, wake <= now ? 0 : (int)((wake - now + 999) / 1000));
+	if (n < 0)
+		return errno == EINTR ? 0 : -1;
+	for (int i = 0; i < n; i++)
+		if (ev[i].data.ptr == NULL)
+			timer = 1;	/* libcoap's timerfd: its due work runs in the prepare */
+	if (n > 0)
+		coap_io_do_epoll(s->ctx, ev, (size_t)n);
+	if (timer)
+		*next_prepare = 0;
+	return 0;
+}
+
 static int
 sim_loop(struct sim *s)
 {
-	int64_t start = now_us(), next_house = start;
+	int64_t start = now_us(), next_house = start, next_prepare = 0;
+	int efd = coap_context_get_coap_fd(s->ctx);
+
+	s->holding = s->o.hold;
 
 	for (size_t i = 0; i < s->ndev; i++) {
 		s->dev[i].next_due_us += start;
@@ -2392,6 +2454,12 @@ sim_loop(struct sim *s)
 			return -1;	/* the reader went away */
 		if (sim_signals && !s->stop_us)
 			s->stop_us = now;
+		if (s->holding && sim_release) {
+			/* the readings' schedule starts now */
+			s->holding = false;
+			for (size_t i = 0; i < s->ndev; i++)
+				s->dev[i].next_due_us += now - start;
+		}
 		if (now >= next_house) {
 			sim_housekeep(s, now);
 			next_house = now + SIM_HOUSEKEEP_US;
@@ -2414,10 +2482,10 @@ sim_loop(struct sim *s)
 			return 0;
 		if (s->deadline_us && s->deadline_us < wake)
 			wake = s->deadline_us;
-		now = now_us();
-		if (coap_io_process(s->ctx, wake <= now ? COAP_IO_NO_WAIT :
-		    (uint32_t)((wake - now + 999) / 1000)) < 0) {
-			fprintf(stderr, "coap2mqtt-sim: coap_io_process failed\n");
+		if (efd < 0 ? coap_io_process(s->ctx, wake <= (now = now_us()) ? COAP_IO_NO_WAIT :
+		    (uint32_t)((wake - now + 999) / 1000)) < 0 : sim_io(s, efd, wake, &next_prepare) < 0) {
+			fprintf(stderr, "coap2mqtt-sim: waiting for the network failed: %s\n",
+			    strerror(errno));
 			return -1;
 		}
 	}
@@ -2467,6 +2535,13 @@ on_signal(int sig)
 }
 
 static void
+on_release(int sig)
+{
+	(void)sig;
+	sim_release = 1;
+}
+
+static void
 signals_init(void)
 {
 	struct sigaction sa;
@@ -2476,6 +2551,8 @@ signals_init(void)
 	sigemptyset(&sa.sa_mask);
 	sigaction(SIGINT, &sa, NULL);
 	sigaction(SIGTERM, &sa, NULL);
+	sa.sa_handler = on_release;
+	sigaction(SIGUSR1, &sa, NULL);
 	signal(SIGPIPE, SIG_IGN);
 }
 
