@@ -65,7 +65,7 @@ static size_t valid_prefix(const uint8_t *buf, size_t len)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-	struct journal_limits lim = { .max_records = 1000, .max_bytes = 1 << 20, .max_inflight = 10 };
+	struct journal_limits lim = { .max_records = 1000, .max_bytes = 1 << 20 };
 	char path[128];
 	uint8_t *file;
 	size_t flen, want;
