@@ -2241,6 +2241,28 @@ dev_drop_oldest_non(struct sim *s, struct device *d)
 		slot_free(s, d, old);
 }
 
+/* Every handshake slot is taken (--max-handshakes): a device waits until a handshake ends. */
+static bool
+handshakes_full(const struct sim *s)
+{
+	return s->o.max_handshakes && s->proto != COAP_PROTO_UDP &&
+	    s->handshaking >= s->o.max_handshakes;
+}
+
+/* Opens d's session; when none can be created, d is lost as a failed session and false comes
+ * back. */
+static bool
+dev_open_or_lose(struct sim *s, struct device *d)
+{
+	if (dev_open(s, d))
+		return true;
+	fprintf(stderr, "coap2mqtt-sim: device=%s: cannot create a session\n", dev_name(d));
+	d->state = DEV_OPEN;
+	d->up = false;
+	dev_lost(s, d, "session-create");
+	return false;
+}
+
 /* --serve: keeps a session open and sends the test hooks' notifications; returns when it
  * next wants to run. */
 static int64_t
@@ -2251,17 +2273,10 @@ dev_serve(struct sim *s, struct device *d, int64_t now)
 	if (d->state == DEV_IDLE) {
 		if (now < d->open_after_us)
 			return d->open_after_us;
-		if (s->o.max_handshakes && s->proto != COAP_PROTO_UDP &&
-		    s->handshaking >= s->o.max_handshakes)
+		if (handshakes_full(s))
 			return SIM_NEVER;	/* woken when a handshake ends */
-		if (!dev_open(s, d)) {
-			fprintf(stderr, "coap2mqtt-sim: device=%s: cannot create a session\n",
-			    dev_name(d));
-			d->state = DEV_OPEN;
-			d->up = false;
-			dev_lost(s, d, "session-create");
+		if (!dev_open_or_lose(s, d))
 			return now;
-		}
 	}
 	if (d->state == DEV_OPEN && d->up && d->stale.due)
 		send_stale(s, d);
@@ -2304,15 +2319,8 @@ dev_tick_readings(struct sim *s, struct device *d, int64_t now)
 	}
 	if (s->holding && !s->stop_us) {
 		/* --hold: only the session, as many handshakes at once as allowed */
-		if (d->state == DEV_IDLE && !(s->o.max_handshakes && s->proto != COAP_PROTO_UDP &&
-		    s->handshaking >= s->o.max_handshakes) && !dev_open(s, d)) {
-			fprintf(stderr, "coap2mqtt-sim: device=%s: cannot create a session\n",
-			    dev_name(d));
-			d->state = DEV_OPEN;
-			d->up = false;
-			dev_lost(s, d, "session-create");
+		if (d->state == DEV_IDLE && !handshakes_full(s) && !dev_open_or_lose(s, d))
 			return now;
-		}
 		return hs_wake;
 	}
 	if (d->state == DEV_GAVE_UP || s->stop_us || dev_all_sent(s, d))
@@ -2323,17 +2331,10 @@ dev_tick_readings(struct sim *s, struct device *d, int64_t now)
 			dev_drop_oldest_non(s, d);
 		if (d->outstanding >= (unsigned)s->o.window)
 			return hs_wake;
-		if (d->state == DEV_IDLE && s->o.max_handshakes && s->proto != COAP_PROTO_UDP &&
-		    s->handshaking >= s->o.max_handshakes)
+		if (d->state == DEV_IDLE && handshakes_full(s))
 			return hs_wake;		/* woken when a handshake ends */
-		if (d->state == DEV_IDLE && !dev_open(s, d)) {
-			fprintf(stderr, "coap2mqtt-sim: device=%s: cannot create a session\n",
-			    dev_name(d));
-			d->state = DEV_OPEN;
-			d->up = false;
-			dev_lost(s, d, "session-create");
+		if (d->state == DEV_IDLE && !dev_open_or_lose(s, d))
 			return now;
-		}
 		dev_send(s, d, now);
 		dev_schedule(s, d, now);
 	}
