@@ -7,6 +7,7 @@
 #include <time.h>
 
 #include <event2/event.h>
+
 #include "config.h"
 #include "keys.h"
 #include "log.h"
