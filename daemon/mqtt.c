@@ -566,20 +566,37 @@ int mqtt_init(struct event_base *base, const struct conf_mqtt *c, mqtt_state_fn 
 	return 0;
 }
 
-static void add_str_prop(MQTTProperties *props, int id, const char *key, const char *val)
-{
-	MQTTProperty p = { .identifier = id };
+/* A publish's properties live on the stack: MQTTAsync_sendMessage copies them (MQTTProperties_copy
+ * reads count and array), so building them with MQTTProperties_add would allocate and free every
+ * string twice per reading. length is kept as MQTTProperties_add keeps it. */
+enum { PUB_PROPS = 6 };	/* content type, identity, msg-id, reason, coap-code, correlation data */
 
+struct pub_props {
+	MQTTProperties p;
+	MQTTProperty a[PUB_PROPS];
+};
+
+static void prop_add(struct pub_props *pp, int id, const char *key, const char *val, size_t vlen)
+{
+	MQTTProperty *p = &pp->a[pp->p.count++];
+
+	*p = (MQTTProperty){ .identifier = id };
 	if (key) {
-		p.value.data.data = (char *)key;
-		p.value.data.len = (int)strlen(key);
-		p.value.value.data = (char *)val;
-		p.value.value.len = (int)strlen(val);
+		p->value.data.data = (char *)key;
+		p->value.data.len = (int)strlen(key);
+		p->value.value.data = (char *)val;
+		p->value.value.len = (int)vlen;
+		pp->p.length += 1 + 2 + p->value.data.len + 2 + p->value.value.len;
 	} else {
-		p.value.data.data = (char *)val;
-		p.value.data.len = (int)strlen(val);
+		p->value.data.data = (char *)val;
+		p->value.data.len = (int)vlen;
+		pp->p.length += 1 + 2 + p->value.data.len;
 	}
-	MQTTProperties_add(props, &p);
+}
+
+static void prop_str(struct pub_props *pp, int id, const char *key, const char *val)
+{
+	prop_add(pp, id, key, val, strlen(val));
 }
 
 size_t mqtt_window(void)
@@ -593,6 +610,7 @@ enum mqtt_send mqtt_publish(const struct mqtt_msg *m, mqtt_done_fn done, void *a
 {
 	MQTTAsync_message msg = MQTTAsync_message_initializer;
 	MQTTAsync_responseOptions ro = MQTTAsync_responseOptions_initializer;
+	struct pub_props pp = { .p = MQTTProperties_initializer };
 	struct mqtt_ev *ev;
 	char msgid[48];
 	const char *ct;
@@ -614,24 +632,21 @@ enum mqtt_send mqtt_publish(const struct mqtt_msg *m, mqtt_done_fn done, void *a
 			snprintf(msgid, sizeof(msgid), "%s", m->msg_id);
 		else
 			snprintf(msgid, sizeof(msgid), "%s-%" PRIu64, M.boot_id, ++M.msg_seq);
+		pp.p.array = pp.a;
+		pp.p.max_count = PUB_PROPS;
 		if ((ct = mqtt_content_type(m->content_format)) != NULL)
-			add_str_prop(&msg.properties, MQTTPROPERTY_CODE_CONTENT_TYPE, NULL, ct);
+			prop_str(&pp, MQTTPROPERTY_CODE_CONTENT_TYPE, NULL, ct);
 		if (m->identity)
-			add_str_prop(&msg.properties, MQTTPROPERTY_CODE_USER_PROPERTY, "identity",
-				     m->identity);
-		add_str_prop(&msg.properties, MQTTPROPERTY_CODE_USER_PROPERTY, "msg-id", msgid);
+			prop_str(&pp, MQTTPROPERTY_CODE_USER_PROPERTY, "identity", m->identity);
+		prop_str(&pp, MQTTPROPERTY_CODE_USER_PROPERTY, "msg-id", msgid);
 		if (m->reason)
-			add_str_prop(&msg.properties, MQTTPROPERTY_CODE_USER_PROPERTY, "reason", m->reason);
+			prop_str(&pp, MQTTPROPERTY_CODE_USER_PROPERTY, "reason", m->reason);
 		if (m->coap_code)
-			add_str_prop(&msg.properties, MQTTPROPERTY_CODE_USER_PROPERTY, "coap-code",
-				     m->coap_code);
-		if (m->correlation) {
-			MQTTProperty p = { .identifier = MQTTPROPERTY_CODE_CORRELATION_DATA };
-
-			p.value.data.data = (char *)m->correlation;
-			p.value.data.len = (int)m->correlation_len;
-			MQTTProperties_add(&msg.properties, &p);
-		}
+			prop_str(&pp, MQTTPROPERTY_CODE_USER_PROPERTY, "coap-code", m->coap_code);
+		if (m->correlation)
+			prop_add(&pp, MQTTPROPERTY_CODE_CORRELATION_DATA, NULL, (const char *)m->correlation,
+				 m->correlation_len);
+		msg.properties = pp.p;
 		ro.onSuccess5 = on_pub_ok5;
 		ro.onFailure5 = on_pub_fail5;
 	} else {
@@ -648,7 +663,6 @@ enum mqtt_send mqtt_publish(const struct mqtt_msg *m, mqtt_done_fn done, void *a
 	pthread_mutex_unlock(&M.mu);
 	atomic_fetch_add(&M.outstanding, 1);
 	rc = MQTTAsync_sendMessage(M.client, m->topic, &msg, &ro);
-	MQTTProperties_free(&msg.properties);
 	if (rc == MQTTASYNC_SUCCESS) {
 		stats_inc(m->qos == 2 ? STAT_PUBLISH_QOS2 : m->qos == 1 ? STAT_PUBLISH_QOS1 :
 			  STAT_PUBLISH_QOS0);

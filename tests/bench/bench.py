@@ -9,7 +9,7 @@ memory grew by per session); what follows is measured from then on. Prints one t
 reading (in all and by thread: the event loop "coap2mqtt", the journal writer "c2m-journal", the
 MQTT client's send and receive threads), its peak memory, the time from request to 2.04 (p50, p99,
 as the devices measure it), fsyncs/s, readings per group commit, the journal's fdatasync p99, UDP
-datagrams the kernel dropped, and the simulators' CPU (on a 2-core machine they compete with the
+datagrams the kernel dropped, the simulators' CPU and the machine's idle CPU (on a 2-core machine they compete with the
 gateway). Modes: "qos0" = QoS 0 (no journal), "qos1 sync" = QoS 1 with ack: stored (2.04 after the
 journal's fdatasync). Loads: "max" = closed loop, each device keeps --window requests in flight,
 first ones spread over 1 s (the gateway's capacity while the socket buffer holds what is in
@@ -99,6 +99,12 @@ def udp_drops():
     return int(rows[1][rows[0].index("RcvbufErrors")]) if len(rows) >= 2 else 0
 
 
+def cpu_ticks():
+    """(busy, all) clock ticks of the whole machine so far."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(f) - f[3] - f[4], sum(f)
+
+
 def pct(v, q):
     return sorted(v)[min(len(v) - 1, int(len(v) * q))] if v else 0.0
 
@@ -168,6 +174,7 @@ def run(tmp, pki, broker, sessions, readings, window, qos, inflight, rate=0, sec
         sim0 = sum(proc_stat(p.pid)[0] for p in sims if p.poll() is None)
         m0 = scrape(mport)
         drops0 = udp_drops()
+        busy0 = cpu_ticks()
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.monotonic()
         for p in sims:
@@ -182,6 +189,8 @@ def run(tmp, pki, broker, sessions, readings, window, qos, inflight, rate=0, sec
         th1 = thread_cpu(gw.proc.pid)
         m1 = scrape(mport)
         drops = udp_drops() - drops0
+        busy1 = cpu_ticks()
+        idle = 100 - 100 * (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1])
         lines = [line for out in outs for line in out.strip().splitlines()]
         kvs = [h.parse_kv(out.strip().splitlines()[-1]) for out in outs if out.strip()]
         rtts = [float(x["rtt_ms"]) for x in map(h.parse_kv, lines)
@@ -201,7 +210,7 @@ def run(tmp, pki, broker, sessions, readings, window, qos, inflight, rate=0, sec
                 "cpu_us": (cpu1 - cpu0) * 1e6 / ok if ok else 0, "rss": hwm,
                 "p50": pct(rtts, 0.5), "p99": pct(rtts, 0.99), "fsyncs": fs / wall if wall else 0,
                 "per_commit": recs / commits if commits else 0, "drops": drops,
-                "sim_cpu": sim_cpu * 100 / wall if wall else 0,
+                "sim_cpu": sim_cpu * 100 / wall if wall else 0, "idle": idle,
                 "fsync_p99": m1.get("journal_fsync_p99_microseconds", 0) / 1000,
                 "threads": {k: (v - th0.get(k, 0)) * 1e6 / ok if ok else 0 for k, v in th1.items()}}
     finally:
@@ -244,7 +253,7 @@ def main():
     print(f"{'sessions':>8} {'mode':>10} {'load':>7} {'readings':>13} {'2.04/s':>8} {'gw cpu/reading':>15} "
           f"{'setup':>7} {'KiB/sess':>8} "
           f"{'peak RSS':>10} {'p50':>8} {'p99':>8} {'fsyncs/s':>9} {'per commit':>10} "
-          f"{'UDP drops':>9} {'fsync p99':>9} {'sim cpu':>7}  gw cpu us/reading by thread")
+          f"{'UDP drops':>9} {'fsync p99':>9} {'sim cpu':>7} {'idle':>5}  gw cpu us/reading by thread")
     for r in rows:
         mode = "qos0" if r["qos"] == 0 else f"qos{r['qos']} sync"
         print(f"{r['sessions']:>8} {mode:>10} {r['load']:>7} {r['ok']:>6}/{r['sent']:<6} {r['rate']:>8.0f} "
@@ -252,14 +261,15 @@ def main():
               + f"{r['setup']:>5.1f} s {r['kib_session']:>8.1f} "
               + f"{r['rss']:>6.1f} MiB {r['p50']:>5.1f} ms {r['p99']:>5.1f} ms "
               f"{r['fsyncs']:>9.0f} {r['per_commit']:>10.1f} {r['drops']:>9} {r['fsync_p99']:>6.1f} ms "
-              f"{r['sim_cpu']:>6.0f}%  "
+              f"{r['sim_cpu']:>6.0f}% {r['idle']:>4.0f}%  "
               + " ".join(f"{k}={v:.0f}" for k, v in sorted(r["threads"].items())))
     print("(every row starts once all its sessions are up: 'setup' is how long their handshakes "
           "took, 'KiB/sess' what the gateway's resident memory grew by per session; max: closed loop; "
           "R/s: open loop; p50/p99: request to 2.04 as the "
           "simulated devices see it, retransmissions and the simulators' own delays included; UDP "
           "drops: datagrams the kernel dropped for a full socket buffer, machine-wide, each costing "
-          "a 2 s retransmission; coap.receive_buffer is 4 MiB, net.core.rmem_max is "
+          "a 2 s retransmission; idle: CPU time of the machine that no process used during the "
+          "row; coap.receive_buffer is 4 MiB, net.core.rmem_max is "
           f"{Path('/proc/sys/net/core/rmem_max').read_text().strip()})")
     if a.plot:
         svg_plot(rows, a.plot)
