@@ -1,5 +1,8 @@
-/* mqtt.c: Paho MQTTAsync client; its callbacks run on Paho's threads and reach the loop through a
- * mutex-protected queue and an eventfd. Everything else here runs on the loop thread. */
+/* mqtt.c: the broker connection, the only user of Paho's MQTTAsync client.
+ *
+ * In this order: state; what runs on Paho's threads (its callbacks, which reach the loop only
+ * through a mutex-protected queue and an eventfd); then, on the loop thread: connection state and
+ * the events from that queue, connect, publish, subscribe, stop. */
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
@@ -86,6 +89,14 @@ const char *mqtt_content_type(int cf)
 	return NULL;
 }
 
+int mqtt_content_format(const char *type)
+{
+	for (size_t i = 0; type && i < sizeof(content_types) / sizeof(content_types[0]); i++)
+		if (strcmp(content_types[i].type, type) == 0)
+			return content_types[i].cf;
+	return -1;
+}
+
 int mqtt_connected(void)
 {
 	return atomic_load(&M.connected);
@@ -96,7 +107,26 @@ size_t mqtt_outstanding(void)
 	return atomic_load(&M.outstanding);
 }
 
-/* Paho threads → loop. */
+size_t mqtt_window(void)
+{
+	size_t w = (size_t)M.conf->max_inflight, rm = atomic_load(&M.receive_max);
+
+	return rm && 2 * rm < w ? 2 * rm : w;
+}
+
+/* Either thread, under M.mu. */
+static void live_unlink(struct mqtt_ev *ev)
+{
+	if (ev->lprev)
+		ev->lprev->lnext = ev->lnext;
+	else
+		M.live = ev->lnext;
+	if (ev->lnext)
+		ev->lnext->lprev = ev->lprev;
+	ev->lprev = ev->lnext = NULL;
+}
+
+/* Any thread → loop. */
 static void queue_push(struct mqtt_ev *ev)
 {
 	uint64_t one = 1;
@@ -127,16 +157,9 @@ static void queue_event(enum ev_kind kind, const char *why)
 	queue_push(ev);
 }
 
-static void live_unlink(struct mqtt_ev *ev)
-{
-	if (ev->lprev)
-		ev->lprev->lnext = ev->lnext;
-	else
-		M.live = ev->lnext;
-	if (ev->lnext)
-		ev->lnext->lprev = ev->lprev;
-	ev->lprev = ev->lnext = NULL;
-}
+/* ---- Paho's threads ------------------------------------------------------------------------
+ * Everything from here to the next such line runs on Paho's send or receive thread. It touches M
+ * only under M.mu or through its atomics, and hands everything else to the loop (queue_push). */
 
 static void pub_complete(struct mqtt_ev *ev, enum mqtt_status st, const char *why)
 {
@@ -150,33 +173,46 @@ static void pub_complete(struct mqtt_ev *ev, enum mqtt_status st, const char *wh
 	queue_push(ev);
 }
 
-static void on_pub_ok5(void *ctx, MQTTAsync_successData5 *r)
-{
-	(void)r;
-	pub_complete(ctx, MQTT_DELIVERED, NULL);
-}
-
-static void on_pub_fail5(void *ctx, MQTTAsync_failureData5 *r)
-{
-	char why[128];
-
-	snprintf(why, sizeof(why), "code=%d reason=%d %s", r ? r->code : 0, r ? (int)r->reasonCode : 0,
-		 r && r->message ? r->message : "");
-	pub_complete(ctx, r && r->reasonCode >= 0x80 ? MQTT_REFUSED : MQTT_FAILED, why);
-}
-
+/* Paho calls MQTT 5 and 3.1.1 callbacks with different types: each pair shares one body. */
 static void on_pub_ok(void *ctx, MQTTAsync_successData *r)
 {
 	(void)r;
 	pub_complete(ctx, MQTT_DELIVERED, NULL);
 }
 
-static void on_pub_fail(void *ctx, MQTTAsync_failureData *r)
+static void on_pub_ok5(void *ctx, MQTTAsync_successData5 *r)
+{
+	(void)r;
+	pub_complete(ctx, MQTT_DELIVERED, NULL);
+}
+
+/* reason: the broker's MQTT 5 reason code, -1 for MQTT 3.1.1 (which has none) */
+static void pub_failed(void *ctx, int code, int reason, const char *message)
 {
 	char why[128];
 
-	snprintf(why, sizeof(why), "code=%d %s", r ? r->code : 0, r && r->message ? r->message : "");
-	pub_complete(ctx, MQTT_FAILED, why);
+	if (reason >= 0)
+		snprintf(why, sizeof(why), "code=%d reason=%d %s", code, reason, message ? message : "");
+	else
+		snprintf(why, sizeof(why), "code=%d %s", code, message ? message : "");
+	pub_complete(ctx, reason >= 0x80 ? MQTT_REFUSED : MQTT_FAILED, why);
+}
+
+static void on_pub_fail(void *ctx, MQTTAsync_failureData *r)
+{
+	pub_failed(ctx, r ? r->code : 0, -1, r ? r->message : NULL);
+}
+
+static void on_pub_fail5(void *ctx, MQTTAsync_failureData5 *r)
+{
+	pub_failed(ctx, r ? r->code : 0, r ? (int)r->reasonCode : 0, r ? r->message : NULL);
+}
+
+static void on_connect_ok(void *ctx, MQTTAsync_successData *r)
+{
+	(void)ctx;
+	(void)r;
+	queue_event(EV_CONNECTED, NULL);
 }
 
 static void on_connect_ok5(void *ctx, MQTTAsync_successData5 *r)
@@ -191,35 +227,32 @@ static void on_connect_ok5(void *ctx, MQTTAsync_successData5 *r)
 	queue_event(EV_CONNECTED, NULL);
 }
 
-static void on_connect_fail5(void *ctx, MQTTAsync_failureData5 *r)
+/* reason: the broker's CONNACK reason code; 0 when the failure came before (TCP, TLS) or the
+ * protocol is 3.1.1 */
+static void connect_failed(int code, int reason, const char *message)
 {
 	char why[160];
 
-	(void)ctx;
-	/* reasonCode is the broker's CONNACK reason; 0 when the failure came before (TCP, TLS) */
-	if (r && r->reasonCode != MQTTREASONCODE_SUCCESS)
-		snprintf(why, sizeof(why), "code=%d broker refused: %s %s", r->code,
-			 MQTTReasonCode_toString(r->reasonCode), r->message ? r->message : "");
+	if (reason != MQTTREASONCODE_SUCCESS)
+		snprintf(why, sizeof(why), "code=%d broker refused: %s %s", code,
+			 MQTTReasonCode_toString(reason), message ? message : "");
 	else
-		snprintf(why, sizeof(why), "code=%d %s", r ? r->code : 0,
-			 r && r->message ? r->message : "no connection (TCP or TLS)");
+		snprintf(why, sizeof(why), "code=%d %s", code,
+			 message ? message : "no connection (TCP or TLS)");
 	queue_event(EV_CONNECT_FAILED, why);
-}
-
-static void on_connect_ok(void *ctx, MQTTAsync_successData *r)
-{
-	(void)ctx;
-	(void)r;
-	queue_event(EV_CONNECTED, NULL);
 }
 
 static void on_connect_fail(void *ctx, MQTTAsync_failureData *r)
 {
-	char why[160];
-
 	(void)ctx;
-	snprintf(why, sizeof(why), "code=%d %s", r ? r->code : 0, r && r->message ? r->message : "");
-	queue_event(EV_CONNECT_FAILED, why);
+	connect_failed(r ? r->code : 0, MQTTREASONCODE_SUCCESS, r ? r->message : NULL);
+}
+
+static void on_connect_fail5(void *ctx, MQTTAsync_failureData5 *r)
+{
+	(void)ctx;
+	connect_failed(r ? r->code : 0, r ? r->reasonCode : MQTTREASONCODE_SUCCESS,
+		       r ? r->message : NULL);
 }
 
 /* automatic reconnects report here */
@@ -311,7 +344,8 @@ static int on_ssl_error(const char *str, size_t len, void *u)
 
 /* Paho's trace is the only place that says why a TLS connection was refused (certificate not
  * trusted, host name not in it). While not connected its verbose level is on and the verdicts are
- * kept for the connect-failure message; once connected only errors are traced. Paho's threads. */
+ * kept for the connect-failure message; once connected only errors are traced. Paho traces on
+ * whichever thread calls it, the loop's included: M.mu covers what this keeps. */
 static void on_paho_trace(enum MQTTASYNC_TRACE_LEVELS level, char *message)
 {
 	const char *m = message, *why = NULL;
@@ -336,14 +370,28 @@ static void on_paho_trace(enum MQTTASYNC_TRACE_LEVELS level, char *message)
 	}
 }
 
+/* ---- The loop thread: connection state, events from Paho's threads ------------------------ */
+
 static void trace_verbose(int on)
 {
 	MQTTAsync_setTraceLevel(on ? MQTTASYNC_TRACE_MINIMUM : MQTTASYNC_TRACE_ERROR);
 }
 
-static void connect_now(void);
 static void subscribe_all(void);
-static void status_online(void);
+
+static void status_online(void)
+{
+	MQTTAsync_message msg = MQTTAsync_message_initializer;
+
+	if (!M.conf->status_topic)
+		return;
+	msg.payload = "online";
+	msg.payloadlen = 6;
+	msg.qos = 1;
+	msg.retained = 1;
+	if (MQTTAsync_sendMessage(M.client, M.conf->status_topic, &msg, NULL) != MQTTASYNC_SUCCESS)
+		log_warn("mqtt: status online on %s not published", M.conf->status_topic);
+}
 
 static void set_state(int up, const char *why)
 {
@@ -441,13 +489,7 @@ static void on_wake(evutil_socket_t fd, short what, void *arg)
 	}
 }
 
-static void on_retry(evutil_socket_t fd, short what, void *arg)
-{
-	(void)fd;
-	(void)what;
-	(void)arg;
-	connect_now();
-}
+/* ---- Connect ------------------------------------------------------------------------------ */
 
 static void connect_now(void)
 {
@@ -511,6 +553,14 @@ static void connect_now(void)
 	}
 }
 
+static void on_retry(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	(void)arg;
+	connect_now();
+}
+
 int mqtt_init(struct event_base *base, const struct conf_mqtt *c, mqtt_state_fn on_state,
 	      mqtt_in_fn on_message)
 {
@@ -566,6 +616,8 @@ int mqtt_init(struct event_base *base, const struct conf_mqtt *c, mqtt_state_fn 
 	return 0;
 }
 
+/* ---- Publish ------------------------------------------------------------------------------ */
+
 /* A publish's properties live on the stack: MQTTAsync_sendMessage copies them (MQTTProperties_copy
  * reads count and array), so building them with MQTTProperties_add would allocate and free every
  * string twice per reading. length is kept as MQTTProperties_add keeps it. */
@@ -597,13 +649,6 @@ static void prop_add(struct pub_props *pp, int id, const char *key, const char *
 static void prop_str(struct pub_props *pp, int id, const char *key, const char *val)
 {
 	prop_add(pp, id, key, val, strlen(val));
-}
-
-size_t mqtt_window(void)
-{
-	size_t w = (size_t)M.conf->max_inflight, rm = atomic_load(&M.receive_max);
-
-	return rm && 2 * rm < w ? 2 * rm : w;
 }
 
 enum mqtt_send mqtt_publish(const struct mqtt_msg *m, mqtt_done_fn done, void *arg)
@@ -679,6 +724,62 @@ enum mqtt_send mqtt_publish(const struct mqtt_msg *m, mqtt_done_fn done, void *a
 	return MQTT_SEND_FAILED;
 }
 
+/* ---- Subscribe ---------------------------------------------------------------------------- */
+
+static void subscribe_all(void)
+{
+	MQTTAsync_responseOptions ro = MQTTAsync_responseOptions_initializer;
+	int rc;
+
+	if (M.n_subs == 0 || !mqtt_connected())
+		return;
+	rc = MQTTAsync_subscribeMany(M.client, (int)M.n_subs, M.subs, M.subs_qos, &ro);
+	if (rc != MQTTASYNC_SUCCESS)
+		log_error("mqtt: subscribe to %zu command filters failed: code %d", M.n_subs, rc);
+	else
+		for (size_t i = 0; i < M.n_subs; i++)
+			log_info("mqtt: subscribed filter=%s qos=%d", M.subs[i], M.subs_qos[i]);
+}
+
+void mqtt_set_subscriptions(char *const *filters, const int *qos, size_t n)
+{
+	MQTTAsync_responseOptions ro = MQTTAsync_responseOptions_initializer;
+	char **old = M.subs;
+	int *old_qos = M.subs_qos;
+	size_t n_old = M.n_subs;
+	size_t i, j;
+
+	/* filters no longer wanted are unsubscribed */
+	for (i = 0; i < n_old && M.client && mqtt_connected(); i++) {
+		for (j = 0; j < n && strcmp(old[i], filters[j]) != 0; j++)
+			;
+		if (j == n)
+			MQTTAsync_unsubscribe(M.client, old[i], &ro);
+	}
+	M.subs = NULL;
+	M.subs_qos = NULL;
+	M.n_subs = 0;
+	if (n) {
+		M.subs = calloc(n, sizeof(*M.subs));
+		M.subs_qos = calloc(n, sizeof(*M.subs_qos));
+		for (i = 0; M.subs && M.subs_qos && i < n; i++) {
+			if ((M.subs[i] = strdup(filters[i])) == NULL)
+				break;
+			M.subs_qos[i] = qos[i];
+			M.n_subs++;
+		}
+		if (M.n_subs < n)
+			log_error("mqtt: out of memory storing subscriptions");
+	}
+	for (i = 0; i < n_old; i++)
+		free(old[i]);
+	free(old);
+	free(old_qos);
+	subscribe_all();
+}
+
+/* ---- Stop --------------------------------------------------------------------------------- */
+
 /* A clean stop sends no Will (that is only for a broken connection): say "offline" here. */
 static void status_offline(void)
 {
@@ -751,78 +852,4 @@ void mqtt_shutdown(int timeout_ms)
 	M.efd = -1;
 	mqtt_set_subscriptions(NULL, NULL, 0);
 	atomic_store(&M.connected, 0);
-}
-
-int mqtt_content_format(const char *type)
-{
-	for (size_t i = 0; type && i < sizeof(content_types) / sizeof(content_types[0]); i++)
-		if (strcmp(content_types[i].type, type) == 0)
-			return content_types[i].cf;
-	return -1;
-}
-
-static void status_online(void)
-{
-	MQTTAsync_message msg = MQTTAsync_message_initializer;
-
-	if (!M.conf->status_topic)
-		return;
-	msg.payload = "online";
-	msg.payloadlen = 6;
-	msg.qos = 1;
-	msg.retained = 1;
-	if (MQTTAsync_sendMessage(M.client, M.conf->status_topic, &msg, NULL) != MQTTASYNC_SUCCESS)
-		log_warn("mqtt: status online on %s not published", M.conf->status_topic);
-}
-
-static void subscribe_all(void)
-{
-	MQTTAsync_responseOptions ro = MQTTAsync_responseOptions_initializer;
-	int rc;
-
-	if (M.n_subs == 0 || !mqtt_connected())
-		return;
-	rc = MQTTAsync_subscribeMany(M.client, (int)M.n_subs, M.subs, M.subs_qos, &ro);
-	if (rc != MQTTASYNC_SUCCESS)
-		log_error("mqtt: subscribe to %zu command filters failed: code %d", M.n_subs, rc);
-	else
-		for (size_t i = 0; i < M.n_subs; i++)
-			log_info("mqtt: subscribed filter=%s qos=%d", M.subs[i], M.subs_qos[i]);
-}
-
-void mqtt_set_subscriptions(char *const *filters, const int *qos, size_t n)
-{
-	MQTTAsync_responseOptions ro = MQTTAsync_responseOptions_initializer;
-	char **old = M.subs;
-	int *old_qos = M.subs_qos;
-	size_t n_old = M.n_subs;
-	size_t i, j;
-
-	/* filters no longer wanted are unsubscribed */
-	for (i = 0; i < n_old && M.client && mqtt_connected(); i++) {
-		for (j = 0; j < n && strcmp(old[i], filters[j]) != 0; j++)
-			;
-		if (j == n)
-			MQTTAsync_unsubscribe(M.client, old[i], &ro);
-	}
-	M.subs = NULL;
-	M.subs_qos = NULL;
-	M.n_subs = 0;
-	if (n) {
-		M.subs = calloc(n, sizeof(*M.subs));
-		M.subs_qos = calloc(n, sizeof(*M.subs_qos));
-		for (i = 0; M.subs && M.subs_qos && i < n; i++) {
-			if ((M.subs[i] = strdup(filters[i])) == NULL)
-				break;
-			M.subs_qos[i] = qos[i];
-			M.n_subs++;
-		}
-		if (M.n_subs < n)
-			log_error("mqtt: out of memory storing subscriptions");
-	}
-	for (i = 0; i < n_old; i++)
-		free(old[i]);
-	free(old);
-	free(old_qos);
-	subscribe_all();
 }
