@@ -78,8 +78,9 @@ static void answer(const struct cmd_to *to, const char *code, const void *data, 
 	struct mqtt_msg m;
 
 	if (!to->resp_topic[0]) {
-		log_info("identity=%s path=/%s command answered %s; no response topic",
-			 dev_identity(to->dev), to->path, code);
+		log_info("peer=%s identity=%s path=/%s command=answered code=%s outcome=not-published "
+			 "reason=\"no response topic\"", dev_peer(to->dev), dev_identity(to->dev),
+			 to->path, code);
 		return;
 	}
 	m = (struct mqtt_msg){ .topic = to->resp_topic, .payload = data, .len = len, .qos = to->qos,
@@ -88,8 +89,9 @@ static void answer(const struct cmd_to *to, const char *code, const void *data, 
 			       .correlation_len = to->corr_len };
 	if (mqtt_publish(&m, NULL, NULL) != MQTT_SEND_OK) {
 		stats_inc(STAT_DROPPED);
-		log_warn("identity=%s command response to %s dropped: MQTT buffer full",
-			 dev_identity(to->dev), to->resp_topic);
+		log_warn("peer=%s identity=%s path=/%s command=answered code=%s outcome=dropped "
+			 "topic=%s reason=\"MQTT buffer full\"", dev_peer(to->dev),
+			 dev_identity(to->dev), to->path, code, to->resp_topic);
 	}
 }
 
@@ -98,8 +100,8 @@ static void answer_error(const struct cmd_to *to, const char *code, const char *
 	char text[160];
 
 	snprintf(text, sizeof(text), "%s %s", code, why);
-	log_warn("peer=%s identity=%s path=/%s command failed: %s", dev_peer(to->dev),
-		 dev_identity(to->dev), to->path, text);
+	log_warn("peer=%s identity=%s path=/%s command=failed code=%s reason=\"%s\"",
+		 dev_peer(to->dev), dev_identity(to->dev), to->path, code, why);
 	stats_inc(STAT_COMMAND_ERRORS);
 	answer(to, code, text, strlen(text), 0);
 }
@@ -204,7 +206,8 @@ static void send_next(struct device *d)
 
 		if (cmd_send(c, s) == 0) {
 			stats_inc(STAT_COMMANDS);
-			log_debug("identity=%s path=/%s command sent", dev_identity(d), c->to.path);
+			log_debug("peer=%s identity=%s path=/%s command=sent", dev_peer(d),
+				  dev_identity(d), c->to.path);
 			return;
 		}
 		cmd_done(c, "5.00", "could not send the request", 0);
@@ -305,15 +308,15 @@ void command_on_message(const struct mqtt_in *m)
 			resp[0] = '\0';
 		d = dev_find(id.s, id.len);
 		if (!d) {
-			log_warn("topic=%s command refused: %.*s is not a configured device", m->topic,
-				 (int)id.len, id.s);
+			log_warn("topic=%s identity=\"%.*s\" command=refused reason=\"not a configured "
+				 "device\"", m->topic, (int)id.len, id.s);
 			return;
 		}
 		enqueue(d, r, m, path, resp);
 		return;
 	}
-	log_warn("topic=%s command refused: no command rule fits (bad identity or path value?)",
-		 m->topic);
+	log_warn("topic=%s command=refused reason=\"no command rule fits (bad identity or path "
+		 "value?)\"", m->topic);
 }
 
 /* ---- CoAP in ---- */
@@ -335,8 +338,8 @@ int command_response(coap_session_t *s, const coap_pdu_t *sent, const coap_pdu_t
 	coap_get_data_large(rcvd, &len, &data, &off, &total);
 	cf = coap_check_option(rcvd, COAP_OPTION_CONTENT_FORMAT, &oi);
 	snprintf(cs, sizeof(cs), "%u.%02u", code >> 5, code & 31);
-	log_debug("identity=%s path=/%s command answered %s bytes=%zu", dev_identity(c->to.dev),
-		  c->to.path, cs, len);
+	log_debug("peer=%s identity=%s path=/%s command=answered code=%s bytes=%zu",
+		  dev_peer(c->to.dev), dev_identity(c->to.dev), c->to.path, cs, len);
 	answer(&c->to, cs, data, len, cf ? (int)coap_decode_var_bytes(coap_opt_value(cf),
 								     coap_opt_length(cf)) : -1);
 	cmd_done(c, NULL, NULL, 1);
@@ -392,14 +395,15 @@ static int build_routes(const struct config *c)
 		return -1;
 	for (size_t i = 0; i < c->n_commands; i++) {
 		const char *t = c->commands[i].topic, *last = strrchr(t, '{');
-		char tmpl[80], err[160];
+		char tmpl[80], why[300];
+		struct route_error err;
 
 		if (!last || strlen(last) >= sizeof(tmpl))
 			return -1;
 		snprintf(tmpl, sizeof(tmpl), "%s", last);
-		C.path_routes[i] = route_compile2(t, tmpl, ROUTE_IDENTITY_VAR, err, sizeof(err));
+		C.path_routes[i] = route_compile2(t, tmpl, ROUTE_IDENTITY_VAR, &err);
 		if (!C.path_routes[i]) {
-			log_error("command topic %s: %s", t, err);
+			log_error("command topic %s: %s", t, route_error_str(&err, why, sizeof(why)));
 			return -1;
 		}
 		C.n_routes++;

@@ -78,7 +78,8 @@ static void presence(const struct device *d, const char *state, const char *reas
 			       .reason = reason };
 	if (mqtt_publish(&m, NULL, NULL) != MQTT_SEND_OK) {
 		stats_inc(STAT_DROPPED);
-		log_warn("identity=%s presence %s not published: buffer full", d->identity, state);
+		log_warn("peer=%s identity=%s presence=%s outcome=not-published reason=\"MQTT buffer "
+			 "full\"", d->cur ? d->cur->peer : "-", d->identity, state);
 	}
 }
 
@@ -133,12 +134,12 @@ static void dev_up(struct dev_sess *s)
 	struct device *d = dev_find(s->identity, strlen(s->identity));
 
 	if (!d) {
-		log_warn("peer=%s identity=%s session up but the identity is no longer configured",
-			 s->peer, s->identity);
+		log_warn("peer=%s identity=%s session=ignored reason=\"the identity is no longer "
+			 "configured\"", s->peer, s->identity);
 		return;
 	}
 	if (d->cur && d->cur != s) {
-		log_info("peer=%s identity=%s session replaced by peer=%s", d->cur->peer, d->identity,
+		log_info("peer=%s identity=%s session=replaced by=%s", d->cur->peer, d->identity,
 			 s->peer);
 		d->cur->dev = NULL;
 		if (D.hooks.down)
@@ -159,7 +160,8 @@ static void dev_down(struct dev_sess *s, const char *reason)
 
 	if (!d || d->cur != s)
 		return;
-	log_info("peer=%s identity=%s offline reason=%s", s->peer, d->identity, reason);
+	log_info("peer=%s identity=%s presence=offline reason=\"%s\"", s->peer, d->identity,
+		 reason);
 	if (D.hooks.down)
 		D.hooks.down(d, reason);
 	d->cur = NULL;
@@ -220,8 +222,8 @@ static void on_handshake_deadline(evutil_socket_t fd, short what, void *arg)
 	(void)what;
 	/* DTLS drops records it cannot decrypt, so a wrong key shows only as silence */
 	stats_inc(STAT_HS_WRONG_KEY);
-	log_warn("peer=%s identity=%s handshake failed: not completed within %ds; the device's key "
-		 "is probably wrong", d->peer, d->identity, DEV_HANDSHAKE_S);
+	log_warn("peer=%s identity=%s handshake=failed reason=\"not completed within %ds\" "
+		 "hint=\"the device's key is probably wrong\"", d->peer, d->identity, DEV_HANDSHAKE_S);
 }
 
 void dev_handshake_start(coap_session_t *s, const char *identity)
@@ -273,7 +275,7 @@ void dev_session_event(coap_session_t *s, coap_event_t ev)
 		if (d->hs_timer)
 			evtimer_del(d->hs_timer);
 		stats_inc(STAT_HANDSHAKE_OK);
-		log_info("peer=%s identity=%s handshake ok cipher=%s", d->peer, d->identity,
+		log_info("peer=%s identity=%s handshake=ok cipher=%s", d->peer, d->identity,
 			 pdu_cipher(s));
 		dev_up(d);
 		break;
@@ -337,7 +339,8 @@ static void apply_keys_fn(void *val, void *arg)
 
 	if (!s || !why)
 		return;
-	log_info("peer=%s identity=%s closing session: %s", d->cur->peer, d->identity, why);
+	log_info("peer=%s identity=%s session=closing reason=\"%s\"", d->cur->peer, d->identity,
+		 why);
 	dev_down(d->cur, why);
 	coap_session_disconnected(s, COAP_NACK_TLS_FAILED);
 }

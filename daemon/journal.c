@@ -829,8 +829,9 @@ static void on_published(void *arg, enum mqtt_status st)
 		break;
 	case MQTT_REFUSED:
 		stats_inc(STAT_PUBLISH_FAILED);
-		log_error("journal: topic=%s msg-id=%s refused by the broker (reason code >= 0x80); "
-			  "dropped from the store", r->msg.topic, r->msg.msg_id ? r->msg.msg_id : "-");
+		log_error("journal: identity=%s topic=%s msg-id=%s outcome=dropped reason=\"refused by "
+			  "the broker (reason code >= 0x80)\"", r->msg.identity ? r->msg.identity : "-",
+			  r->msg.topic, r->msg.msg_id ? r->msg.msg_id : "-");
 		retire(r);
 		break;
 	case MQTT_FAILED:

@@ -132,8 +132,9 @@ static const coap_bin_const_t *on_psk_identity(coap_bin_const_t *identity, coap_
 		keys_find(L.keys, (const char *)identity->s, identity->length) : NULL;
 	if (!e) {
 		identity_str(identity, id, sizeof(id));
-		log_warn("peer=%s identity=\"%s\" handshake refused: unknown identity; add it to "
-			 "devices or devices_file", pdu_peer(s, peer, sizeof(peer)), id);
+		log_warn("peer=%s identity=\"%s\" handshake=refused reason=\"unknown identity\" "
+			 "hint=\"add it to devices or devices_file\"", pdu_peer(s, peer, sizeof(peer)),
+			 id);
 		return NULL;
 	}
 	L.h.handshake_start(s, e->identity);
@@ -153,12 +154,12 @@ static int on_coap_event(coap_session_t *s, const coap_event_t ev)
 		identity_str(bid, id, sizeof(id));
 		/* an unknown identity was logged by the PSK callback already */
 		if (bid && bid->length && keys_find(L.keys, (const char *)bid->s, bid->length))
-			log_warn("peer=%s identity=\"%s\" handshake failed: wrong key or no common "
-				 "cipher suite; check the device's key", pdu_peer(s, peer, sizeof(peer)),
-				 id);
+			log_warn("peer=%s identity=\"%s\" handshake=failed reason=\"wrong key or no "
+				 "common cipher suite\" hint=\"check the device's key\"",
+				 pdu_peer(s, peer, sizeof(peer)), id);
 		else if (!bid || !bid->length)
-			log_info("peer=%s handshake failed before an identity was sent",
-				 pdu_peer(s, peer, sizeof(peer)));
+			log_info("peer=%s identity=- handshake=failed reason=\"before an identity was "
+				 "sent\"", pdu_peer(s, peer, sizeof(peer)));
 		break;
 	}
 	default:
@@ -172,12 +173,14 @@ static int on_coap_event(coap_session_t *s, const coap_event_t ev)
 static coap_response_t on_response(coap_session_t *s, const coap_pdu_t *sent,
 				   const coap_pdu_t *rcvd, const coap_mid_t mid)
 {
-	char peer[64];
+	char peer[64], id[KEYS_MAX_IDENTITY * 4 + 8];
 
 	(void)mid;
 	if (L.h.response(s, sent, rcvd))
 		return COAP_RESPONSE_OK;
-	log_debug("peer=%s response with an unknown token: reset", pdu_peer(s, peer, sizeof(peer)));
+	identity_str(coap_session_get_psk_identity(s), id, sizeof(id));
+	log_debug("peer=%s identity=\"%s\" response=reset reason=\"unknown token\"",
+		  pdu_peer(s, peer, sizeof(peer)), id);
 	return COAP_RESPONSE_FAIL;	/* libcoap answers RST (RFC 7641 §3.6) */
 }
 

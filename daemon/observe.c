@@ -267,7 +267,7 @@ static void discovered(struct obs *disc, const char *buf, size_t len)
 		}
 		p = next + 1;
 	}
-	log_info("peer=%s identity=%s discovered %zu observable resources", dev_peer(disc->dev),
+	log_info("peer=%s identity=%s discovery=ok observing=%zu", dev_peer(disc->dev),
 		 dev_identity(disc->dev), started);
 }
 
@@ -284,8 +284,9 @@ static void publish(struct obs *o, const coap_pdu_t *rcvd)
 
 	if (route_match(o->rule->route, segs, nseg, dev_identity(o->dev), topic, sizeof(topic)) !=
 	    ROUTE_OK) {
-		log_warn("identity=%s path=/%s notification not published: the path does not fill "
-			 "topic %s", dev_identity(o->dev), o->path, o->rule->topic);
+		log_warn("peer=%s identity=%s path=/%s notification=dropped reason=\"the path does "
+			 "not fill topic %s\"", dev_peer(o->dev), dev_identity(o->dev), o->path,
+			 o->rule->topic);
 		return;
 	}
 	coap_get_data_large(rcvd, &len, &data, &off, &total);
@@ -297,8 +298,8 @@ static void publish(struct obs *o, const coap_pdu_t *rcvd)
 		stats_inc(STAT_NOTIFICATIONS);
 	} else {
 		stats_inc(STAT_DROPPED);
-		log_warn("identity=%s path=/%s notification dropped: MQTT buffer full",
-			 dev_identity(o->dev), o->path);
+		log_warn("peer=%s identity=%s path=/%s notification=dropped reason=\"MQTT buffer "
+			 "full\"", dev_peer(o->dev), dev_identity(o->dev), o->path);
 	}
 }
 
@@ -323,8 +324,9 @@ static void notification(struct obs *o, const coap_pdu_t *rcvd)
 
 		if (o->have_seq && !observe_fresh(o->seq, o->t_last, v, t)) {
 			stats_inc(STAT_STALE_NOTIFICATIONS);
-			log_debug("identity=%s path=/%s stale notification seq=%u (have %u) dropped",
-				  dev_identity(o->dev), o->path, v, o->seq);
+			log_debug("peer=%s identity=%s path=/%s notification=dropped reason=stale "
+				  "seq=%u have=%u", dev_peer(o->dev), dev_identity(o->dev), o->path, v,
+				  o->seq);
 			return;
 		}
 		o->have_seq = 1;

@@ -38,17 +38,19 @@ struct route {
 	unsigned flags;
 };
 
-static void route_err(char *err, size_t errlen, const char *fmt, ...)
+static void route_err(struct route_error *err, enum route_input in, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 
-static void route_err(char *err, size_t errlen, const char *fmt, ...)
+static void route_err(struct route_error *err, enum route_input in, const char *fmt, ...)
 {
 	va_list ap;
 
-	if (err == NULL || errlen == 0)
+	if (err == NULL)
 		return;
+	err->input = in;
+	err->var[0] = '\0';
 	va_start(ap, fmt);
-	vsnprintf(err, errlen, fmt, ap);
+	vsnprintf(err->reason, sizeof(err->reason), fmt, ap);
 	va_end(ap);
 }
 
@@ -137,18 +139,18 @@ static int find_var(const struct route *r, const char *name, size_t len)
 }
 
 /* Classifies one pattern segment s[0..len) into seg; 0 or -1 with err written. */
-static int compile_seg(struct route *r, const char *s, size_t len, int last, char *err, size_t errlen)
+static int compile_seg(struct route *r, const char *s, size_t len, int last, struct route_error *err)
 {
 	struct pat_seg *seg = &r->seg[r->nseg];
 	int plus;
 
 	if (len == 0) {
-		route_err(err, errlen, "path has an empty segment (between two '/' or at the end)");
+		route_err(err, ROUTE_IN_PATH, "has an empty segment (between two '/' or at the end)");
 		return -1;
 	}
 	if (s[0] != '{') {
 		if (memchr(s, '{', len) || memchr(s, '}', len)) {
-			route_err(err, errlen, "path segment \"%.*s\" mixes text and braces "
+			route_err(err, ROUTE_IN_PATH, "segment \"%.*s\" mixes text and braces "
 				  "(a variable is a whole segment: {name})", (int)(len > 64 ? 64 : len), s);
 			return -1;
 		}
@@ -156,33 +158,33 @@ static int compile_seg(struct route *r, const char *s, size_t len, int last, cha
 		return 0;
 	}
 	if (len < 3 || s[len - 1] != '}' || memchr(s + 1, '{', len - 2) || memchr(s + 1, '}', len - 2)) {
-		route_err(err, errlen, "path segment \"%.*s\" is not a variable of the form {name} or "
+		route_err(err, ROUTE_IN_PATH, "segment \"%.*s\" is not a variable of the form {name} or "
 			  "{name+}", (int)(len > 64 ? 64 : len), s);
 		return -1;
 	}
 	plus = s[len - 2] == '+';
 	*seg = (struct pat_seg){ plus ? SEG_REST : SEG_VAR, s + 1, len - 2 - (size_t)plus };
 	if (!name_ok(seg->text, seg->len)) {
-		route_err(err, errlen, "path variable \"%.*s\" is not a valid name ([A-Za-z_][A-Za-z0-9_]*, "
+		route_err(err, ROUTE_IN_PATH, "variable \"%.*s\" is not a valid name ([A-Za-z_][A-Za-z0-9_]*, "
 			  "at most %d characters)", (int)(len > 64 ? 64 : len), s, ROUTE_MAX_NAME);
 		return -1;
 	}
 	if (is_identity(seg->text, seg->len) && !(r->flags & ROUTE_IDENTITY_VAR)) {
-		route_err(err, errlen, "path variable {identity} is reserved (the device identity is always "
+		route_err(err, ROUTE_IN_PATH, "variable {identity} is reserved (the device identity is always "
 			  "available to the topic)");
 		return -1;
 	}
 	if (is_identity(seg->text, seg->len) && plus) {
-		route_err(err, errlen, "path variable {identity+} is not allowed (an identity is one segment: "
+		route_err(err, ROUTE_IN_PATH, "variable {identity+} is not allowed (an identity is one segment: "
 			  "{identity})");
 		return -1;
 	}
 	if (find_var(r, seg->text, seg->len) >= 0) {
-		route_err(err, errlen, "path uses {%.*s} twice", (int)seg->len, seg->text);
+		route_err(err, ROUTE_IN_PATH, "uses {%.*s} twice", (int)seg->len, seg->text);
 		return -1;
 	}
 	if (plus && !last) {
-		route_err(err, errlen, "path variable {%.*s+} must be the last segment", (int)seg->len,
+		route_err(err, ROUTE_IN_PATH, "variable {%.*s+} must be the last segment", (int)seg->len,
 			  seg->text);
 		return -1;
 	}
@@ -191,7 +193,7 @@ static int compile_seg(struct route *r, const char *s, size_t len, int last, cha
 	return 0;
 }
 
-static int compile_pattern(struct route *r, char *err, size_t errlen)
+static int compile_pattern(struct route *r, struct route_error *err)
 {
 	const char *s = r->pat, *slash;
 	size_t len;
@@ -199,17 +201,17 @@ static int compile_pattern(struct route *r, char *err, size_t errlen)
 	if (*s == '\0')
 		return 0;	/* no segments: matches only an empty path (presence topics) */
 	if (*s == '/') {
-		route_err(err, errlen, "path must not start with '/' (write \"sensors/{name}\")");
+		route_err(err, ROUTE_IN_PATH, "must not start with '/' (write \"sensors/{name}\")");
 		return -1;
 	}
 	for (;;) {
 		if (r->nseg == ROUTE_MAX_SEGMENTS) {
-			route_err(err, errlen, "path has more than %d segments", ROUTE_MAX_SEGMENTS);
+			route_err(err, ROUTE_IN_PATH, "has more than %d segments", ROUTE_MAX_SEGMENTS);
 			return -1;
 		}
 		slash = strchr(s, '/');
 		len = slash ? (size_t)(slash - s) : strlen(s);
-		if (compile_seg(r, s, len, slash == NULL, err, errlen) < 0)
+		if (compile_seg(r, s, len, slash == NULL, err) < 0)
 			return -1;
 		r->nseg++;
 		if (slash == NULL)
@@ -220,7 +222,7 @@ static int compile_pattern(struct route *r, char *err, size_t errlen)
 
 /* Resolves one "{name}" / "{name+}" placeholder (name[0..len), plus) into part. */
 static int compile_placeholder(struct route *r, struct tmpl_part *part, const char *name, size_t len,
-			       int plus, char *err, size_t errlen)
+			       int plus, struct route_error *err)
 {
 	int i;
 
@@ -231,19 +233,21 @@ static int compile_placeholder(struct route *r, struct tmpl_part *part, const ch
 		return 0;
 	}
 	if (!name_ok(name, len)) {
-		route_err(err, errlen, "topic placeholder {%.*s%s} is not a valid name ([A-Za-z_][A-Za-z0-9_]*, "
+		route_err(err, ROUTE_IN_TOPIC, "placeholder {%.*s%s} is not a valid name ([A-Za-z_][A-Za-z0-9_]*, "
 			  "at most %d characters)", (int)(len > 64 ? 64 : len), name, plus ? "+" : "",
 			  ROUTE_MAX_NAME);
 		return -1;
 	}
 	i = find_var(r, name, len);
 	if (i < 0) {
-		route_err(err, errlen, "topic uses {%.*s%s} but the path has no {%.*s}",
+		route_err(err, ROUTE_IN_TOPIC, "uses {%.*s%s} but the path has no {%.*s}",
 			  (int)(len > 64 ? 64 : len), name, plus ? "+" : "", (int)(len > 64 ? 64 : len), name);
+		if (err)	/* a valid name (name_ok): at most ROUTE_MAX_NAME bytes */
+			snprintf(err->var, sizeof(err->var), "%.*s%s", (int)len, name, plus ? "+" : "");
 		return -1;
 	}
 	if (plus && r->seg[i].kind != SEG_REST) {
-		route_err(err, errlen, "topic uses {%.*s+} but {%.*s} in the path is a single segment",
+		route_err(err, ROUTE_IN_TOPIC, "uses {%.*s+} but {%.*s} in the path is a single segment",
 			  (int)len, name, (int)len, name);
 		return -1;
 	}
@@ -253,107 +257,115 @@ static int compile_placeholder(struct route *r, struct tmpl_part *part, const ch
 }
 
 /* Checks literal template text: no wildcards, no stray '}', UTF-8 without controls. */
-static int compile_text(const char *s, size_t len, char *err, size_t errlen)
+static int compile_text(const char *s, size_t len, struct route_error *err)
 {
 	if (memchr(s, '+', len) || memchr(s, '#', len)) {
-		route_err(err, errlen, "topic must not contain '+' or '#' (MQTT wildcards)");
+		route_err(err, ROUTE_IN_TOPIC, "must not contain '+' or '#' (MQTT wildcards)");
 		return -1;
 	}
 	if (memchr(s, '}', len)) {
-		route_err(err, errlen, "topic has a '}' without a matching '{'");
+		route_err(err, ROUTE_IN_TOPIC, "has a '}' without a matching '{'");
 		return -1;
 	}
 	if (!text_ok(s, len, "")) {
-		route_err(err, errlen, "topic has a control character or invalid UTF-8");
+		route_err(err, ROUTE_IN_TOPIC, "has a control character or invalid UTF-8");
 		return -1;
 	}
 	return 0;
 }
 
 /* Compiles one placeholder; *p points at its '{' and is moved past its '}'. */
-static int compile_brace(struct route *r, const char **p, char *err, size_t errlen)
+static int compile_brace(struct route *r, const char **p, struct route_error *err)
 {
 	const char *open = *p, *close = strchr(open, '}');
 	size_t len;
 	int plus;
 
 	if (close == NULL || memchr(open + 1, '{', (size_t)(close - open - 1))) {
-		route_err(err, errlen, "topic has a '{' without a matching '}'");
+		route_err(err, ROUTE_IN_TOPIC, "has a '{' without a matching '}'");
 		return -1;
 	}
 	len = (size_t)(close - open - 1);
 	plus = len > 0 && open[len] == '+';
-	if (compile_placeholder(r, &r->part[r->npart], open + 1, len - (size_t)plus, plus, err,
-				errlen) < 0)
+	if (compile_placeholder(r, &r->part[r->npart], open + 1, len - (size_t)plus, plus, err) < 0)
 		return -1;
 	r->npart++;
 	*p = close + 1;
 	return 0;
 }
 
-static int compile_template(struct route *r, char *err, size_t errlen)
+static int compile_template(struct route *r, struct route_error *err)
 {
 	const char *p = r->tmpl, *start;
 	size_t tlen = strlen(r->tmpl), nbrace = 0, i;
 
 	if (tlen == 0) {
-		route_err(err, errlen, "topic is empty");
+		route_err(err, ROUTE_IN_TOPIC, "is empty");
 		return -1;
 	}
 	if (r->tmpl[0] == '/') {
-		route_err(err, errlen, "topic must not start with '/'");
+		route_err(err, ROUTE_IN_TOPIC, "must not start with '/'");
 		return -1;
 	}
 	if (tlen >= ROUTE_MAX_TOPIC) {
-		route_err(err, errlen, "topic is longer than %d bytes", ROUTE_MAX_TOPIC - 1);
+		route_err(err, ROUTE_IN_TOPIC, "is longer than %d bytes", ROUTE_MAX_TOPIC - 1);
 		return -1;
 	}
 	for (i = 0; i < tlen; i++)
 		nbrace += r->tmpl[i] == '{';
 	r->part = calloc(2 * nbrace + 1, sizeof(*r->part));
 	if (r->part == NULL) {
-		route_err(err, errlen, "out of memory");
+		route_err(err, ROUTE_IN_NONE, "out of memory");
 		return -1;
 	}
 	while (*p) {
 		if (*p == '{') {
-			if (compile_brace(r, &p, err, errlen) < 0)
+			if (compile_brace(r, &p, err) < 0)
 				return -1;
 			continue;
 		}
 		start = p;
 		while (*p && *p != '{')
 			p++;
-		if (compile_text(start, (size_t)(p - start), err, errlen) < 0)
+		if (compile_text(start, (size_t)(p - start), err) < 0)
 			return -1;
 		r->part[r->npart++] = (struct tmpl_part){ PART_TEXT, start, (size_t)(p - start), 0 };
 	}
 	return 0;
 }
 
-struct route *route_compile(const char *pattern, const char *tmpl, char *err, size_t errlen)
+struct route *route_compile(const char *pattern, const char *tmpl, struct route_error *err)
 {
-	return route_compile2(pattern, tmpl, 0, err, errlen);
+	return route_compile2(pattern, tmpl, 0, err);
 }
 
-struct route *route_compile2(const char *pattern, const char *tmpl, unsigned flags, char *err,
-			     size_t errlen)
+const char *route_error_str(const struct route_error *err, char *buf, size_t len)
+{
+	static const char *const word[] = { [ROUTE_IN_NONE] = "", [ROUTE_IN_PATH] = "path ",
+					    [ROUTE_IN_TOPIC] = "topic " };
+
+	snprintf(buf, len, "%s%s", word[err->input], err->reason);
+	return buf;
+}
+
+struct route *route_compile2(const char *pattern, const char *tmpl, unsigned flags,
+			     struct route_error *err)
 {
 	struct route *r;
 
 	if (pattern == NULL || tmpl == NULL) {
-		route_err(err, errlen, "path and topic are required");
+		route_err(err, ROUTE_IN_NONE, "path and topic are required");
 		return NULL;
 	}
 	r = calloc(1, sizeof(*r));
 	if (r == NULL || (r->pat = strdup(pattern)) == NULL || (r->tmpl = strdup(tmpl)) == NULL) {
-		route_err(err, errlen, "out of memory");
+		route_err(err, ROUTE_IN_NONE, "out of memory");
 		route_free(r);
 		return NULL;
 	}
 	r->flags = flags;
 	r->id_seg = -1;
-	if (compile_pattern(r, err, errlen) < 0 || compile_template(r, err, errlen) < 0) {
+	if (compile_pattern(r, err) < 0 || compile_template(r, err) < 0) {
 		route_free(r);
 		return NULL;
 	}

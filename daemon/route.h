@@ -24,19 +24,33 @@ struct route_seg {
 	size_t len;
 };
 
+/* Why route_compile refused: which of its two inputs, and a reason about that input that does not
+ * name it ("is empty", "uses {room} but the path has no {room}"). */
+enum route_input { ROUTE_IN_NONE, ROUTE_IN_PATH, ROUTE_IN_TOPIC };
+
+struct route_error {
+	enum route_input input;		/* ROUTE_IN_NONE: neither (out of memory, an input missing) */
+	char var[40];			/* the topic names a variable the path lacks: its name ("x",
+					 * "x+"); else empty */
+	char reason[256];
+};
+
+/* The reason with its input named ("topic is empty"), for one line of a log. */
+const char *route_error_str(const struct route_error *err, char *buf, size_t len);
+
 /* Compiles pattern + template. Pattern: segments separated by '/', each a literal, "{name}" or, as
  * the last one only, "{name+}" (one or more remaining segments). Template: text with "{name}"
  * placeholders naming pattern variables or "identity"; "{name+}" in a template fills the joined
- * rest. On error returns NULL and writes a one-line reason to err. */
-struct route *route_compile(const char *pattern, const char *tmpl, char *err, size_t errlen);
+ * rest. On error returns NULL and fills *err (when not NULL). */
+struct route *route_compile(const char *pattern, const char *tmpl, struct route_error *err);
 void route_free(struct route *r);
 
 /* Flags for route_compile2. */
 #define ROUTE_IDENTITY_VAR 1	/* "{identity}" may be a pattern variable (command topics): its
 				 * value is checked like any other and also fills {identity} */
 
-struct route *route_compile2(const char *pattern, const char *tmpl, unsigned flags, char *err,
-			     size_t errlen);
+struct route *route_compile2(const char *pattern, const char *tmpl, unsigned flags,
+			     struct route_error *err);
 
 /* Like route_match, for routes compiled with ROUTE_IDENTITY_VAR: identity comes from the pattern.
  * On ROUTE_OK, *identity points into segs (not NUL-ended) and the topic is filled. */

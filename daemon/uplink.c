@@ -203,15 +203,16 @@ static void pending_answer(struct pending *p, uint8_t code)
 		else
 			coap_pdu_set_code(pdu, code);
 		if (coap_send(p->session, pdu) == COAP_INVALID_MID)
-			log_warn("%s answer %u.%02u not sent", p->who, code >> 5, code & 31);
+			log_warn("%s code=%u.%02u outcome=not-sent", p->who, code >> 5, code & 31);
 		else if (p->broker)
 			loop_kick();	/* a CON: libcoap's retransmission timer must run */
 	}
 	pending_free(p);
 }
 
-/* A 5.03 (limits, store errors, memory): logged at most once a minute, the rest counted, since a
- * device that retries makes one per request. */
+/* A 5.03 (limits, store errors, memory): logged at most once a minute, the rest counted (the line
+ * says how many were not logged since the one before), since a device that retries makes one per
+ * request. */
 static void log_refusal(const char *who, const char *why)
 {
 	time_t now = time(NULL);
@@ -220,8 +221,7 @@ static void log_refusal(const char *who, const char *why)
 		U.refusals_unlogged++;
 		return;
 	}
-	log_warn("%s code=5.03 refused: %s (%u more 5.03 since the last line)", who, why,
-		 U.refusals_unlogged);
+	log_warn("%s code=5.03 reason=\"%s\" unlogged=%u", who, why, U.refusals_unlogged);
 	U.last_refusal_log = now;
 	U.refusals_unlogged = 0;
 }
@@ -248,8 +248,8 @@ static void on_journal(void *arg, enum journal_event ev)
 }
 
 /* The one way an immediate answer leaves: the code (errors with a diagnostic, 5.03 with
- * Max-Age), counted, remembered for retransmissions, and logged (why: the reason for the log,
- * NULL = diag; 2.04 at debug level only). */
+ * Max-Age), counted, remembered for retransmissions, and logged (why: the reason logged, NULL =
+ * diag; for a 2.04 the topic it went to, logged at debug level only). */
 static void reply(coap_pdu_t *resp, coap_session_t *s, struct dev_sess *dev, coap_mid_t mid,
 		  struct exch *ex, uint8_t code, const char *diag, const char *why)
 {
@@ -268,9 +268,9 @@ static void reply(coap_pdu_t *resp, coap_session_t *s, struct dev_sess *dev, coa
 	if (code == COAP_RESPONSE_CODE(503))
 		log_refusal(who, why ? why : diag);
 	else if (code != COAP_RESPONSE_CODE(204))
-		log_info("%s code=%u.%02u refused: %s", who, code >> 5, code & 31, why ? why : diag);
+		log_info("%s code=%u.%02u reason=\"%s\"", who, code >> 5, code & 31, why ? why : diag);
 	else
-		log_debug("%s code=2.04 %s", who, why ? why : "");
+		log_debug("%s code=2.04 topic=%s", who, why ? why : "-");
 }
 
 static unsigned no_response_bits(const coap_pdu_t *req)
@@ -338,7 +338,7 @@ static void answer_again(coap_session_t *s, struct dev_sess *dev, const coap_pdu
 	struct pending *p = exch_ctx(ex);
 
 	stats_inc(STAT_DUPLICATES);
-	log_debug("peer=%s identity=%s mid=%u duplicate answered %u.%02u", dev_sess_peer(dev),
+	log_debug("peer=%s identity=%s mid=%u code=%u.%02u duplicate=yes", dev_sess_peer(dev),
 		  dev_sess_identity(dev), (unsigned)coap_pdu_get_mid(req), code >> 5, code & 31);
 	if (code) {
 		if (code == COAP_RESPONSE_CODE(503))

@@ -142,22 +142,25 @@ static void match(const struct route *r, const struct segs *s, const char *ident
 	free(tiny);
 }
 
-static struct route *compile(const char *pattern, const char *tmpl, unsigned flags, size_t errlen)
+static struct route *compile(const char *pattern, const char *tmpl, unsigned flags, size_t textlen)
 {
-	char *err = malloc(errlen);
+	struct route_error err = { .input = ROUTE_IN_NONE };
+	char *text = malloc(textlen);
 	struct route *r;
 
-	if (err == NULL)
+	if (text == NULL)
 		return NULL;
-	err[0] = '\0';
-	r = route_compile2(pattern, tmpl, flags, err, errlen);
-	if (r == NULL && err[0] == '\0')
-		abort();	/* a refusal always says why */
+	r = route_compile2(pattern, tmpl, flags, &err);
+	if (r == NULL && (err.reason[0] == '\0' || strnlen(err.reason, sizeof(err.reason)) ==
+			  sizeof(err.reason) || strnlen(err.var, sizeof(err.var)) == sizeof(err.var)))
+		abort();	/* a refusal always says why, in bounded strings */
+	if (r == NULL)
+		(void)route_error_str(&err, text, textlen);	/* any size, even 1, is safe */
 	if (r != NULL) {
 		(void)route_uses_var(r, "identity");
 		(void)route_uses_var(r, "name");
 	}
-	free(err);
+	free(text);
 	return r;
 }
 

@@ -197,7 +197,7 @@ static void check_resplit(const struct route_seg *segs, size_t n)
 
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
-	char err[256];
+	struct route_error err;
 	size_t i;
 
 	(void)argc;
@@ -207,8 +207,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 	for (i = 0; i < NROUTES; i++) {
 		struct fixed *f = &routes[i];
 
-		f->r = route_compile2(f->pattern, f->tmpl, f->id_seg >= 0 ? ROUTE_IDENTITY_VAR : 0, err,
-				      sizeof(err));
+		f->r = route_compile2(f->pattern, f->tmpl, f->id_seg >= 0 ? ROUTE_IDENTITY_VAR : 0, &err);
 		f->npat = route_split(f->pattern, strlen(f->pattern), f->pat, ROUTE_MAX_SEGMENTS);
 		if (f->r == NULL || f->npat == 0)
 			abort();

@@ -62,7 +62,7 @@ def test_4k_command_sent_block_wise_arrives_whole(broker_factory, gateway_factor
         {"topic": "devices/{identity}/set/{path+}", "method": "PUT", "ttl": 10}]})
     wait_mqtt_connected(g)
     dev = serving_sims(g)
-    g.wait_for_log(r"identity=sensor-01 handshake ok")
+    g.wait_for_log(r"identity=sensor-01 handshake=ok")
     cmd = commander_factory(b)
     blob = random.Random(7).randbytes(4096)
     cmd.send(f"devices/{IDENT}/set/led", blob, corr=b"big-1",

@@ -33,7 +33,7 @@ def setup(broker_factory, subscriber_factory, gateway_factory, commander_factory
 
 
 def online(g, dev, ident=IDENT):
-    g.wait_for_log(rf"identity={ident} handshake ok")
+    g.wait_for_log(rf"identity={ident} handshake=ok")
     return dev
 
 
@@ -111,7 +111,7 @@ def test_1000_commands_to_10_devices_all_answered_once(setup, serving_sims, tmp_
     os.chmod(keys, 0o600)
     dev = serving_sims(g, "--keys", keys, "--devices", 10, identity=None)
     for ident in devices:
-        g.wait_for_log(rf"identity={ident} handshake ok")
+        g.wait_for_log(rf"identity={ident} handshake=ok")
     sent = collections.defaultdict(list)
     for n in range(1000):
         ident = f"node-{n % 10:02d}"

@@ -101,7 +101,7 @@ def test_stale_notification_is_dropped(setup, serving_sims, ntype):
     assert [m.payload for m in got] == expected(fresh)
     # the stale ones were accepted (ACKed when CON), not reset: the observation lives on
     assert not sim.events("observe-cancel") and not sim.events("rst"), sim.text()
-    assert g.log_text().count("stale notification") >= 5
+    assert g.log_text().count("notification=dropped reason=stale") >= 5
 
 
 def test_notification_with_unknown_token_gets_rst(setup, serving_sims):
@@ -132,7 +132,7 @@ def test_reregistered_after_the_device_reconnects(setup, serving_sims):
     new = {e["path"]: e["token"] for e in second.wait_events(2, "observe", timeout=30)}
     assert sorted(new) == ["humidity", "temperature"]
     assert not set(new.values()) & set(old.values()), (old, new)
-    g.wait_for_log(r"identity=sensor-01 session replaced")
+    g.wait_for_log(r"identity=sensor-01 session=replaced")
     for path in ("temperature", "humidity"):
         want = expected(second.wait_events(4, "notify", path=path)[:4])
         wait_until(lambda: contains_run([m.payload for m in sub.messages(topic(path))
@@ -162,7 +162,7 @@ def test_discovery_observes_what_well_known_core_marks_obs(setup, serving_sims):
     assert sorted(e["path"] for e in obs) == ["config", "humidity", "temperature"], sim.text()
     for path in ("temperature", "humidity", "config"):
         sub.wait_for(2, 20, match=f"devices/{IDENT}/d/{path}")
-    g.wait_for_log(r"identity=sensor-01 discovered 3 observable resources")
+    g.wait_for_log(r"identity=sensor-01 discovery=ok observing=3")
     assert not sim.events("observe", path="led")     # led is not marked ;obs
 
 

@@ -69,7 +69,7 @@ def test_a_new_session_replaces_the_old_one_and_stays_online(setup, serving_sims
     first.proc.kill()
     first.proc.wait(10)
     serving_sims(g, "--notify-interval", 300)     # its notifications keep the new session busy
-    g.wait_for_log(r"identity=sensor-01 session replaced")
+    g.wait_for_log(r"identity=sensor-01 session=replaced")
     sub.wait_for(2, 20, match=STATUS)
     time.sleep(5)                    # the old session's idle timeout passes meanwhile
     assert states(sub) == [(b"online", None), (b"online", None)], states(sub)

@@ -34,7 +34,7 @@ def wait_answers(bg, n, since=0.0, timeout=20):
 
 
 def handshakes(gw, identity):
-    return len(re.findall(rf"identity={re.escape(identity)} handshake ok", gw.log_text()))
+    return len(re.findall(rf"identity={re.escape(identity)} handshake=ok", gw.log_text()))
 
 
 @pytest.fixture
@@ -73,10 +73,10 @@ def test_session_survives_reload_adding_route_and_device(live):
     assert set(codes_since(bg, t)) == {"2.04"}, codes_since(bg, t)
     assert bg.proc.poll() is None, "the background device stopped"
     # one for the long-lived session, one for the sim run above: none was renegotiated
-    sessions = re.findall(r"peer=(\S+) identity=sensor-01 handshake ok", gw.log_text())
+    sessions = re.findall(r"peer=(\S+) identity=sensor-01 handshake=ok", gw.log_text())
     assert len(sessions) == 2, sessions
-    assert "closing session" not in gw.log_text()
-    assert f"peer={sessions[0]} identity=sensor-01 offline" not in gw.log_text()
+    assert "session=closing" not in gw.log_text()
+    assert f"peer={sessions[0]} identity=sensor-01 presence=offline" not in gw.log_text()
     seqs = [int(m.payload) for m in world.sub.messages("devices/sensor-01/live")]
     assert seqs == sorted(seqs) and len(seqs) >= 13, seqs
 
@@ -130,8 +130,8 @@ def test_removed_device_or_changed_key_loses_its_session(live, change):
             why = "key changed"
         gw.write_config()
         reload(gw)
-        gw.wait_for_log(rf"identity=sensor-01 closing session: {why}")
-        assert "identity=sensor-02 closing session" not in gw.log_text()
+        gw.wait_for_log(rf'identity=sensor-01 session=closing reason="{why}"')
+        assert "identity=sensor-02 session=closing" not in gw.log_text()
 
         # whatever sensor-01 had in flight settles; after that nothing of it gets through
         time.sleep(1.0)
@@ -152,6 +152,6 @@ def test_removed_device_or_changed_key_loses_its_session(live, change):
             r = sim(gw, "--count", 1, "--path", "sensors/gone", "--payload", "g",
                     "--handshake-timeout", 3, "--max-retransmit", 1)
             assert r.rc != 0 and not r.codes(), r
-            gw.wait_for_log(r'identity="sensor-01" handshake refused: unknown identity')
+            gw.wait_for_log(r'identity="sensor-01" handshake=refused reason="unknown identity"')
     finally:
         bg2.stop()

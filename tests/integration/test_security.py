@@ -33,7 +33,7 @@ def test_wrong_key_refused_and_logged_without_the_key(debug_world):
     assert r.rc != 0, r
     assert any(e.get("event") == "dtls-failed" for e in r.events), r
     assert not any(c.startswith("2.") for c in r.codes()), r
-    line = gw.wait_for_log(r'(?m)^.*peer=127\.0\.0\.1:\d+ identity="?sensor-01"? .*handshake '
+    line = gw.wait_for_log(r'(?m)^.*peer=127\.0\.0\.1:\d+ identity="?sensor-01"? .*handshake='
                            r'(failed|refused).*$', timeout=40)
     assert line.group(0).startswith(("warning:", "error:", "info:")), line.group(0)
     sub.assert_none(window=1)
@@ -47,7 +47,7 @@ def test_unknown_identity_refused(debug_world):
             key=INTRUDER_KEY)
     assert r.rc != 0, r
     assert any(e.get("event") == "dtls-failed" for e in r.events), r
-    gw.wait_for_log(r'peer=127\.0\.0\.1:\d+ identity="?intruder-7"? .*handshake (failed|refused)',
+    gw.wait_for_log(r'peer=127\.0\.0\.1:\d+ identity="?intruder-7"? .*handshake=(failed|refused)',
                     timeout=40)
     sub.assert_none(window=1)
     assert_no_keys_in(gw.log_text())
@@ -79,7 +79,7 @@ def test_openssl_s_client_suites(world, dtls_factory, cipher):
     assert user_prop(m, "identity") == "sensor-02"
     if cipher == "PSK-AES128-CCM8":
         world.gw.wait_for_log(
-            r'identity="?sensor-02"? handshake ok cipher=TLS_PSK_WITH_AES_128_CCM_8')
+            r'identity="?sensor-02"? handshake=ok cipher=TLS_PSK_WITH_AES_128_CCM_8')
 
 
 @pytest.mark.parametrize("flavour", ["openssl", "gnutls"])
@@ -101,7 +101,7 @@ def test_debian_coap_client_wrong_key_refused(world, flavour):
                             key=WRONG_KEY, timeout=40)
     assert code is None or not code.startswith("2."), out[-3000:]
     # the client did reach the gateway: its handshake under that identity failed there
-    world.gw.wait_for_log(r'identity="?sensor-02"? .*handshake (failed|refused)', timeout=40)
+    world.gw.wait_for_log(r'identity="?sensor-02"? .*handshake=(failed|refused)', timeout=40)
     world.sub.assert_none(window=1)
 
 

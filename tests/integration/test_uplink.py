@@ -112,7 +112,7 @@ def test_200_non_readings_on_one_session_all_delivered(world):
     assert max(seqs.values()) == 1, [s for s, n in seqs.items() if n > 1]
     assert all(m.topic == "devices/sensor-01/stream" for m in msgs)
     log = world.gw.log_text()
-    sessions = re.findall(r'identity="?sensor-01"? handshake ok', log)
+    sessions = re.findall(r'identity="?sensor-01"? handshake=ok', log)
     assert len(sessions) == 1, "more than one DTLS session"
     world.sub.assert_none(window=1, already=200)
 

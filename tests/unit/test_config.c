@@ -462,6 +462,25 @@ static void test_errors_inline_new(void)
 	       "7:5: observe: unknown key \"colour\" (allowed: devices, path, discover, match, topic, qos, "
 	       "retain)");
 	expect("obs-topic.yaml", MQTT_OK "observe:\n  - path: t\n", "5:5: observe: topic is required");
+	/* the reasons route_compile gives, placed at the key they are about */
+	expect("pres-var.yaml", MQTT_OK "presence_topic: \"d/{identity}/{room}\"\n",
+	       "4:17: presence_topic: uses {room} (only {identity} is available here)");
+	expect("pres-rest.yaml", MQTT_OK "presence_topic: \"d/{identity}/{all+}\"\n",
+	       "4:17: presence_topic: uses {all+} (only {identity} is available here)");
+	expect("route-topic.yaml", MQTT_OK "routes:\n  - {path: \"s/{n}\", topic: \"d/{m}\"}\n",
+	       "5:28: topic: uses {m} but the path has no {m}");
+	expect("route-path.yaml", MQTT_OK "routes:\n  - {path: \"s/{n}/{n}\", topic: \"d/{n}\"}\n",
+	       "5:12: path: uses {n} twice");
+	expect("cmd-path.yaml", MQTT_OK "commands:\n  - topic: \"{identity}/{p+}/{q}\"\n",
+	       "5:12: topic: must end with a {name+} level (the resource path, e.g. {path+})");
+	expect("ack.yaml", MQTT_OK "routes:\n  - {path: s, topic: d, ack: sometimes}\n",
+	       "5:30: ack: \"sometimes\" is not stored or broker");
+	expect("ack-type.yaml", MQTT_OK "routes:\n  - {path: s, topic: d, ack: [stored]}\n",
+	       "5:30: ack: expected stored or broker, found a list");
+	expect("level-case.yaml", MQTT_OK "log_level: Info\n",
+	       "4:12: log_level: \"Info\" is not error, warning, info or debug");
+	expect("method-twice.yaml", MQTT_OK "routes:\n  - {path: s, topic: d, methods: [put, PUT]}\n",
+	       "5:40: methods: PUT is listed twice");
 	expect("obs-empty.yaml", MQTT_OK "observe:\n  - {path: a//b, topic: x}\n",
 	       "5:12: path: has an empty segment (between two '/' or at the end)");
 	expect("obs-long.yaml", MQTT_OK "observe:\n  - {path: " "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"

@@ -47,8 +47,9 @@ static enum route_result match_raw(const struct route *r, const char *v, size_t 
 
 static void test_basic(void)
 {
-	char err[256], topic[ROUTE_MAX_TOPIC];
-	struct route *r = route_compile("sensors/{name}", "devices/{identity}/{name}", err, sizeof(err));
+	struct route_error err;
+	char topic[ROUTE_MAX_TOPIC];
+	struct route *r = route_compile("sensors/{name}", "devices/{identity}/{name}", &err);
 
 	CHECK(r != NULL);
 	if (!r)
@@ -68,8 +69,9 @@ static void test_basic(void)
 
 static void test_literal_only(void)
 {
-	char err[256], topic[64];
-	struct route *r = route_compile("a/b/c", "x/{identity}", err, sizeof(err));
+	struct route_error err;
+	char topic[64];
+	struct route *r = route_compile("a/b/c", "x/{identity}", &err);
 
 	CHECK(r != NULL);
 	if (!r)
@@ -85,9 +87,9 @@ static void test_literal_only(void)
 
 static void test_rest(void)
 {
-	char err[256], topic[ROUTE_MAX_TOPIC];
-	struct route *r = route_compile("data/{kind}/{rest+}", "d/{identity}/{kind}/{rest+}", err,
-					sizeof(err));
+	struct route_error err;
+	char topic[ROUTE_MAX_TOPIC];
+	struct route *r = route_compile("data/{kind}/{rest+}", "d/{identity}/{kind}/{rest+}", &err);
 	struct route *r2;
 
 	CHECK(r != NULL);
@@ -106,7 +108,7 @@ static void test_rest(void)
 	route_free(r);
 
 	/* {rest} without '+' in the topic also fills the joined rest */
-	r2 = route_compile("{all+}", "up/{all}", err, sizeof(err));
+	r2 = route_compile("{all+}", "up/{all}", &err);
 	CHECK(r2 != NULL);
 	if (r2) {
 		CHECK(match(r2, "x/y", topic, sizeof(topic)) == ROUTE_OK);
@@ -117,8 +119,9 @@ static void test_rest(void)
 
 static void test_max_segments(void)
 {
-	char err[256], topic[ROUTE_MAX_TOPIC], path[256] = "";
-	struct route *r = route_compile("{rest+}", "t/{rest}", err, sizeof(err));
+	struct route_error err;
+	char topic[ROUTE_MAX_TOPIC], path[256] = "";
+	struct route *r = route_compile("{rest+}", "t/{rest}", &err);
 	int i;
 
 	CHECK(r != NULL);
@@ -134,8 +137,8 @@ static void test_max_segments(void)
 
 static void test_injection(void)
 {
-	char err[256];
-	struct route *r = route_compile("sensors/{name}", "devices/{identity}/{name}", err, sizeof(err));
+	struct route_error err;
+	struct route *r = route_compile("sensors/{name}", "devices/{identity}/{name}", &err);
 
 	CHECK(r != NULL);
 	if (!r)
@@ -180,8 +183,9 @@ static void test_value_ok(void)
 
 static void test_identity(void)
 {
-	char err[256], topic[64];
-	struct route *r = route_compile("x", "d/{identity}", err, sizeof(err));
+	struct route_error err;
+	char topic[64];
+	struct route *r = route_compile("x", "d/{identity}", &err);
 	struct route_seg seg = { "x", 1 };
 
 	CHECK(r != NULL);
@@ -196,10 +200,11 @@ static void test_identity(void)
 
 static void test_too_long(void)
 {
-	char err[256], topic[ROUTE_MAX_TOPIC], small[16];
+	struct route_error err;
+	char topic[ROUTE_MAX_TOPIC], small[16];
 	char v[ROUTE_MAX_VALUE];
 	struct route_seg seg[ROUTE_MAX_SEGMENTS];
-	struct route *r = route_compile("{rest+}", "t/{rest+}", err, sizeof(err));
+	struct route *r = route_compile("{rest+}", "t/{rest+}", &err);
 	size_t i;
 
 	CHECK(r != NULL);
@@ -223,15 +228,36 @@ static void test_too_long(void)
 
 static void expect_error(const char *pattern, const char *tmpl, const char *want)
 {
-	char err[256] = "";
-	struct route *r = route_compile(pattern, tmpl, err, sizeof(err));
+	struct route_error err;
+	struct route *r = route_compile(pattern, tmpl, &err);
+	char text[300];
 
 	CHECK(r == NULL);
 	route_free(r);
-	if (strstr(err, want) == NULL)
-		CHECK_STR(err, want);
+	route_error_str(&err, text, sizeof(text));
+	if (strstr(text, want) == NULL)
+		CHECK_STR(text, want);
 	else
 		CHECK(1);
+}
+
+/* What route_compile's refusal says, as fields: which input, and the variable a topic lacks. */
+static void test_error_fields(void)
+{
+	struct route_error err;
+	char text[8];
+
+	CHECK(route_compile("sensors/{name}", "d/{room+}", &err) == NULL);
+	CHECK(err.input == ROUTE_IN_TOPIC);
+	CHECK_STR(err.var, "room+");
+	CHECK_STR(err.reason, "uses {room+} but the path has no {room}");
+	CHECK(route_compile("a//b", "d/{identity}", &err) == NULL);
+	CHECK(err.input == ROUTE_IN_PATH);
+	CHECK_STR(err.var, "");
+	CHECK(route_compile(NULL, "d", &err) == NULL);
+	CHECK(err.input == ROUTE_IN_NONE);
+	CHECK_STR(route_error_str(&err, text, sizeof(text)), "path an");	/* bounded */
+	CHECK(route_compile("a//b", "d", NULL) == NULL);	/* no error wanted */
 }
 
 static void test_compile_errors(void)
@@ -266,17 +292,17 @@ static void test_compile_errors(void)
 /* route_compile2 with ROUTE_IDENTITY_VAR: command topics carry the identity as a pattern variable. */
 static void test_identity_var(void)
 {
-	char err[256] = "", topic[ROUTE_MAX_TOPIC];
+	struct route_error err;
+	char topic[ROUTE_MAX_TOPIC];
 	struct route *r = route_compile2("devices/{identity}/set/{path+}",
-					 "devices/{identity}/set-response/{path+}", ROUTE_IDENTITY_VAR, err,
-					 sizeof(err));
+					 "devices/{identity}/set-response/{path+}", ROUTE_IDENTITY_VAR, &err);
 	struct route_seg id, segs[NSEG_MAX];
 	const char *t;
 	size_t n;
 
 	CHECK(r != NULL);
 	if (!r) {
-		fprintf(stderr, "%s\n", err);
+		fprintf(stderr, "%s\n", err.reason);
 		return;
 	}
 	CHECK(route_uses_var(r, "identity"));
@@ -320,7 +346,7 @@ static void test_identity_var(void)
 	route_free(r);
 
 	/* a route without an {identity} pattern variable never matches through route_match_id */
-	r = route_compile("sensors/{name}", "d/{identity}/{name}", err, sizeof(err));
+	r = route_compile("sensors/{name}", "d/{identity}/{name}", &err);
 	CHECK(r != NULL);
 	if (r) {
 		struct path p = split("sensors/t");
@@ -328,7 +354,7 @@ static void test_identity_var(void)
 		CHECK(route_match_id(r, p.seg, p.n, &id, topic, sizeof(topic)) == ROUTE_NO_MATCH);
 		route_free(r);
 	}
-	r = route_compile2("a/{x}", "b/{x}", ROUTE_IDENTITY_VAR, err, sizeof(err));
+	r = route_compile2("a/{x}", "b/{x}", ROUTE_IDENTITY_VAR, &err);
 	CHECK(r != NULL);
 	CHECK(!route_uses_var(r, "identity"));
 	route_free(r);
@@ -336,12 +362,13 @@ static void test_identity_var(void)
 
 static void expect_error2(const char *pattern, const char *tmpl, unsigned flags, const char *want)
 {
-	char err[256] = "";
-	struct route *r = route_compile2(pattern, tmpl, flags, err, sizeof(err));
+	struct route_error err;
+	struct route *r = route_compile2(pattern, tmpl, flags, &err);
+	char text[300];
 
 	CHECK(r == NULL);
 	route_free(r);
-	CHECK_STR(err, want);
+	CHECK_STR(route_error_str(&err, text, sizeof(text)), want);
 }
 
 static void test_identity_var_errors(void)
@@ -364,8 +391,9 @@ static void test_identity_var_errors(void)
 /* An empty pattern has no segments: presence topics are filled from the identity alone. */
 static void test_empty_pattern(void)
 {
-	char err[256] = "", topic[64];
-	struct route *r = route_compile2("", "devices/{identity}/status", 0, err, sizeof(err));
+	struct route_error err;
+	char topic[64];
+	struct route *r = route_compile2("", "devices/{identity}/status", 0, &err);
 	struct route_seg seg = { "x", 1 };
 
 	CHECK(r != NULL);
@@ -378,7 +406,7 @@ static void test_empty_pattern(void)
 	CHECK(route_match(r, NULL, 0, "dev-1", topic, 8) == ROUTE_TOO_LONG);
 	CHECK(route_uses_var(r, "identity"));
 	route_free(r);
-	r = route_compile("", "fixed/topic", err, sizeof(err));	/* route_compile is route_compile2(0) */
+	r = route_compile("", "fixed/topic", &err);	/* route_compile is route_compile2(0) */
 	CHECK(r != NULL);
 	if (r) {
 		CHECK(route_match(r, NULL, 0, NULL, topic, sizeof(topic)) == ROUTE_OK);
@@ -410,17 +438,16 @@ static void test_split(void)
 
 static void test_compile_ok(void)
 {
-	char err[256];
+	struct route_error err;
 	struct route *r = route_compile("{abcdefghijabcdefghijabcdefghijab}", "t/{abcdefghijabcdefghijabcdefghijab}",
-					err, sizeof(err));
+					&err);
 
 	CHECK(r != NULL);	/* a 32-character name is allowed */
 	route_free(r);
-	r = route_compile("a/b/c/d/e/f/g/h/i/j/k/l/m/n/o/p/q/r/s/t/u/v/w/x/y/z/1/2/3/4/5/6", "d", err,
-			  sizeof(err));
+	r = route_compile("a/b/c/d/e/f/g/h/i/j/k/l/m/n/o/p/q/r/s/t/u/v/w/x/y/z/1/2/3/4/5/6", "d", &err);
 	CHECK(r != NULL);	/* 32 segments */
 	route_free(r);
-	r = route_compile("s/{_v9}", "m\xc3\xa9t\xc3\xa9o/{_v9}", err, sizeof(err));
+	r = route_compile("s/{_v9}", "m\xc3\xa9t\xc3\xa9o/{_v9}", &err);
 	CHECK(r != NULL);	/* UTF-8 text in the topic */
 	route_free(r);
 	CHECK_STR(route_result_str(ROUTE_BAD_VALUE), "bad path value");
@@ -438,6 +465,7 @@ int main(void)
 	test_identity();
 	test_too_long();
 	test_compile_errors();
+	test_error_fields();
 	test_compile_ok();
 	test_identity_var();
 	test_identity_var_errors();
