@@ -46,6 +46,15 @@ coap_context_t *loop_coap(void)
 	return L.coap;
 }
 
+coap_front_door_t loop_front_door(void)
+{
+	coap_front_door_t fd = { 0 };
+
+	if (L.coap)
+		coap_context_get_front_door(L.coap, &fd);
+	return fd;
+}
+
 size_t loop_block_size(void)
 {
 	return L.block_size;

@@ -37,5 +37,7 @@ void loop_shutdown(void);
 void loop_kick(void);
 /* coap.block_size: the block size the gateway asks for on what it sends block-wise. */
 size_t loop_block_size(void);
+/* What became of the datagrams from addresses without a session (deps-patches/libcoap/0010). */
+coap_front_door_t loop_front_door(void);
 
 #endif

@@ -18,6 +18,7 @@
 #include "device.h"
 #include "journal.h"
 #include "log.h"
+#include "loop.h"
 #include "metrics.h"
 #include "mqtt.h"
 #include "observe.h"
@@ -83,6 +84,10 @@ static size_t j_replays(void) { return (size_t)js().replays; }
 static size_t j_errors(void) { return (size_t)js().store_errors; }
 static size_t j_cut(void) { return (size_t)js().cut_bytes; }
 
+static size_t fd_hello_verify(void) { return (size_t)loop_front_door().hello_verify; }
+static size_t fd_verified(void) { return (size_t)loop_front_door().verified; }
+static size_t fd_dropped(void) { return (size_t)loop_front_door().dropped; }
+
 static const struct family families[] = {
 	{ "sessions", "sessions", GAUGE, "DTLS sessions held, handshakes in progress included",
 	  dev_sessions, NULL, 0, { { NULL, 0 } } },
@@ -96,6 +101,15 @@ static const struct family families[] = {
 	  NULL, "reason", 3, { { "wrong_key", STAT_HS_WRONG_KEY },
 			       { "unknown_identity", STAT_HS_UNKNOWN_IDENTITY },
 			       { "dtls_error", STAT_HS_DTLS_ERROR } } },
+	{ "hello_verify_total", "hello_verify", COUNTER,
+	  "ClientHellos from addresses without a session and without a valid cookie: answered "
+	  "with a HelloVerifyRequest, nothing kept", fd_hello_verify, NULL, 0, { { NULL, 0 } } },
+	{ "cookies_verified_total", "cookies_verified", COUNTER,
+	  "ClientHellos with a valid cookie (the client receives at its address): a session was "
+	  "made", fd_verified, NULL, 0, { { NULL, 0 } } },
+	{ "stranger_datagrams_dropped_total", "stranger_dropped", COUNTER,
+	  "Datagrams from addresses without a session that were neither a ClientHello nor a "
+	  "Connection ID record: dropped", fd_dropped, NULL, 0, { { NULL, 0 } } },
 	{ "requests_total", "requests", COUNTER, "Device requests answered, by CoAP response code",
 	  NULL, "code", 6, { { "2.04", STAT_RESP_2_04 }, { "4.00", STAT_RESP_4_00 },
 			     { "4.04", STAT_RESP_4_04 }, { "4.05", STAT_RESP_4_05 },

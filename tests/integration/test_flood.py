@@ -20,8 +20,10 @@ SEED = 6347              # RFC 6347, DTLS 1.2
 # Peak resident memory (VmHWM) the gateway may reach. Measured with this flood on loopback: a plain
 # build goes from 10.3 MiB before to a peak of 12.8 MiB, an ASan+UBSan build (scripts/test runs
 # both; its allocator quarantine limited to 16 MiB, see below) from 21 MiB to 47 MiB. The growth is
-# bounded because libcoap keeps at most 100 sessions in handshake (about 25 KiB each, most of it a
-# wolfSSL object); a new ClientHello takes the place of the oldest (deps-patches/libcoap/0005). The bounds leave 5x / 3x room for
+# bounded because a ClientHello without a valid cookie leaves nothing behind (deps-patches/libcoap/
+# 0010) and libcoap keeps at most 100 sessions in handshake (about 25 KiB each, most of it a
+# wolfSSL object); a cookie-verified ClientHello takes the place of the oldest (deps-patches/
+# libcoap/0005). The bounds leave 5x / 3x room for
 # allocators, machines and a raised handshake limit, and still catch per-peer or per-datagram state
 # that is never freed: 500 peers x 64 KiB, or 50,000 datagrams x 1 KiB, would cross them.
 BOUND_MIB = 64
@@ -217,6 +219,7 @@ def test_clienthello_flood_memory_bounded_and_devices_still_served(world, tmp_pa
     assert served, f"{line}\n{r}\n{tail(gw.log_text(), 40)}"
     [m] = world.sub.wait_for(1, 20, match="devices/sensor-01/after-flood")
     assert m.payload == b"still here"
-    # a legitimate device is served during the flood, not only after it: a new ClientHello takes
-    # the place of the handshake that has waited longest (deps-patches/libcoap/0005)
+    # a legitimate device is served during the flood, not only after it: a cookie-verified
+    # ClientHello takes the place of the handshake that has waited longest (deps-patches/libcoap/
+    # 0005)
     assert during.get("ok") and attempts == 1, line

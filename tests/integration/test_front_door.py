@@ -1,0 +1,212 @@
+"""The DTLS front door: a datagram from an address the gateway has no session with costs it nothing
+that lasts. A ClientHello without a valid cookie is answered with a HelloVerifyRequest from shared
+state (RFC 6347 §4.2.1) and leaves no session behind; anything else from such an address is dropped;
+and none of it can push an established device out, even at coap.max_sessions. A cookie is bound to
+the address it was sent to."""
+import heapq
+import os
+import random
+import select
+import signal
+import socket
+import threading
+import time
+import types
+
+from conftest import SimBackground, free_port, sim, tail, wait_mqtt_connected, wait_until
+from test_flood import HANDSHAKE, SERVER_HELLO, client_hello, hello_verify_cookie
+from test_metrics import scrape, val
+
+DEVICES = 10        # established sessions, and coap.max_sessions: the gateway is full
+STRANGERS = 1000    # source addresses 127.42.x.y, each sending one ClientHello and one garbage datagram
+SEED = 4221
+
+
+def _stranger_socket(i):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((f"127.42.{i // 250}.{1 + i % 250}", 0))
+    s.setblocking(False)
+    return s
+
+
+def _answers(socks, wait_s=0.3):
+    """Every datagram waiting on socks after wait_s: {index: [datagrams]}."""
+    time.sleep(wait_s)
+    got = {}
+    for i, s in enumerate(socks):
+        while True:
+            try:
+                got.setdefault(i, []).append(s.recv(2048))
+            except BlockingIOError:
+                break
+    return got
+
+
+def test_strangers_evict_nobody_and_leave_no_state(broker_factory, subscriber_factory,
+                                                   gateway_factory, tmp_path):
+    b = broker_factory()
+    sub = subscriber_factory(b)
+    devices = {f"fd-{i:02d}": f"front-door-key-{i:02d}" for i in range(DEVICES)}
+    keys = tmp_path / "devices.keys"
+    keys.write_text("".join(f"{k} {v}\n" for k, v in devices.items()))
+    os.chmod(keys, 0o600)
+    port = free_port(socket.SOCK_STREAM)
+    gw = gateway_factory(b, devices=devices, coap={"max_sessions": DEVICES},
+                         extra={"metrics": {"listen": f"127.0.0.1:{port}"}})
+    wait_mqtt_connected(gw)
+    gw.wait_for_log(rf"metrics: listening listen=127\.0\.0\.1:{port} ")
+    # every device opens its session now and sends its reading only when released
+    fleet = SimBackground(gw, "--keys", keys, "--devices", DEVICES, "--count", 1, "--hold",
+                          "--type", "con", "--path", "sensors/held", "--payload", "{seq}",
+                          "--timeout", 120, identity=None)
+    socks = []
+    try:
+        wait_until(lambda: val(scrape(port), "handshakes_total") == DEVICES, 60,
+                   f"{DEVICES} device handshakes")
+        s0 = scrape(port)
+        assert val(s0, "sessions") == DEVICES
+        assert val(s0, "cookies_verified_total") == DEVICES  # each device echoed its cookie
+        handshakes_before = val(s0, "handshakes_total")
+
+        rng = random.Random(SEED)
+        socks = [_stranger_socket(i) for i in range(STRANGERS)]
+        for s in socks:
+            # a record of application data under an epoch no one agreed, and a fresh ClientHello
+            s.sendto(bytes([23]) + b"\xfe\xfd\x00\x01" + rng.randbytes(35), ("127.0.0.1", gw.port))
+            s.sendto(client_hello(rng.randbytes(32), 0, 0), ("127.0.0.1", gw.port))
+            time.sleep(0.0005)
+        got = _answers(socks)
+        cookies = {i: hello_verify_cookie(d[0]) for i, d in got.items() if d}
+        answered = [i for i, d in got.items() if d]
+        # one HelloVerifyRequest per ClientHello; nothing for the garbage
+        assert len(answered) > STRANGERS * 0.9, f"{len(answered)} of {STRANGERS} answered"
+        assert all(len(got[i]) == 1 and cookies[i] for i in answered), \
+            [got[i] for i in answered if len(got[i]) != 1 or not cookies[i]][:3]
+
+        # a cookie is worth something only at the address it was sent to
+        a, c = answered[0], answered[1]
+        rnd = rng.randbytes(32)
+        socks[c].sendto(client_hello(rnd, 1, 1, cookies[a]), ("127.0.0.1", gw.port))
+        reply = _answers([socks[c]]).get(0, [])
+        assert len(reply) == 1 and hello_verify_cookie(reply[0]), \
+            f"a cookie from another address was not refused: {reply}"
+
+        # none of it holds a session; every device still has its own
+        s = scrape(port)
+        assert val(s, "sessions") == DEVICES, tail(gw.log_text(), 30)
+        assert (val(s, "hello_verify_total") - val(s0, "hello_verify_total") == STRANGERS + 1 and
+                val(s, "stranger_datagrams_dropped_total") -
+                val(s0, "stranger_datagrams_dropped_total") == STRANGERS and
+                val(s, "cookies_verified_total") == DEVICES), s
+        log = gw.log_text()
+        assert "presence=offline" not in log and "session=" not in log, tail(log, 30)
+        fleet.proc.send_signal(signal.SIGUSR1)
+        r = fleet.wait(60)
+        assert r.codes() == ["2.04"] * DEVICES, r
+        assert val(scrape(port), "handshakes_total") == handshakes_before, \
+            f"devices had to handshake again:\n{tail(gw.log_text(), 30)}"
+        sub.wait_for(DEVICES, 20)
+
+        # and a real client at a stranger's address, echoing its cookie, gets a ServerHello
+        rnd = rng.randbytes(32)
+        socks[a].sendto(client_hello(rnd, 0, 0), ("127.0.0.1", gw.port))
+        [hvr] = _answers([socks[a]])[0]
+        socks[a].sendto(client_hello(rnd, 1, 1, hello_verify_cookie(hvr)), ("127.0.0.1", gw.port))
+        reply = _answers([socks[a]]).get(0, [])
+        assert reply and reply[0][0] == HANDSHAKE and reply[0][13] == SERVER_HELLO, reply[:2]
+        assert val(scrape(port), "cookies_verified_total") == DEVICES + 1
+    finally:
+        for s in socks:
+            s.close()
+        if fleet.proc.poll() is None:
+            fleet.stop()
+
+
+class DelayRelay(threading.Thread):
+    """A UDP relay on loopback that holds every datagram, both ways, for delay_s: a device far
+    away (NB-IoT, a satellite link). One client; bounded by stop()."""
+
+    def __init__(self, target_port, delay_s):
+        super().__init__(daemon=True)
+        self.delay = delay_s
+        self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.front.bind(("127.0.0.1", 0))
+        self.port = self.front.getsockname()[1]
+        self.back = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.back.bind(("127.0.0.1", 0))
+        self.target = ("127.0.0.1", target_port)
+        self.client = None
+        self.stopping = threading.Event()
+
+    def run(self):
+        due = []  # (time, seq, socket, datagram, address)
+        seq = 0
+        while not self.stopping.is_set():
+            wait = min([0.05] + [max(0, due[0][0] - time.monotonic())] if due else [0.05])
+            for sock in select.select([self.front, self.back], [], [], wait)[0]:
+                data, addr = sock.recvfrom(4096)
+                if sock is self.front:
+                    self.client = addr
+                    out, to = self.back, self.target
+                elif self.client is None:
+                    continue
+                else:
+                    out, to = self.front, self.client
+                seq += 1
+                heapq.heappush(due, (time.monotonic() + self.delay, seq, out, data, to))
+            while due and due[0][0] <= time.monotonic():
+                _, _, out, data, to = heapq.heappop(due)
+                out.sendto(data, to)
+
+    def stop(self):
+        self.stopping.set()
+        self.join(5)
+        self.front.close()
+        self.back.close()
+
+
+def test_far_device_completes_its_handshake_under_a_hello_flood(broker_factory,
+                                                                subscriber_factory,
+                                                                gateway_factory):
+    """A device with a 1 s round trip needs several seconds for its handshake; 2,000 ClientHellos
+    a second from strangers arrive all that time. Cookie-less hellos take no handshake place, so
+    they cannot push the device's handshake out."""
+    b = broker_factory()
+    sub = subscriber_factory(b)
+    gw = gateway_factory(b, log_level=os.environ.get("FD_LOG", "info"))
+    wait_mqtt_connected(gw)
+    relay = DelayRelay(gw.port, 0.5)
+    relay.start()
+    done = threading.Event()
+    sent = [0]
+
+    def flood():
+        # every hello from a new address and port, as spoofed ones come (their answers go nowhere)
+        rng = random.Random(SEED + 1)
+        t_end = time.monotonic() + 40
+        while not done.is_set() and time.monotonic() < t_end:
+            t0 = time.monotonic()
+            for i in range(STRANGERS):
+                with _stranger_socket(i) as s:
+                    s.sendto(client_hello(rng.randbytes(32), 0, 0), ("127.0.0.1", gw.port))
+                    sent[0] += 1
+            time.sleep(max(0, 0.5 - (time.monotonic() - t0)))
+
+    flooder = threading.Thread(target=flood, daemon=True)
+    flooder.start()
+    try:
+        time.sleep(1)
+        far = types.SimpleNamespace(uri=f"coaps://127.0.0.1:{relay.port}", devices=gw.devices)
+        t0 = time.monotonic()
+        r = sim(far, "--count", 1, "--path", "sensors/far", "--payload", "from afar",
+                "--handshake-timeout", 30, timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        done.set()
+        flooder.join(10)
+        relay.stop()
+    assert r.rc == 0 and r.codes() == ["2.04"], f"{r}\n{tail(gw.log_text(), 20)}"
+    assert sent[0] > 2000, sent
+    [m] = sub.wait_for(1, 20, match="devices/sensor-01/far")
+    assert m.payload == b"from afar"
+    print(f"far device: 2.04 {took:.1f} s after it started, {sent[0]} stranger hellos meanwhile")
