@@ -183,7 +183,7 @@ static void coap_ciphers(struct cctx *x, const struct cnode *n)
 /* The keys of coap:, in the order of v[]. */
 enum {
 	C_LISTEN, C_IDLE_TIMEOUT, C_MAX_SESSIONS, C_MAX_PAYLOAD, C_CIPHERS, C_PSK_HINT,
-	C_BLOCK_SIZE, C_RECEIVE_BUFFER,
+	C_BLOCK_SIZE, C_RECEIVE_BUFFER, C_MAX_HANDSHAKES,
 	C_KEYS
 };
 
@@ -196,6 +196,7 @@ static const char *const coap_keys[C_KEYS + 1] = {
 	[C_PSK_HINT] = "psk_hint",
 	[C_BLOCK_SIZE] = "block_size",
 	[C_RECEIVE_BUFFER] = "receive_buffer",
+	[C_MAX_HANDSHAKES] = "max_handshakes",
 };
 
 static void coap_numbers(struct cctx *x, const struct cnode **v)
@@ -217,6 +218,8 @@ static void coap_numbers(struct cctx *x, const struct cnode **v)
 		cc->block_size = (unsigned)b;
 	if (v[C_RECEIVE_BUFFER] && ct_int(&x->t, v[C_RECEIVE_BUFFER], 65536, 1ll << 30, &ll))
 		cc->receive_buffer = (unsigned)ll;
+	if (v[C_MAX_HANDSHAKES] && ct_int(&x->t, v[C_MAX_HANDSHAKES], 1, 100000, &ll))
+		cc->max_handshakes = (unsigned)ll;
 }
 
 static void conf_coap(struct cctx *x, const struct cnode *n)
@@ -229,6 +232,7 @@ static void conf_coap(struct cctx *x, const struct cnode *n)
 	cc->max_payload = 1024;
 	cc->block_size = 512;
 	cc->receive_buffer = 4u << 20;
+	cc->max_handshakes = 1000;
 	if (!ct_fields(&x->t, n, coap_keys, v))
 		return;
 	if (v[C_LISTEN])

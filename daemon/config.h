@@ -37,6 +37,8 @@ struct conf_coap {
 	unsigned block_size;		/* 16..1024, power of two, default 512 */
 	unsigned receive_buffer;	/* bytes, each listening socket's SO_RCVBUF, default 4 MiB,
 					 * 64 KiB..1 GiB */
+	unsigned max_handshakes;	/* DTLS handshakes in progress at once, 1..100000,
+					 * default 1000 */
 };
 
 struct conf_mqtt {
