@@ -246,7 +246,9 @@ static void sess_free(coap_session_t *s)
 
 	if (!d)
 		return;
-	dev_down(d, d->closed ? "closed" : "idle timeout");
+	/* evicted: closed to make room at coap.max_sessions for a client that proved its address
+	 * (the one silent for longest goes; deps-patches/libcoap/0010) */
+	dev_down(d, d->closed ? "closed" : coap_session_get_evicted(s) ? "evicted" : "idle timeout");
 	coap_session_set_app_data(s, NULL);
 	if (d->hs_timer)
 		event_free(d->hs_timer);

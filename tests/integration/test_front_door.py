@@ -13,7 +13,8 @@ import threading
 import time
 import types
 
-from conftest import SimBackground, free_port, sim, tail, wait_mqtt_connected, wait_until
+from conftest import (DEVICES as KNOWN, SimBackground, free_port, sim, tail, user_prop,
+                      wait_mqtt_connected, wait_until)
 from test_flood import HANDSHAKE, SERVER_HELLO, client_hello, hello_verify_cookie
 from test_metrics import scrape, val
 
@@ -210,3 +211,35 @@ def test_far_device_completes_its_handshake_under_a_hello_flood(broker_factory,
     [m] = sub.wait_for(1, 20, match="devices/sensor-01/far")
     assert m.payload == b"from afar"
     print(f"far device: 2.04 {took:.1f} s after it started, {sent[0]} stranger hellos meanwhile")
+
+
+def test_a_new_device_at_max_sessions_evicts_the_longest_silent(broker_factory, subscriber_factory,
+                                                                gateway_factory):
+    """At coap.max_sessions a device that echoed its cookie gets room: the session silent for
+    longest is closed, and that device's presence says why (reason "evicted")."""
+    b = broker_factory()
+    sub = subscriber_factory(b)
+    devices = dict(KNOWN, **{"sensor-03": "sensor-03-Third-K3y"})
+    gw = gateway_factory(b, devices=devices, coap={"max_sessions": 2},
+                         extra={"presence_topic": "devices/{identity}/status"})
+    wait_mqtt_connected(gw)
+    held = []
+    try:
+        for ident in ("sensor-01", "sensor-02"):  # sensor-01 first: it is the longest silent
+            held.append(SimBackground(gw, "--count", 2, "--interval", 600000, "--timeout", 0,
+                                      "--path", "sensors/held", "--payload", ident,
+                                      identity=ident))
+            wait_until(lambda: held[-1].responses(), 30, f"{ident}'s first answer")
+            time.sleep(0.5)
+        r = sim(gw, "--count", 1, "--path", "sensors/new", "--payload", "room for me",
+                identity="sensor-03")
+        assert r.rc == 0 and r.codes() == ["2.04"], r
+        off = wait_until(lambda: [m for m in sub.messages("devices/sensor-01/status")
+                                  if m.payload == b"offline"], 20, "sensor-01 offline")
+        assert user_prop(off[0], "reason") == "evicted", [(m.payload, user_prop(m, "reason"))
+                                                         for m in off]
+        assert not [m for m in sub.messages("devices/sensor-02/status") if m.payload == b"offline"]
+        gw.wait_for_log(r'identity=sensor-01 presence=offline reason="evicted"', 5)
+    finally:
+        for h in held:
+            h.stop()
