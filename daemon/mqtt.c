@@ -379,18 +379,20 @@ static void trace_verbose(int on)
 
 static void subscribe_all(void);
 
-static void status_online(void)
+/* The gateway's own state on mqtt.status_topic: retained, QoS 1 ("online" after each connect,
+ * "offline" at a clean stop, which sends no Will). */
+static void status_publish(const char *state)
 {
 	MQTTAsync_message msg = MQTTAsync_message_initializer;
 
 	if (!M.conf->status_topic)
 		return;
-	msg.payload = "online";
-	msg.payloadlen = 6;
+	msg.payload = (void *)state;
+	msg.payloadlen = (int)strlen(state);
 	msg.qos = 1;
 	msg.retained = 1;
 	if (MQTTAsync_sendMessage(M.client, M.conf->status_topic, &msg, NULL) != MQTTASYNC_SUCCESS)
-		log_warn("mqtt: status online on %s not published", M.conf->status_topic);
+		log_warn("mqtt: status %s on %s not published", state, M.conf->status_topic);
 }
 
 static void set_state(int up, const char *why)
@@ -405,7 +407,7 @@ static void set_state(int up, const char *why)
 				stats_inc(STAT_BROKER_RECONNECTS);
 			log_info("mqtt: broker=%s connected buffered=%zu window=%zu", M.uri,
 				 mqtt_outstanding(), mqtt_window());
-			status_online();
+			status_publish("online");
 			subscribe_all();
 		}
 	} else if (was) {
@@ -780,21 +782,6 @@ void mqtt_set_subscriptions(char *const *filters, const int *qos, size_t n)
 
 /* ---- Stop --------------------------------------------------------------------------------- */
 
-/* A clean stop sends no Will (that is only for a broken connection): say "offline" here. */
-static void status_offline(void)
-{
-	MQTTAsync_message msg = MQTTAsync_message_initializer;
-
-	if (!M.conf->status_topic || !MQTTAsync_isConnected(M.client))
-		return;
-	msg.payload = "offline";
-	msg.payloadlen = 7;
-	msg.qos = 1;
-	msg.retained = 1;
-	if (MQTTAsync_sendMessage(M.client, M.conf->status_topic, &msg, NULL) != MQTTASYNC_SUCCESS)
-		log_warn("mqtt: status offline on %s not published", M.conf->status_topic);
-}
-
 /* Threads of this process (Paho's end some time after MQTTAsync_destroy). */
 static int thread_count(void)
 {
@@ -818,7 +805,10 @@ void mqtt_shutdown(int timeout_ms)
 	M.stopping = 1;
 	if (M.client) {
 		d.timeout = timeout_ms;
-		status_offline();	/* the disconnect waits for it like for other in-flight ones */
+		/* a clean stop sends no Will (that is only for a broken connection); the disconnect
+		 * waits for this like for other in-flight ones */
+		if (MQTTAsync_isConnected(M.client))
+			status_publish("offline");
 		if (MQTTAsync_isConnected(M.client))
 			MQTTAsync_disconnect(M.client, &d);
 		for (int waited = 0; waited < timeout_ms && MQTTAsync_isConnected(M.client); waited += 20)
