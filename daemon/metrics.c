@@ -87,6 +87,7 @@ static size_t j_cut(void) { return (size_t)js().cut_bytes; }
 static size_t fd_hello_verify(void) { return (size_t)loop_front_door().hello_verify; }
 static size_t fd_verified(void) { return (size_t)loop_front_door().verified; }
 static size_t fd_dropped(void) { return (size_t)loop_front_door().dropped; }
+static size_t fd_reconnects(void) { return (size_t)loop_front_door().reconnects; }
 
 static const struct family families[] = {
 	{ "sessions", "sessions", GAUGE, "DTLS sessions held, handshakes in progress included",
@@ -110,6 +111,10 @@ static const struct family families[] = {
 	{ "stranger_datagrams_dropped_total", "stranger_dropped", COUNTER,
 	  "Datagrams from addresses without a session that were neither a ClientHello nor a "
 	  "Connection ID record: dropped", fd_dropped, NULL, 0, { { NULL, 0 } } },
+	{ "reconnects_total", "reconnects", COUNTER,
+	  "ClientHellos with a valid cookie from an address that has an established session "
+	  "(a device that lost its DTLS state): a new handshake, which replaces the session "
+	  "when it completes", fd_reconnects, NULL, 0, { { NULL, 0 } } },
 	{ "requests_total", "requests", COUNTER, "Device requests answered, by CoAP response code",
 	  NULL, "code", 6, { { "2.04", STAT_RESP_2_04 }, { "4.00", STAT_RESP_4_00 },
 			     { "4.04", STAT_RESP_4_04 }, { "4.05", STAT_RESP_4_05 },

@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -744,6 +745,48 @@ class SimBackground:
 
     def stop(self):
         end_process(self.proc, signal.SIGTERM, 10)
+
+
+# --------------------------------------------------------------------------------------------
+# spoofed datagrams
+
+class RawUDP:
+    """IPv4 UDP datagrams on loopback from any source address and port (a raw socket writing its
+    own IP header), and a copy of every UDP datagram loopback delivers (a raw UDP socket is given
+    one): the test can be someone else. Needs CAP_NET_RAW, as the tests run as root."""
+
+    def __init__(self):
+        self.tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        self.rx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+        self.rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.rx.setblocking(False)
+
+    def send(self, src, sport, dport, payload, dst="127.0.0.1"):
+        """One datagram; the kernel fills in the IP checksum and id, UDP's checksum is 0 (none)."""
+        length = 8 + len(payload)
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0, 0, 64, socket.IPPROTO_UDP, 0,
+                         socket.inet_aton(src), socket.inet_aton(dst))
+        self.tx.sendto(ip + struct.pack("!HHHH", sport, dport, length, 0) + payload, (dst, 0))
+
+    def received(self, dport, sport=None, wait_s=0.3):
+        """The payloads of the datagrams to port dport (from port sport) seen within wait_s."""
+        out, end = [], time.monotonic() + wait_s
+        while True:
+            try:
+                pkt = self.rx.recv(65535)
+            except BlockingIOError:
+                if time.monotonic() >= end:
+                    return out
+                time.sleep(0.01)
+                continue
+            ihl = (pkt[0] & 0x0F) * 4
+            sp, dp = struct.unpack("!HH", pkt[ihl:ihl + 4])
+            if dp == dport and (sport is None or sp == sport):
+                out.append(pkt[ihl + 8:])
+
+    def close(self):
+        self.tx.close()
+        self.rx.close()
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import threading
 import time
 import types
 
-from conftest import (DEVICES as KNOWN, SimBackground, free_port, sim, tail, user_prop,
+from conftest import (DEVICES as KNOWN, RawUDP, SimBackground, free_port, sim, tail, user_prop,
                       wait_mqtt_connected, wait_until)
 from test_flood import HANDSHAKE, SERVER_HELLO, client_hello, hello_verify_cookie
 from test_metrics import scrape, val
@@ -243,3 +243,101 @@ def test_a_new_device_at_max_sessions_evicts_the_longest_silent(broker_factory, 
     finally:
         for h in held:
             h.stop()
+
+
+def _presence(sub, identity):
+    return [(m.payload, user_prop(m, "reason")) for m in sub.messages(f"devices/{identity}/status")]
+
+
+def test_a_device_that_lost_its_state_reconnects_from_the_same_port(broker_factory,
+                                                                    subscriber_factory,
+                                                                    gateway_factory):
+    """RFC 6347 §4.2.8: a device reboots without a close_notify and comes back from the address
+    and port its old session is bound to. Its ClientHello (epoch 0) gets a cookie exchange and a
+    new handshake at once; the new session replaces the old when it completes, and the device
+    never shows offline."""
+    b = broker_factory()
+    sub = subscriber_factory(b)
+    mport = free_port(socket.SOCK_STREAM)
+    gw = gateway_factory(b, extra={"presence_topic": "devices/{identity}/status",
+                                   "metrics": {"listen": f"127.0.0.1:{mport}"}})
+    wait_mqtt_connected(gw)
+    gw.wait_for_log(rf"metrics: listening listen=127\.0\.0\.1:{mport} ")
+    port = free_port()
+    before = SimBackground(gw, "--source-port", port, "--count", 2, "--interval", 600000,
+                           "--timeout", 0, "--path", "sensors/boot", "--payload", "first life")
+    try:
+        wait_until(lambda: before.responses(), 30, "the first answer")
+        assert before.responses()[0][1]["code"] == "2.04", before.responses()
+    finally:
+        before.proc.kill()  # the device loses its state: no close_notify, no goodbye
+        before.proc.wait(10)
+    t0 = time.monotonic()
+    # one attempt: a handshake not done in 2 s fails, and the simulator does not try again
+    after = SimBackground(gw, "--source-port", port, "--count", 2, "--interval", 600000,
+                          "--timeout", 0, "--handshake-timeout", 2, "--path", "sensors/boot",
+                          "--payload", "second life")
+    try:
+        wait_until(lambda: after.responses() or after.proc.poll() is not None, 30,
+                   "the answer after the reboot")
+        took = time.monotonic() - t0
+        assert [kv["code"] for _, kv in after.responses()] == ["2.04"], \
+            f"{after.responses()} {after.err}\n{tail(gw.log_text(), 20)}"
+        msgs = sub.wait_for(2, 20, match="devices/sensor-01/boot")
+        assert [m.payload for m in msgs] == [b"first life", b"second life"]
+        gw.wait_for_log(rf"peer=127\.0\.0\.1:{port} identity=sensor-01 session=replaced "
+                        rf"by=127\.0\.0\.1:{port}", 5)
+        m = scrape(mport)
+        assert val(m, "reconnects_total") == 1 and val(m, "handshakes_total") == 2, m
+        assert val(m, "sessions") == 1 and val(m, "devices_online") == 1, m
+        time.sleep(0.5)
+        assert _presence(sub, "sensor-01") == [(b"online", None)] * 2, \
+            _presence(sub, "sensor-01")
+        assert "presence=offline" not in gw.log_text(), tail(gw.log_text(), 20)
+    finally:
+        after.stop()
+    print(f"reconnect from the same port: 2.04 {took:.2f} s after the device came back")
+
+
+def test_a_replayed_hello_does_not_cut_a_device_off(broker_factory, subscriber_factory,
+                                                    gateway_factory):
+    """Someone who can send from a device's address and port and read what comes back (or who
+    replays the device's own hello within the cookie's lifetime) passes the cookie check and
+    starts a handshake there. The device's session stays in use meanwhile, and when that
+    handshake never completes the session is simply kept: every reading gets 2.04."""
+    b = broker_factory()
+    sub = subscriber_factory(b)
+    mport = free_port(socket.SOCK_STREAM)
+    gw = gateway_factory(b, coap={"idle_timeout": 2},
+                         extra={"presence_topic": "devices/{identity}/status",
+                                "metrics": {"listen": f"127.0.0.1:{mport}"}})
+    wait_mqtt_connected(gw)
+    gw.wait_for_log(rf"metrics: listening listen=127\.0\.0\.1:{mport} ")
+    port = free_port()
+    raw = RawUDP()
+    device = SimBackground(gw, "--source-port", port, "--count", 16, "--interval", 500,
+                           "--timeout", 0, "--path", "sensors/steady", "--payload", "{seq}")
+    try:
+        wait_until(lambda: device.responses(), 30, "the device's first answer")
+        rng = random.Random(SEED + 2)
+        rnd = rng.randbytes(32)
+        raw.received(port, wait_s=0)  # what was seen so far is not for this test
+        raw.send("127.0.0.1", port, gw.port, client_hello(rnd, 0, 0))
+        hvr = [d for d in raw.received(port, gw.port) if hello_verify_cookie(d)]
+        assert hvr, "no HelloVerifyRequest to the device's port"
+        raw.send("127.0.0.1", port, gw.port, client_hello(rnd, 1, 1, hello_verify_cookie(hvr[0])))
+        flight = raw.received(port, gw.port)
+        assert any(d[0] == HANDSHAKE and d[13] == SERVER_HELLO for d in flight), flight[:2]
+        assert val(scrape(mport), "reconnects_total") == 1
+        r = device.wait(30)  # the rest of its 16 readings, past the stalled handshake's end
+    finally:
+        raw.close()
+        if device.proc.poll() is None:
+            device.stop()
+    assert r.rc == 0 and r.codes() == ["2.04"] * 16, f"{r}\n{tail(gw.log_text(), 20)}"
+    sub.wait_for(16, 20, match="devices/sensor-01/steady")
+    m = scrape(mport)
+    assert val(m, "handshakes_total") == 1 and val(m, "stranger_datagrams_dropped_total") == 0, m
+    # online once; offline only when the device said goodbye at its end
+    assert _presence(sub, "sensor-01") == [(b"online", None), (b"offline", "closed")], \
+        _presence(sub, "sensor-01")

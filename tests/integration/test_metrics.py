@@ -126,7 +126,7 @@ def test_counters_gauges_and_json_snapshot(metrics_world):
             # each of the six clients (the four above, the wrong key, the unknown identity)
             # first got a HelloVerifyRequest, then echoed its cookie
             ("hello_verify_total", ()): 6, ("cookies_verified_total", ()): 6,
-            ("stranger_datagrams_dropped_total", ()): 0,
+            ("stranger_datagrams_dropped_total", ()): 0, ("reconnects_total", ()): 0,
             ("requests_total", (("code", "2.04"),)): 4,
             ("requests_total", (("code", "4.00"),)): 0,
             ("requests_total", (("code", "4.04"),)): 1,
@@ -173,6 +173,7 @@ def test_counters_gauges_and_json_snapshot(metrics_world):
             "sessions": 1, "online": 1, "handshakes_ok": 4,
             "handshakes_failed": {"wrong_key": 1, "unknown_identity": 1, "dtls_error": 0},
             "hello_verify": 6, "cookies_verified": 6, "stranger_dropped": 0,
+            "reconnects": 0,
             "requests": {"2.04": 4, "4.00": 0, "4.04": 1, "4.05": 1, "4.13": 0, "5.03": 0},
             "duplicates": 0, "readings": 4, "publish_failures": 0, "buffered": 0,
             "dropped": 0, "observations": 0, "notifications": 0, "notifications_stale": 0,
