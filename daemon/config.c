@@ -183,7 +183,7 @@ static void coap_ciphers(struct cctx *x, const struct cnode *n)
 /* The keys of coap:, in the order of v[]. */
 enum {
 	C_LISTEN, C_IDLE_TIMEOUT, C_MAX_SESSIONS, C_MAX_PAYLOAD, C_CIPHERS, C_PSK_HINT,
-	C_BLOCK_SIZE, C_RECEIVE_BUFFER, C_MAX_HANDSHAKES,
+	C_BLOCK_SIZE, C_RECEIVE_BUFFER, C_MAX_HANDSHAKES, C_MAX_HANDSHAKES_PER_IP,
 	C_KEYS
 };
 
@@ -197,6 +197,7 @@ static const char *const coap_keys[C_KEYS + 1] = {
 	[C_BLOCK_SIZE] = "block_size",
 	[C_RECEIVE_BUFFER] = "receive_buffer",
 	[C_MAX_HANDSHAKES] = "max_handshakes",
+	[C_MAX_HANDSHAKES_PER_IP] = "max_handshakes_per_ip",
 };
 
 static void coap_numbers(struct cctx *x, const struct cnode **v)
@@ -220,6 +221,9 @@ static void coap_numbers(struct cctx *x, const struct cnode **v)
 		cc->receive_buffer = (unsigned)ll;
 	if (v[C_MAX_HANDSHAKES] && ct_int(&x->t, v[C_MAX_HANDSHAKES], 1, 100000, &ll))
 		cc->max_handshakes = (unsigned)ll;
+	if (v[C_MAX_HANDSHAKES_PER_IP] &&
+	    ct_int(&x->t, v[C_MAX_HANDSHAKES_PER_IP], 1, 100000, &ll))
+		cc->max_handshakes_per_ip = (unsigned)ll;
 }
 
 static void conf_coap(struct cctx *x, const struct cnode *n)
@@ -233,6 +237,7 @@ static void conf_coap(struct cctx *x, const struct cnode *n)
 	cc->block_size = 512;
 	cc->receive_buffer = 4u << 20;
 	cc->max_handshakes = 1000;
+	cc->max_handshakes_per_ip = 16;
 	if (!ct_fields(&x->t, n, coap_keys, v))
 		return;
 	if (v[C_LISTEN])

@@ -39,6 +39,8 @@ struct conf_coap {
 					 * 64 KiB..1 GiB */
 	unsigned max_handshakes;	/* DTLS handshakes in progress at once, 1..100000,
 					 * default 1000 */
+	unsigned max_handshakes_per_ip;	/* of those, from one IP address (any port),
+					 * 1..100000, default 16 */
 };
 
 struct conf_mqtt {

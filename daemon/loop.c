@@ -365,6 +365,7 @@ static int coap_setup(const struct config *c)
 	/* only clients that echoed their cookie get this far (deps-patches/libcoap/0010); beyond
 	 * the limit a new one takes the place of the one that waited longest (0005) */
 	coap_context_set_max_handshake_sessions(L.coap, c->coap.max_handshakes);
+	coap_context_set_max_handshakes_per_ip(L.coap, c->coap.max_handshakes_per_ip);
 	coap_context_set_block_mode(L.coap, COAP_BLOCK_USE_LIBCOAP | COAP_BLOCK_SINGLE_BODY);
 	coap_register_event_handler(L.coap, on_coap_event);
 	coap_register_response_handler(L.coap, on_response);

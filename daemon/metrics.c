@@ -25,8 +25,8 @@
 #include "stats.h"
 
 #define METRICS_PREFIX "coap2mqtt_"
-#define METRICS_TEXT_MAX 16384	/* the whole exposition; the table below needs about 7 KiB */
-#define METRICS_JSON_MAX 2048
+#define METRICS_TEXT_MAX 16384	/* the whole exposition; the table below needs about 9 KiB */
+#define METRICS_JSON_MAX 4096	/* about 1.3 KiB, 2.5 KiB with every number at 20 digits */
 #define METRICS_HTTP_TIMEOUT_S 10	/* idle or slow scrapers are cut off */
 #define METRICS_MAX_HEADERS 8192
 #define METRICS_MAX_BODY 1024
@@ -40,12 +40,13 @@ struct family {
 	const char *json;	/* key in the JSON snapshot */
 	enum kind kind;
 	const char *help;
-	size_t (*gauge)(void);	/* gauges: read from the module that owns the number */
+	size_t (*gauge)(void);	/* a single series read from the module that owns it */
 	const char *label;	/* label name, NULL for a single series */
 	size_t n;		/* series */
 	struct {
 		const char *value;	/* label value */
-		enum stat_id id;	/* counters */
+		enum stat_id id;	/* counted in stats.c, */
+		size_t (*read)(void);	/* or read from the module that owns it */
 	} s[METRICS_MAX_SERIES];
 };
 
@@ -88,100 +89,117 @@ static size_t fd_hello_verify(void) { return (size_t)loop_front_door().hello_ver
 static size_t fd_verified(void) { return (size_t)loop_front_door().verified; }
 static size_t fd_dropped(void) { return (size_t)loop_front_door().dropped; }
 static size_t fd_reconnects(void) { return (size_t)loop_front_door().reconnects; }
+static size_t fd_evicted(void) { return (size_t)loop_front_door().evicted; }
+static size_t fd_hs_evicted(void) { return (size_t)loop_front_door().hs_evicted; }
+static size_t fd_hs_stalled(void) { return (size_t)loop_front_door().hs_stalled; }
+static size_t fd_refused_per_ip(void) { return (size_t)loop_front_door().refused_per_ip; }
+static size_t fd_refused_full(void) { return (size_t)loop_front_door().refused_full; }
 
 static const struct family families[] = {
 	{ "sessions", "sessions", GAUGE, "DTLS sessions held, handshakes in progress included",
-	  dev_sessions, NULL, 0, { { NULL, 0 } } },
+	  dev_sessions, NULL, 0, { { NULL, 0, NULL } } },
 	{ "devices_online", "online", GAUGE, "Devices with an established session",
-	  dev_online, NULL, 0, { { NULL, 0 } } },
+	  dev_online, NULL, 0, { { NULL, 0, NULL } } },
 	{ "handshakes_total", "handshakes_ok", COUNTER, "DTLS handshakes completed",
-	  NULL, NULL, 1, { { NULL, STAT_HANDSHAKE_OK } } },
+	  NULL, NULL, 1, { { NULL, STAT_HANDSHAKE_OK, NULL } } },
 	{ "handshake_failures_total", "handshakes_failed", COUNTER,
 	  "DTLS handshakes failed: wrong_key = not completed in time after the identity was "
 	  "accepted, unknown_identity = not in the key store, dtls_error = any other DTLS failure",
-	  NULL, "reason", 3, { { "wrong_key", STAT_HS_WRONG_KEY },
-			       { "unknown_identity", STAT_HS_UNKNOWN_IDENTITY },
-			       { "dtls_error", STAT_HS_DTLS_ERROR } } },
+	  NULL, "reason", 3, { { "wrong_key", STAT_HS_WRONG_KEY, NULL },
+			       { "unknown_identity", STAT_HS_UNKNOWN_IDENTITY, NULL },
+			       { "dtls_error", STAT_HS_DTLS_ERROR, NULL } } },
 	{ "hello_verify_total", "hello_verify", COUNTER,
 	  "ClientHellos from addresses without a session and without a valid cookie: answered "
-	  "with a HelloVerifyRequest, nothing kept", fd_hello_verify, NULL, 0, { { NULL, 0 } } },
+	  "with a HelloVerifyRequest, nothing kept", fd_hello_verify, NULL, 0, { { NULL, 0, NULL } } },
 	{ "cookies_verified_total", "cookies_verified", COUNTER,
 	  "ClientHellos with a valid cookie (the client receives at its address): a session was "
-	  "made", fd_verified, NULL, 0, { { NULL, 0 } } },
+	  "made", fd_verified, NULL, 0, { { NULL, 0, NULL } } },
 	{ "stranger_datagrams_dropped_total", "stranger_dropped", COUNTER,
 	  "Datagrams from addresses without a session that were neither a ClientHello nor a "
-	  "Connection ID record: dropped", fd_dropped, NULL, 0, { { NULL, 0 } } },
+	  "Connection ID record: dropped", fd_dropped, NULL, 0, { { NULL, 0, NULL } } },
 	{ "reconnects_total", "reconnects", COUNTER,
 	  "ClientHellos with a valid cookie from an address that has an established session "
 	  "(a device that lost its DTLS state): a new handshake, which replaces the session "
-	  "when it completes", fd_reconnects, NULL, 0, { { NULL, 0 } } },
+	  "when it completes", fd_reconnects, NULL, 0, { { NULL, 0, NULL } } },
+	{ "evictions_total", "evictions", COUNTER,
+	  "Sessions closed to make room for a client that echoed its cookie: max_sessions = "
+	  "the longest-silent session at coap.max_sessions, max_handshakes = the longest-silent "
+	  "handshake at coap.max_handshakes, stalled = a handshake silent for 30 s",
+	  NULL, "reason", 3, { { "max_sessions", 0, fd_evicted },
+			       { "max_handshakes", 0, fd_hs_evicted },
+			       { "stalled", 0, fd_hs_stalled } } },
+	{ "handshakes_refused_total", "handshakes_refused", COUNTER,
+	  "ClientHellos with a valid cookie that started no handshake: per_ip = their address "
+	  "had coap.max_handshakes_per_ip in progress, full = no session could make room",
+	  NULL, "reason", 2, { { "per_ip", 0, fd_refused_per_ip },
+			       { "full", 0, fd_refused_full } } },
 	{ "requests_total", "requests", COUNTER, "Device requests answered, by CoAP response code",
-	  NULL, "code", 6, { { "2.04", STAT_RESP_2_04 }, { "4.00", STAT_RESP_4_00 },
-			     { "4.04", STAT_RESP_4_04 }, { "4.05", STAT_RESP_4_05 },
-			     { "4.13", STAT_RESP_4_13 }, { "5.03", STAT_RESP_5_03 } } },
+	  NULL, "code", 6, { { "2.04", STAT_RESP_2_04, NULL }, { "4.00", STAT_RESP_4_00, NULL },
+			     { "4.04", STAT_RESP_4_04, NULL }, { "4.05", STAT_RESP_4_05, NULL },
+			     { "4.13", STAT_RESP_4_13, NULL }, { "5.03", STAT_RESP_5_03, NULL } } },
 	{ "duplicates_total", "duplicates", COUNTER,
 	  "Retransmitted confirmable requests answered again without publishing",
-	  NULL, NULL, 1, { { NULL, STAT_DUPLICATES } } },
+	  NULL, NULL, 1, { { NULL, STAT_DUPLICATES, NULL } } },
 	{ "readings_total", "readings", COUNTER, "Device readings handed to the MQTT client",
-	  NULL, NULL, 1, { { NULL, STAT_PUBLISHED } } },
+	  NULL, NULL, 1, { { NULL, STAT_PUBLISHED, NULL } } },
 	{ "publishes_total", "publishes", COUNTER,
 	  "Messages handed to the MQTT client (readings, notifications, command responses, "
 	  "presence, metrics), by QoS",
-	  NULL, "qos", 3, { { "0", STAT_PUBLISH_QOS0 }, { "1", STAT_PUBLISH_QOS1 },
-			    { "2", STAT_PUBLISH_QOS2 } } },
+	  NULL, "qos", 3, { { "0", STAT_PUBLISH_QOS0, NULL }, { "1", STAT_PUBLISH_QOS1, NULL },
+			    { "2", STAT_PUBLISH_QOS2, NULL } } },
 	{ "publish_failures_total", "publish_failures", COUNTER,
 	  "Readings the MQTT client reported as not delivered",
-	  NULL, NULL, 1, { { NULL, STAT_PUBLISH_FAILED } } },
+	  NULL, NULL, 1, { { NULL, STAT_PUBLISH_FAILED, NULL } } },
 	{ "buffered", "buffered", GAUGE,
 	  "Readings in the journal not yet acknowledged by the broker, plus other messages "
 	  "waiting in the MQTT client (broker backlog)",
-	  backlog, NULL, 0, { { NULL, 0 } } },
+	  backlog, NULL, 0, { { NULL, 0, NULL } } },
 	{ "journal_bytes", "journal_bytes", GAUGE, "Bytes in the journal's segment files",
-	  j_bytes, NULL, 0, { { NULL, 0 } } },
+	  j_bytes, NULL, 0, { { NULL, 0, NULL } } },
 	{ "journal_segments", "journal_segments", GAUGE, "Segment files in the journal",
-	  j_segments, NULL, 0, { { NULL, 0 } } },
+	  j_segments, NULL, 0, { { NULL, 0, NULL } } },
 	{ "journal_commits_total", "journal_commits", COUNTER,
-	  "Batches written to the journal (group commits)", j_commits, NULL, 0, { { NULL, 0 } } },
+	  "Batches written to the journal (group commits)", j_commits, NULL, 0, { { NULL, 0, NULL } } },
 	{ "journal_records_total", "journal_records", COUNTER,
 	  "Readings committed to the journal (divided by commits: readings per commit)",
-	  j_records, NULL, 0, { { NULL, 0 } } },
+	  j_records, NULL, 0, { { NULL, 0, NULL } } },
 	{ "journal_fsyncs_total", "journal_fsyncs", COUNTER, "fdatasync calls of the journal",
-	  j_fsyncs, NULL, 0, { { NULL, 0 } } },
+	  j_fsyncs, NULL, 0, { { NULL, 0, NULL } } },
 	{ "journal_fsync_p50_microseconds", "journal_fsync_p50_us", GAUGE,
-	  "Median fdatasync time over the last 1024", j_p50, NULL, 0, { { NULL, 0 } } },
+	  "Median fdatasync time over the last 1024", j_p50, NULL, 0, { { NULL, 0, NULL } } },
 	{ "journal_fsync_p99_microseconds", "journal_fsync_p99_us", GAUGE,
-	  "99th percentile fdatasync time over the last 1024", j_p99, NULL, 0, { { NULL, 0 } } },
+	  "99th percentile fdatasync time over the last 1024", j_p99, NULL, 0, { { NULL, 0, NULL } } },
 	{ "journal_replays_total", "journal_replays", COUNTER,
 	  "Readings published again (after a reconnect, a lost session or a failed publish)",
-	  j_replays, NULL, 0, { { NULL, 0 } } },
+	  j_replays, NULL, 0, { { NULL, 0, NULL } } },
 	{ "journal_store_errors_total", "journal_store_errors", COUNTER,
 	  "Journal writes or syncs that failed (their readings were answered 5.03)",
-	  j_errors, NULL, 0, { { NULL, 0 } } },
+	  j_errors, NULL, 0, { { NULL, 0, NULL } } },
 	{ "journal_cut_bytes_total", "journal_cut_bytes", COUNTER,
 	  "Bytes of torn or corrupt journal tails cut off at start", j_cut, NULL, 0,
-	  { { NULL, 0 } } },
+	  { { NULL, 0, NULL } } },
 	{ "dropped_total", "dropped", COUNTER,
 	  "Notifications, command responses and presence messages dropped: MQTT buffer full",
-	  NULL, NULL, 1, { { NULL, STAT_DROPPED } } },
+	  NULL, NULL, 1, { { NULL, STAT_DROPPED, NULL } } },
 	{ "observations_active", "observations", GAUGE, "Observations held on device resources",
-	  observe_active, NULL, 0, { { NULL, 0 } } },
+	  observe_active, NULL, 0, { { NULL, 0, NULL } } },
 	{ "notifications_total", "notifications", COUNTER, "Observe notifications published",
-	  NULL, NULL, 1, { { NULL, STAT_NOTIFICATIONS } } },
+	  NULL, NULL, 1, { { NULL, STAT_NOTIFICATIONS, NULL } } },
 	{ "notifications_stale_total", "notifications_stale", COUNTER,
 	  "Observe notifications dropped as older than the last one (RFC 7641 3.4)",
-	  NULL, NULL, 1, { { NULL, STAT_STALE_NOTIFICATIONS } } },
+	  NULL, NULL, 1, { { NULL, STAT_STALE_NOTIFICATIONS, NULL } } },
 	{ "commands_sent_total", "commands_sent", COUNTER, "Command requests sent to devices",
-	  NULL, NULL, 1, { { NULL, STAT_COMMANDS } } },
+	  NULL, NULL, 1, { { NULL, STAT_COMMANDS, NULL } } },
 	{ "command_errors_total", "command_errors", COUNTER,
 	  "Commands answered with an error (queue full, device offline, timeout, no response)",
-	  NULL, NULL, 1, { { NULL, STAT_COMMAND_ERRORS } } },
+	  NULL, NULL, 1, { { NULL, STAT_COMMAND_ERRORS, NULL } } },
 	{ "commands_queued", "commands_queued", GAUGE, "Commands waiting or in flight",
-	  command_queued, NULL, 0, { { NULL, 0 } } },
+	  command_queued, NULL, 0, { { NULL, 0, NULL } } },
 	{ "broker_connected", "broker_connected", GAUGE, "1 when the MQTT broker is connected",
-	  broker_connected, NULL, 0, { { NULL, 0 } } },
+	  broker_connected, NULL, 0, { { NULL, 0, NULL } } },
 	{ "broker_reconnects_total", "broker_reconnects", COUNTER,
 	  "Broker connection re-established after a loss",
-	  NULL, NULL, 1, { { NULL, STAT_BROKER_RECONNECTS } } },
+	  NULL, NULL, 1, { { NULL, STAT_BROKER_RECONNECTS, NULL } } },
 };
 
 #define N_FAMILIES (sizeof(families) / sizeof(families[0]))
@@ -233,7 +251,9 @@ static size_t done(struct out *o)
 
 static uint64_t value(const struct family *f, size_t i)
 {
-	return f->gauge ? (uint64_t)f->gauge() : stats_get(f->s[i].id);
+	if (f->gauge)
+		return f->gauge();
+	return f->s[i].read ? f->s[i].read() : stats_get(f->s[i].id);
 }
 
 size_t metrics_prometheus(char *buf, size_t len)

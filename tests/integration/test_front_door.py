@@ -220,9 +220,12 @@ def test_a_new_device_at_max_sessions_evicts_the_longest_silent(broker_factory, 
     b = broker_factory()
     sub = subscriber_factory(b)
     devices = dict(KNOWN, **{"sensor-03": "sensor-03-Third-K3y"})
+    mport = free_port(socket.SOCK_STREAM)
     gw = gateway_factory(b, devices=devices, coap={"max_sessions": 2},
-                         extra={"presence_topic": "devices/{identity}/status"})
+                         extra={"presence_topic": "devices/{identity}/status",
+                                "metrics": {"listen": f"127.0.0.1:{mport}"}})
     wait_mqtt_connected(gw)
+    gw.wait_for_log(rf"metrics: listening listen=127\.0\.0\.1:{mport} ")
     held = []
     try:
         for ident in ("sensor-01", "sensor-02"):  # sensor-01 first: it is the longest silent
@@ -240,6 +243,9 @@ def test_a_new_device_at_max_sessions_evicts_the_longest_silent(broker_factory, 
                                                          for m in off]
         assert not [m for m in sub.messages("devices/sensor-02/status") if m.payload == b"offline"]
         gw.wait_for_log(r'identity=sensor-01 presence=offline reason="evicted"', 5)
+        m = scrape(mport)
+        assert [val(m, "evictions_total", reason=r)
+                for r in ("max_sessions", "max_handshakes", "stalled")] == [1, 0, 0], m
     finally:
         for h in held:
             h.stop()
@@ -341,3 +347,57 @@ def test_a_replayed_hello_does_not_cut_a_device_off(broker_factory, subscriber_f
     # online once; offline only when the device said goodbye at its end
     assert _presence(sub, "sensor-01") == [(b"online", None), (b"offline", "closed")], \
         _presence(sub, "sensor-01")
+
+
+def _hold_handshake(sock, gw_port, rng):
+    """A ClientHello, then the same with the cookie the gateway sent: the handshake the gateway
+    starts then waits for a ClientKeyExchange that never comes. True if it answered ServerHello."""
+    rnd = rng.randbytes(32)
+    sock.sendto(client_hello(rnd, 0, 0), ("127.0.0.1", gw_port))
+    got = _answers([sock], 0.2).get(0, [])
+    if not got or not hello_verify_cookie(got[0]):
+        return None
+    sock.sendto(client_hello(rnd, 1, 1, hello_verify_cookie(got[0])), ("127.0.0.1", gw_port))
+    got = _answers([sock], 0.2).get(0, [])
+    return any(d[0] == HANDSHAKE and d[13] == SERVER_HELLO for d in got)
+
+
+def test_one_address_cannot_take_every_handshake_place(broker_factory, subscriber_factory,
+                                                       gateway_factory):
+    """coap.max_handshakes_per_ip: an address (any port) with that many handshakes in progress
+    starts no other, even with valid cookies; other addresses and devices are not affected."""
+    b = broker_factory()
+    sub = subscriber_factory(b)
+    mport = free_port(socket.SOCK_STREAM)
+    gw = gateway_factory(b, coap={"max_handshakes_per_ip": 4, "max_handshakes": 6},
+                         extra={"metrics": {"listen": f"127.0.0.1:{mport}"}})
+    wait_mqtt_connected(gw)
+    gw.wait_for_log(rf"metrics: listening listen=127\.0\.0\.1:{mport} ")
+    rng = random.Random(SEED + 3)
+    socks = []
+    try:
+        def from_(addr):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind((addr, 0))
+            s.setblocking(False)
+            socks.append(s)
+            return s
+        one = [_hold_handshake(from_("127.0.0.5"), gw.port, rng) for _ in range(7)]
+        assert one == [True] * 4 + [False] * 3, one
+        other = [_hold_handshake(from_("127.0.0.6"), gw.port, rng) for _ in range(2)]
+        assert other == [True, True], other
+        m = scrape(mport)
+        assert val(m, "handshakes_refused_total", reason="per_ip") == 3, m
+        assert val(m, "handshakes_refused_total", reason="full") == 0, m
+        # all six places are taken now: a device that echoes its cookie takes the place of the
+        # handshake silent for longest, which the per-address limit keeps from being its own
+        r = sim(gw, "--count", 1, "--path", "sensors/room", "--payload", "in")
+        assert r.rc == 0 and r.codes() == ["2.04"], f"{r}\n{tail(gw.log_text(), 20)}"
+        sub.wait_for(1, 20, match="devices/sensor-01/room")
+        m = scrape(mport)
+        assert val(m, "evictions_total", reason="max_handshakes") == 1, m
+        # the address that lost a handshake may start one again
+        assert _hold_handshake(from_("127.0.0.5"), gw.port, rng) is True
+    finally:
+        for s in socks:
+            s.close()

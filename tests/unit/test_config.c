@@ -313,6 +313,7 @@ static void test_defaults(void)
 		CHECK(l.c->presence_topic == NULL);
 		CHECK(l.c->coap.receive_buffer == 4u << 20);
 		CHECK(l.c->coap.max_handshakes == 1000);
+		CHECK(l.c->coap.max_handshakes_per_ip == 16);
 	} else {
 		fprintf(stderr, "%s", l.errs);
 	}
@@ -345,6 +346,14 @@ static void test_defaults(void)
 	l = load_text("mh2.yaml", MQTT_OK "coap:\n  max_handshakes: 50\n");
 	CHECK(l.c != NULL && l.c->coap.max_handshakes == 50);
 	unload(&l);
+	/* coap.max_handshakes_per_ip: 1..100000, default 16 */
+	l = load_text("mhi.yaml", MQTT_OK "coap:\n  max_handshakes_per_ip: 0\n");
+	CHECK(l.c == NULL && l.errs != NULL);
+	CHECK(strstr(l.errs, "max_handshakes_per_ip: 0 is out of range 1..100000") != NULL);
+	unload(&l);
+	l = load_text("mhi2.yaml", MQTT_OK "coap:\n  max_handshakes_per_ip: 4\n");
+	CHECK(l.c != NULL && l.c->coap.max_handshakes_per_ip == 4);
+	unload(&l);
 	l = load_text("rb2.yaml", MQTT_OK "coap:\n  receive_buffer: 65536\n");
 	CHECK(l.c != NULL && l.c->coap.receive_buffer == 65536);
 	unload(&l);
@@ -361,7 +370,8 @@ static void test_errors_file(void)
 		"errors.yaml:7:12: ciphers: must include TLS_PSK_WITH_AES_128_CCM_8 (mandatory in RFC 7252)",
 		"errors.yaml:8:15: block_size: 100 is not 16, 32, 64, 128, 256, 512 or 1024",
 		"errors.yaml:9:3: coap: unknown key \"colour\" (allowed: listen, idle_timeout, max_sessions, "
-		"max_payload, ciphers, psk_hint, block_size, receive_buffer, max_handshakes)",
+		"max_payload, ciphers, psk_hint, block_size, receive_buffer, max_handshakes, "
+		"max_handshakes_per_ip)",
 		"errors.yaml:12:10: key: key shorter than 8 bytes (8..64)",
 		"errors.yaml:15:15: identity: duplicate identity \"dev2\" (first defined at line 13)",
 		"errors.yaml:17:15: identity: \"a/b\" is not valid in an MQTT topic (non-empty UTF-8 without "
