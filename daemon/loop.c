@@ -19,6 +19,7 @@
 #define LOOP_PREPARE_MS 100		/* libcoap timer scan at most this often when idle */
 #define LOOP_LIBCOAP_LOG_PER_S 20	/* libcoap log lines per second, beyond: counted */
 #define LOOP_MAX_RESPONSE_BODY (256 * 1024)	/* largest notification or command response */
+#define LOOP_MAX_RESPONSE_BODIES (512 * 1024)	/* all of one device's being fetched at once */
 #define LOOP_MAX_ENDPOINTS 32		/* listening sockets (coap.listen entries x addresses) */
 
 static struct {
@@ -373,6 +374,10 @@ static int coap_setup(const struct config *c)
 	/* reassembled bodies are bounded (deps-patches/libcoap/0003): an upload over max_payload
 	 * gets 4.13 + Size1 at its first block; responses and notifications may be larger */
 	coap_context_set_body_limits(L.coap, c->coap.max_payload, LOOP_MAX_RESPONSE_BODY);
+	/* and grow as their blocks arrive, whatever size they announce; per device, at most two
+	 * uploads and LOOP_MAX_RESPONSE_BODIES of bodies are reassembled at once (0013) */
+	coap_context_set_response_bodies_limit(L.coap, LOOP_MAX_RESPONSE_BODIES);
+	coap_context_set_block1_start(L.coap, L.h.block1_start);
 	r = L.h.resource(c);
 	if (!r) {
 		log_error("loop: cannot create the request handler");

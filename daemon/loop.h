@@ -20,6 +20,9 @@ struct loop_handlers {
 	int (*response)(coap_session_t *s, const coap_pdu_t *sent, const coap_pdu_t *rcvd);
 	/* one of the gateway's own requests got no response */
 	void (*nack)(coap_session_t *s, const coap_pdu_t *sent, coap_nack_reason_t reason);
+	/* asked before a Block1 upload is reassembled: 0 refuses it (resp set) */
+	int (*block1_start)(coap_session_t *s, const coap_pdu_t *req, unsigned in_progress,
+			    coap_pdu_t *resp);
 };
 
 int loop_init(const struct config *c, const struct keys *k, const struct loop_handlers *h);

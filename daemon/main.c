@@ -229,6 +229,7 @@ static int run(void)
 	static const struct loop_handlers handlers = {
 		.resource = uplink_resource, .handshake_start = dev_handshake_start,
 		.session_event = dev_session_event, .response = on_response, .nack = on_nack,
+		.block1_start = uplink_block1_start,
 	};
 	char listen[256] = "";
 	int rc;

@@ -137,6 +137,11 @@ static const struct family families[] = {
 	  NULL, "code", 6, { { "2.04", STAT_RESP_2_04, NULL }, { "4.00", STAT_RESP_4_00, NULL },
 			     { "4.04", STAT_RESP_4_04, NULL }, { "4.05", STAT_RESP_4_05, NULL },
 			     { "4.13", STAT_RESP_4_13, NULL }, { "5.03", STAT_RESP_5_03, NULL } } },
+	{ "uploads_refused_total", "uploads_refused", COUNTER,
+	  "Block-wise uploads refused at their first block, before anything was stored: no_route "
+	  "= no route takes the path and method, busy = the device had 2 uploads in progress",
+	  NULL, "reason", 2, { { "no_route", STAT_UPLOAD_NO_ROUTE, NULL },
+			       { "busy", STAT_UPLOAD_BUSY, NULL } } },
 	{ "duplicates_total", "duplicates", COUNTER,
 	  "Retransmitted confirmable requests answered again without publishing",
 	  NULL, NULL, 1, { { NULL, STAT_DUPLICATES, NULL } } },

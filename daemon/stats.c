@@ -28,6 +28,8 @@ static const char *const names[STAT__COUNT] = {
 	[STAT_COMMAND_ERRORS] = "command_errors",
 	[STAT_BROKER_LOST] = "broker_lost",
 	[STAT_BROKER_RECONNECTS] = "broker_reconnects",
+	[STAT_UPLOAD_NO_ROUTE] = "uploads_refused_no_route",
+	[STAT_UPLOAD_BUSY] = "uploads_refused_busy",
 };
 
 void stats_inc(enum stat_id id)

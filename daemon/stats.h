@@ -29,6 +29,8 @@ enum stat_id {
 	STAT_COMMAND_ERRORS,
 	STAT_BROKER_LOST,		/* broker connection lost */
 	STAT_BROKER_RECONNECTS,		/* broker connection back after a loss */
+	STAT_UPLOAD_NO_ROUTE,		/* Block1 uploads refused at their first block: no route, */
+	STAT_UPLOAD_BUSY,		/* or the device had UPLINK_MAX_UPLOADS in progress */
 	STAT__COUNT
 };
 

@@ -19,6 +19,7 @@
 #include "uplink.h"
 
 #define UPLINK_RETRY_S 30	/* Max-Age on 5.03: when the device should try again */
+#define UPLINK_MAX_UPLOADS 2	/* Block1 uploads one device may have in progress at once */
 
 /* A reading (QoS >= 1) waiting for the journal (ack: stored) or for the broker (ack: broker). */
 struct pending {
@@ -440,6 +441,36 @@ static void on_request(coap_resource_t *res, coap_session_t *s, const coap_pdu_t
 		      "cannot accept now, retry after Max-Age", "the MQTT client refused the message");
 		break;
 	}
+}
+
+int uplink_block1_start(coap_session_t *s, const coap_pdu_t *req, unsigned in_progress,
+			coap_pdu_t *resp)
+{
+	struct dev_sess *dev = dev_sess_get(s);
+	coap_mid_t mid = coap_pdu_get_mid(req);
+	struct uplink_decision d;
+	char why[80];
+
+	if (!dev) {
+		reply(resp, s, NULL, mid, NULL, COAP_RESPONSE_CODE(503), "gateway out of memory",
+		      NULL);
+		return 0;
+	}
+	uplink_decide(U.conf, req, dev_sess_identity(dev), &d);
+	if (!d.route) {
+		stats_inc(STAT_UPLOAD_NO_ROUTE);
+		reply(resp, s, dev, mid, NULL, d.code, d.diag, NULL);
+		return 0;
+	}
+	if (in_progress >= UPLINK_MAX_UPLOADS) {
+		stats_inc(STAT_UPLOAD_BUSY);
+		snprintf(why, sizeof(why), "%u block-wise uploads of this device in progress",
+			 in_progress);
+		reply(resp, s, dev, mid, NULL, COAP_RESPONSE_CODE(503),
+		      "too many uploads at once, retry after Max-Age", why);
+		return 0;
+	}
+	return 1;
 }
 
 coap_resource_t *uplink_resource(const struct config *c)

@@ -25,6 +25,12 @@ size_t uplink_path(const coap_pdu_t *req, struct route_seg *segs, size_t max);
 void uplink_decide(const struct config *c, const coap_pdu_t *req, const char *identity,
 		   struct uplink_decision *d);
 
+/* Asked before libcoap starts to reassemble a Block1 upload (deps-patches/libcoap/0013):
+ * refuses it at once (resp's code set, returns 0) when no route takes it or the device has
+ * UPLINK_MAX_UPLOADS uploads in progress, so that nothing is stored for it. */
+int uplink_block1_start(coap_session_t *s, const coap_pdu_t *req, unsigned in_progress,
+			coap_pdu_t *resp);
+
 /* The catch-all resource that receives every device request; keeps c for routing. */
 coap_resource_t *uplink_resource(const struct config *c);
 /* Routes follow a new configuration (reload). */

@@ -3,10 +3,13 @@ upload from a device, Block2 notifications from a device, and a Block1 command t
 import hashlib
 import os
 import random
+import socket
 import time
 
-from conftest import (CON, OPT_URI_PATH, POST, coap_encode, coap_uint, code_str, config_body, sim,
-                      user_prop, wait_mqtt_connected)
+from conftest import (CON, OPT_SIZE1, OPT_URI_PATH, POST, coap_encode, coap_uint, code_str,
+                      config_body, free_port, sim, user_prop, wait_mqtt_connected)
+from test_flood import MemorySampler
+from test_metrics import scrape, val
 
 OPT_BLOCK1 = 27
 
@@ -102,3 +105,90 @@ def test_block1_upload_without_size1(broker_factory, subscriber_factory, gateway
     [m] = s.wait_for(1, 20)
     assert (m.topic, m.payload) == ("devices/sensor-01/nosize", body)
     assert g.alive()
+
+
+UPLOADS = 300       # first blocks: half to a routed path each, half to an unrouted one
+BODY = 1048576      # the Size1 each announces, = coap.max_payload
+
+
+def test_first_blocks_cannot_pin_memory(broker_factory, subscriber_factory, gateway_factory,
+                                        dtls_factory):
+    """A Block1 first block (about 1 KiB) announcing a 1 MiB body used to reserve the whole body
+    for 93 s, as often as a device liked and on any path. Now a path no route takes is refused
+    at that block, before anything is stored; a device has at most two uploads in progress
+    (then 5.03 with Max-Age); and a body grows only as its blocks arrive."""
+    b = broker_factory()
+    sub = subscriber_factory(b)
+    mport = free_port(socket.SOCK_STREAM)
+    g = gateway_factory(b, coap={"max_payload": BODY},
+                        extra={"metrics": {"listen": f"127.0.0.1:{mport}"}})
+    wait_mqtt_connected(g)
+    g.wait_for_log(rf"metrics: listening listen=127\.0\.0\.1:{mport} ")
+    c = dtls_factory(g.port, IDENT, g.devices[IDENT])
+    c.handshake()
+    mem = MemorySampler(g.proc.pid)
+    before = mem.read()
+    rng = random.Random(7959)
+    got = {"routed": [], "unrouted": []}
+    for i in range(UPLOADS):
+        kind = "routed" if i % 2 == 0 else "unrouted"
+        path = [(OPT_URI_PATH, b"sensors" if kind == "routed" else b"nowhere"),
+                (OPT_URI_PATH, f"u{i}".encode())]
+        token = (0x70000000 + i).to_bytes(4, "big")
+        blk = coap_uint((0 << 4) | (1 << 3) | 6)  # block 0, more to come, 1024 bytes
+        dgram = coap_encode(CON, POST, 0x5000 + i, token,
+                            path + [(OPT_BLOCK1, blk), (OPT_SIZE1, coap_uint(BODY))],
+                            rng.randbytes(1024))
+        got[kind].append(code_str(c.request(dgram, token)[-1][1]))
+    after = mem.read()
+    assert got["unrouted"] == ["4.04"] * (UPLOADS // 2), got["unrouted"]
+    assert got["routed"] == ["2.31"] * 2 + ["5.03"] * (UPLOADS // 2 - 2), got["routed"]
+    grew = (after["VmHWM"] - before["VmHWM"]) / 1024
+    assert grew < 8, f"peak memory grew {grew:.1f} MiB for {UPLOADS} first blocks"
+    m = scrape(mport)
+    assert val(m, "uploads_refused_total", reason="no_route") == UPLOADS // 2, m
+    assert val(m, "uploads_refused_total", reason="busy") == UPLOADS // 2 - 2, m
+    g.wait_for_log(r"identity=sensor-01 mid=\d+ code=5\.03 reason=\"2 block-wise uploads of "
+                   r"this device in progress\"", 5)
+
+    # the device's readings in one datagram still go through, and so do other devices'
+    token = b"\x7f\x00\x00\x01"
+    c.request(coap_encode(CON, POST, 0x6000, token, [(OPT_URI_PATH, b"sensors"),
+                                                     (OPT_URI_PATH, b"plain")], b"small"), token)
+    assert code_str(c.last_message(token)[1]) == "2.04"
+    r = sim(g, "--count", 1, "--path", "sensors/other", "--payload", "fine", identity="sensor-02")
+    assert r.rc == 0 and r.codes() == ["2.04"], r
+    sub.wait_for(2, 20)
+    print(f"first blocks: {UPLOADS} with Size1 {BODY}; gateway peak memory grew {grew:.1f} MiB")
+
+
+def test_interleaved_uploads_to_two_paths_stay_apart(broker_factory, subscriber_factory,
+                                                     gateway_factory, dtls_factory):
+    """Two Block1 uploads of one device to different paths, their blocks interleaved: each body
+    is published whole on its own topic. libcoap 4.3.5 took any upload to the catch-all resource
+    for the one already in progress, whatever its path, and mixed the blocks of both
+    (deps-patches/libcoap/0013)."""
+    b = broker_factory()
+    sub = subscriber_factory(b)
+    g = gateway_factory(b)
+    wait_mqtt_connected(g)
+    c = dtls_factory(g.port, IDENT, g.devices[IDENT])
+    c.handshake()
+    bodies = {b"first": bytes(range(64)) + b"first-tail", b"second": b"\xee" * 64 + b"second-tail"}
+    mid = 0x4400
+    for num in (0, 1):
+        for name, body in bodies.items():
+            more = 1 if num == 0 else 0
+            token = b"up" + name[:2]
+            blk = coap_uint((num << 4) | (more << 3) | 2)  # SZX 2 = 64 bytes
+            mid += 1
+            c.request(coap_encode(CON, POST, mid, token, [(OPT_URI_PATH, b"sensors"),
+                                                          (OPT_URI_PATH, name),
+                                                          (OPT_BLOCK1, blk)],
+                                  body[num * 64:(num + 1) * 64]), token,
+                      pred=lambda r, mid=mid: r[2] == mid and r[1] != 0)
+            want = "2.31" if more else "2.04"
+            assert code_str(c.last_message(token)[1]) == want, (name, num)
+    got = {m.topic: m.payload for m in sub.wait_for(2, 20)}
+    assert got == {"devices/sensor-01/first": bodies[b"first"],
+                   "devices/sensor-01/second": bodies[b"second"]}, got
