@@ -116,7 +116,7 @@ static const struct family families[] = {
 	  "made", fd_verified, NULL, 0, { { NULL, 0, NULL } } },
 	{ "stranger_datagrams_dropped_total", "stranger_dropped", COUNTER,
 	  "Datagrams from addresses without a session that were neither a ClientHello nor a "
-	  "Connection ID record: dropped", fd_dropped, NULL, 0, { { NULL, 0, NULL } } },
+	  "record with a known Connection ID: dropped", fd_dropped, NULL, 0, { { NULL, 0, NULL } } },
 	{ "reconnects_total", "reconnects", COUNTER,
 	  "ClientHellos with a valid cookie from an address that has an established session "
 	  "(a device that lost its DTLS state): a new handshake, which replaces the session "

@@ -1,0 +1,233 @@
+#!/usr/bin/python3
+"""Front-door benchmark: what new devices and spoofed datagrams cost the gateway with 0, 1,000 and
+20,000 sessions already established (real gateway, real mosquitto with TLS, simulated DTLS devices
+and a raw socket on loopback).
+
+Per row: the established sessions are set up first and their simulators then stopped (SIGSTOP:
+they are silent, as idle devices are, and use no CPU). Then
+  - handshakes: 2,000 new devices connect (40 handshakes at a time); handshakes/s from the first
+    ClientHello until the gateway has counted the last one, and the gateway's CPU per handshake;
+  - spoofed: 40,000 datagrams from random sources across 127.0.0.0/8 at 20,000/s, half
+    ClientHellos, half garbage (Connection ID records included); the gateway's CPU per datagram
+    it handled, also net of what it spends idle with that many sessions (measured for 3 s
+    before; libcoap's periodic timeout scan visits every session).
+The last columns compare each row with the first (0 established).
+
+    tests/bench/front_door.py [--established 0,1000,20000] [--new 2000] [--spoofed 40000]
+                              [--plot front_door.svg]
+
+Needs root (the raw socket) and a build (build/coap2mqtt, build/tests/coap2mqtt-sim; or
+COAP2MQTT_BIN/COAP2MQTT_SIM). Bounded: every wait has a deadline and all processes are stopped
+at the end.
+"""
+import argparse
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TOP = Path(__file__).resolve().parents[2]
+os.environ.setdefault("COAP2MQTT_BIN", str(TOP / "build" / "coap2mqtt"))
+os.environ.setdefault("COAP2MQTT_SIM", str(TOP / "build" / "tests" / "coap2mqtt-sim"))
+sys.path.insert(0, str(TOP / "tests" / "integration"))
+sys.path.insert(0, str(TOP / "tests" / "bench"))
+import conftest as h  # noqa: E402  (the integration tests' broker/gateway/PKI helpers)
+from bench import proc_stat, proc_rss, scrape  # noqa: E402
+from test_flood import client_hello  # noqa: E402
+
+SIM_SESSIONS = 2000     # devices per simulator process
+SPOOF_RATE = 20000      # spoofed datagrams a second
+IDLE_S = 3              # idle CPU measured over this long
+SOURCE_PORT = 10000     # device i sends from SOURCE_PORT + i (ports the kernel picks can repeat)
+
+
+def start_sims(gw, keys, first, n, tmp, tag):
+    """Simulators for devices first..first+n-1 of keys, each holding its sessions open."""
+    lines = keys.read_text().splitlines(keepends=True)
+    sims = []
+    for k, f in enumerate(range(first, first + n, SIM_SESSIONS)):
+        m = min(SIM_SESSIONS, first + n - f)
+        part = tmp / f"{tag}-{k}.keys"
+        part.write_text("".join(lines[f:f + m]))
+        sims.append(subprocess.Popen(
+            [os.environ["COAP2MQTT_SIM"], "--uri", gw.uri, "--keys", str(part),
+             "--devices", str(m), "--count", "1", "--hold", "--timeout", "600",
+             "--handshake-timeout", "60", "--max-handshakes", str(max(1, 40 // -(-n // SIM_SESSIONS))),
+             "--source-port", str(SOURCE_PORT + f), "--quiet"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return sims
+
+
+def wait_handshakes(mport, target, sims, limit_s):
+    t0 = time.monotonic()
+    while scrape(mport).get("handshakes_total", 0) < target:
+        if time.monotonic() - t0 > limit_s or not all(p.poll() is None for p in sims):
+            raise RuntimeError(f"handshakes: {scrape(mport).get('handshakes_total', 0)} of "
+                               f"{target} after {time.monotonic() - t0:.0f} s")
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def garbage(rng, i):
+    first = (23, 25, 20, 21, 0x2F)[i % 5]
+    return bytes([first]) + b"\xfe\xfd" + rng.randbytes(rng.randint(11, 100))
+
+
+def spoof(gw, mport, count):
+    """Sends count spoofed datagrams; returns (handled by the gateway, seconds sent over)."""
+    def handled():
+        m = scrape(mport)
+        return m.get("hello_verify_total", 0) + m.get("stranger_datagrams_dropped_total", 0)
+    raw = h.RawUDP()
+    rng = random.Random(6347)
+    before = handled()
+    try:
+        t0 = time.monotonic()
+        for i in range(count):
+            src = f"127.{rng.randint(2, 254)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
+            dgram = client_hello(rng.randbytes(32), 0, 0) if i % 2 else garbage(rng, i // 2)
+            raw.send(src, rng.randint(1024, 65535), gw.port, dgram)
+            if i % 100 == 99:
+                time.sleep(max(0, t0 + (i + 1) / SPOOF_RATE - time.monotonic()))
+        sent_s = time.monotonic() - t0
+    finally:
+        raw.close()
+    last, t_end = -1, time.monotonic() + 30
+    while time.monotonic() < t_end:
+        n = handled() - before
+        if n == last:
+            break
+        last = n
+        time.sleep(0.5)
+    return last, sent_s
+
+
+def row(tmp, pki, broker, established, new, spoofed):
+    d = Path(tempfile.mkdtemp(dir=tmp, prefix=f"e{established}-"))
+    total = established + new
+    keys = d / "devices.keys"
+    keys.write_text("".join(f"fd-{i:05d} front-door-key-{i:05d}\n" for i in range(total)))
+    os.chmod(keys, 0o600)
+    mport = h.free_port(h.socket.SOCK_STREAM)
+    gw = h.Gateway(d / "gw", pki, broker.url, devices={},
+                   coap={"max_sessions": total + 100, "idle_timeout": 900,
+                         "receive_buffer": 8 << 20},
+                   routes=[{"path": "sensors/{name}", "topic": "bench/{identity}/{name}",
+                            "qos": 0}],
+                   extra={"devices_file": str(keys), "metrics": {"listen": f"127.0.0.1:{mport}"}})
+    gw.start()
+    held, fresh = [], []
+    try:
+        h.wait_mqtt_connected(gw, 30)
+        if established:
+            held = start_sims(gw, keys, 0, established, d, "held")
+            wait_handshakes(mport, established, held, 300)
+            for p in held:
+                p.send_signal(signal.SIGSTOP)
+        rss = proc_rss(gw.proc.pid)
+        cpu0, _ = proc_stat(gw.proc.pid)
+        time.sleep(IDLE_S)
+        idle_cpu_s = (proc_stat(gw.proc.pid)[0] - cpu0) / IDLE_S
+
+        cpu0, _ = proc_stat(gw.proc.pid)
+        fresh = start_sims(gw, keys, established, new, d, "new")
+        hs_s = wait_handshakes(mport, total, fresh, 300)
+        hs_cpu = proc_stat(gw.proc.pid)[0] - cpu0
+        for p in fresh:
+            p.kill()
+            p.wait()
+
+        cpu0, _ = proc_stat(gw.proc.pid)
+        t0 = time.monotonic()
+        handled, sent_s = spoof(gw, mport, spoofed)
+        spoof_wall = time.monotonic() - t0
+        spoof_cpu = proc_stat(gw.proc.pid)[0] - cpu0
+        m = scrape(mport)
+        return {"established": established, "hs_rate": new / hs_s, "hs_cpu_us": hs_cpu * 1e6 / new,
+                "handled": handled, "spoofed": spoofed, "sent_s": sent_s,
+                "spoof_cpu_us": spoof_cpu * 1e6 / max(1, handled),
+                "spoof_net_us": max(0.0, spoof_cpu - idle_cpu_s * spoof_wall) * 1e6 / max(1, handled),
+                "idle_cpu": idle_cpu_s * 100, "rss": rss,
+                "evicted": sum(v for k, v in m.items() if k.startswith("evictions_total")),
+                "sessions": m.get("sessions", 0)}
+    finally:
+        for p in held + fresh:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+                p.wait()
+        gw.terminate()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--established", default="0,1000,20000")
+    ap.add_argument("--new", type=int, default=2000, help="devices that handshake in each row")
+    ap.add_argument("--spoofed", type=int, default=40000, help="spoofed datagrams in each row")
+    ap.add_argument("--plot", help="also draw handshakes/s and CPU per spoofed datagram (SVG)")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("front_door.py: needs root for the raw socket that spoofs source addresses")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="c2m-fd-bench-") as tmp:
+        pki = h.PKI(Path(tmp))
+        broker = h.Broker(Path(tmp) / "broker", pki)
+        broker.start()
+        try:
+            for e in (int(x) for x in a.established.split(",")):
+                rows.append(row(Path(tmp), pki, broker, e, a.new, a.spoofed))
+                print(f"front_door: established={e} done", file=sys.stderr, flush=True)
+        finally:
+            broker.stop()
+    base = rows[0]
+    print(f"{'established':>11} {'handshakes/s':>12} {'gw cpu/hs':>10} {'spoofed':>15} "
+          f"{'gw cpu/spoofed':>14} {'net of idle':>11} {'idle cpu':>8} {'RSS':>9} {'evicted':>7} "
+          f"{'hs/s vs first':>13} {'cpu/spoofed vs first':>20}")
+    for r in rows:
+        print(f"{r['established']:>11} {r['hs_rate']:>12.0f} {r['hs_cpu_us']:>7.0f} us "
+              f"{r['handled']:>7.0f}/{r['spoofed']:<7} {r['spoof_cpu_us']:>11.1f} us "
+              f"{r['spoof_net_us']:>8.1f} us {r['idle_cpu']:>7.1f}% {r['rss']:>5.0f} MiB "
+              f"{r['evicted']:>7.0f} {r['hs_rate'] / base['hs_rate']:>12.2f}x "
+              f"{r['spoof_net_us'] / max(base['spoof_net_us'], 1e-9):>19.2f}x")
+    print("(handshakes: new devices while the established ones are silent; spoofed: datagrams "
+          "the gateway handled of those sent, at 20,000/s; 'net of idle' subtracts the gateway's "
+          "own CPU with that many sessions and no traffic, 'idle cpu'; RSS before the new "
+          "devices)")
+    if a.plot:
+        svg_plot(rows, a.plot)
+        print(f"plot: {a.plot}")
+
+
+def svg_plot(rows, path):
+    """Two bar charts side by side: handshakes/s and CPU per spoofed datagram per row."""
+    w, hh, pad, bw = 300, 220, 40, 40
+    parts = []
+    for panel, (key, title, fmt) in enumerate((("hs_rate", "handshakes/s", "{:.0f}"),
+                                               ("spoof_net_us", "us CPU per spoofed datagram",
+                                                "{:.1f}"))):
+        x0 = panel * (w + 20)
+        top = max([r[key] for r in rows] + [1e-9])
+        parts.append(f'<text x="{x0 + pad}" y="16" font-size="13">{title}</text>')
+        parts.append(f'<line x1="{x0 + pad}" y1="{hh - pad}" x2="{x0 + w}" y2="{hh - pad}" '
+                     'stroke="black"/>')
+        for i, r in enumerate(rows):
+            bh = (hh - 2 * pad) * r[key] / top
+            x = x0 + pad + 10 + i * (bw + 20)
+            parts.append(f'<rect x="{x}" y="{hh - pad - bh:.1f}" width="{bw}" height="{bh:.1f}" '
+                         'fill="#4878cf"/>')
+            parts.append(f'<text x="{x}" y="{hh - pad - bh - 3:.1f}" font-size="10">'
+                         f'{fmt.format(r[key])}</text>')
+            parts.append(f'<text x="{x}" y="{hh - pad + 14}" font-size="10">'
+                         f'{r["established"]}</text>')
+        parts.append(f'<text x="{x0 + pad}" y="{hh - 8}" font-size="10">sessions established'
+                     '</text>')
+    Path(path).write_text(f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * w + 40}" '
+                          f'height="{hh}">' + "".join(parts) + "</svg>\n")
+
+
+if __name__ == "__main__":
+    main()
