@@ -335,6 +335,10 @@ int command_response(coap_session_t *s, const coap_pdu_t *sent, const coap_pdu_t
 	(void)sent;
 	if (!c || c->session != s)
 		return 0;
+	if (pdu_partial_body(rcvd)) {
+		cmd_done(c, "5.02", "the device's answer is over the limit the gateway fetches", 1);
+		return 1;
+	}
 	coap_get_data_large(rcvd, &len, &data, &off, &total);
 	cf = coap_check_option(rcvd, COAP_OPTION_CONTENT_FORMAT, &oi);
 	snprintf(cs, sizeof(cs), "%u.%02u", code >> 5, code & 31);

@@ -8,6 +8,11 @@ struct event_base;
 struct config;
 struct keys;
 
+/* Bodies fetched block-wise from devices (notifications, command responses): the largest, and
+ * all of one device's being fetched at once. */
+#define LOOP_MAX_RESPONSE_BODY (256 * 1024)
+#define LOOP_MAX_RESPONSE_BODIES (512 * 1024)
+
 /* What the loop hands to the bridge; main.c fills it in (the loop includes no bridge header). */
 struct loop_handlers {
 	/* the resource that takes every device request */

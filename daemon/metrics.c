@@ -87,6 +87,7 @@ static size_t j_cut(void) { return (size_t)js().cut_bytes; }
 
 static size_t fd_hello_verify(void) { return (size_t)loop_front_door().hello_verify; }
 static size_t fd_verified(void) { return (size_t)loop_front_door().verified; }
+static size_t fd_cookies_refused(void) { return (size_t)loop_front_door().cookies_refused; }
 static size_t fd_dropped(void) { return (size_t)loop_front_door().dropped; }
 static size_t fd_reconnects(void) { return (size_t)loop_front_door().reconnects; }
 static size_t fd_evicted(void) { return (size_t)loop_front_door().evicted; }
@@ -113,7 +114,11 @@ static const struct family families[] = {
 	  "with a HelloVerifyRequest, nothing kept", fd_hello_verify, NULL, 0, { { NULL, 0, NULL } } },
 	{ "cookies_verified_total", "cookies_verified", COUNTER,
 	  "ClientHellos with a valid cookie (the client receives at its address): a session was "
-	  "made", fd_verified, NULL, 0, { { NULL, 0, NULL } } },
+	  "made, unless handshakes_refused_total counts it", fd_verified, NULL, 0, { { NULL, 0, NULL } } },
+	{ "cookies_refused_total", "cookies_refused", COUNTER,
+	  "Of the HelloVerifyRequests, those for a ClientHello that carried a cookie that was not "
+	  "valid (made for another address, or before the secret changed)", fd_cookies_refused,
+	  NULL, 0, { { NULL, 0, NULL } } },
 	{ "stranger_datagrams_dropped_total", "stranger_dropped", COUNTER,
 	  "Datagrams from addresses without a session that were neither a ClientHello nor a "
 	  "record with a known Connection ID: dropped", fd_dropped, NULL, 0, { { NULL, 0, NULL } } },

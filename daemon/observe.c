@@ -319,6 +319,17 @@ static void notification(struct obs *o, const coap_pdu_t *rcvd)
 	uint64_t t = now_s();
 	unsigned age = max_age(rcvd);
 
+	if (pdu_partial_body(rcvd)) {
+		/* one block of a body that was not fetched whole: nothing to publish, and the
+		 * state stays (a registration is tried again when its timer runs out) */
+		stats_inc(STAT_DROPPED);
+		log_warn("peer=%s identity=%s path=/%s notification=dropped reason=\"body over the "
+			 "limit (%u KiB each, %u KiB per device at once)\"", dev_peer(o->dev),
+			 dev_identity(o->dev), o->path, LOOP_MAX_RESPONSE_BODY / 1024,
+			 LOOP_MAX_RESPONSE_BODIES / 1024);
+		return;
+	}
+
 	if (ob) {
 		uint32_t v = coap_decode_var_bytes(coap_opt_value(ob), coap_opt_length(ob)) & 0xffffff;
 

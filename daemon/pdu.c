@@ -47,6 +47,13 @@ void pdu_add_block_size(coap_pdu_t *pdu, coap_option_num_t option, size_t size)
 	pdu_add_uint(pdu, option, szx);	/* NUM 0, M 0, SZX */
 }
 
+int pdu_partial_body(const coap_pdu_t *rcvd)
+{
+	coap_block_t b;
+
+	return coap_get_block(rcvd, COAP_OPTION_BLOCK2, &b) && b.m;
+}
+
 const char *pdu_peer(const coap_session_t *s, char *buf, size_t len)
 {
 	const coap_address_t *a = s ? coap_session_get_addr_remote(s) : NULL;

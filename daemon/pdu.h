@@ -17,6 +17,9 @@ void pdu_add_uint(coap_pdu_t *pdu, coap_option_num_t option, unsigned value);
  * (16..1024, a power of two) on what is sent or wanted back; libcoap then uses that size
  * (RFC 7959 §2.3). */
 void pdu_add_block_size(coap_pdu_t *pdu, coap_option_num_t option, size_t size);
+/* Nonzero when a response is one block of a body libcoap did not reassemble (it still carries
+ * Block2 with more to come): the body was over a limit (deps-patches/libcoap/0003, 0014). */
+int pdu_partial_body(const coap_pdu_t *rcvd);
 /* "addr:port" of the session's peer into buf ("?" when there is none). */
 const char *pdu_peer(const coap_session_t *s, char *buf, size_t len);
 /* Name of the session's negotiated DTLS cipher suite, "none" without DTLS. */

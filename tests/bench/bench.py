@@ -124,7 +124,9 @@ def run(tmp, pki, broker, sessions, readings, window, qos, inflight, rate=0, sec
                    # room in the socket buffer for one request per device (~1.5 KiB each as
                    # the kernel counts it); beyond net.core.rmem_max only as root
                    coap={"max_sessions": sessions + 100, "idle_timeout": 600,
-                         "receive_buffer": max(4 << 20, sessions * 1536)},
+                         "receive_buffer": max(4 << 20, sessions * 1536),
+                         # every simulated device is on 127.0.0.1: one address for all
+                         "max_handshakes_per_ip": 100000},
                    routes=[{"path": "sensors/{name}", "topic": "bench/{identity}/{name}",
                             "qos": qos, "ack": "stored"}],
                    mqtt_extra={"max_buffered": max(100000, 2 * sessions * readings),

@@ -114,8 +114,9 @@ def row(tmp, pki, broker, established, new, spoofed):
     os.chmod(keys, 0o600)
     mport = h.free_port(h.socket.SOCK_STREAM)
     gw = h.Gateway(d / "gw", pki, broker.url, devices={},
+                   # every simulated device is on 127.0.0.1: one address for all
                    coap={"max_sessions": total + 100, "idle_timeout": 900,
-                         "receive_buffer": 8 << 20},
+                         "receive_buffer": 8 << 20, "max_handshakes_per_ip": 100000},
                    routes=[{"path": "sensors/{name}", "topic": "bench/{identity}/{name}",
                             "qos": 0}],
                    extra={"devices_file": str(keys), "metrics": {"listen": f"127.0.0.1:{mport}"}})

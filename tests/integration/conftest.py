@@ -513,8 +513,10 @@ class Gateway:
             self.config = None
             self.config_path.write_text(config_text)
             return
+        # every simulated device here is on 127.0.0.1: one address for the whole fleet, so the
+        # per-address handshake limit is raised unless a test sets it
         conf = {"log_level": log_level,
-                "coap": {"listen": [self.uri], **(coap or {})},
+                "coap": {"listen": [self.uri], "max_handshakes_per_ip": 1000, **(coap or {})},
                 "devices": [{"identity": i, "key": k} for i, k in self.devices.items()],
                 "mqtt": {"url": broker_url, "client_id": unique("c2m"), "ca_file": str(pki.ca),
                          "persistence_dir": str(self.persistence_dir), "keepalive": 10,

@@ -192,3 +192,32 @@ def test_interleaved_uploads_to_two_paths_stay_apart(broker_factory, subscriber_
     got = {m.topic: m.payload for m in sub.wait_for(2, 20)}
     assert got == {"devices/sensor-01/first": bodies[b"first"],
                    "devices/sensor-01/second": bodies[b"second"]}, got
+
+
+def test_response_bodies_of_one_device_are_bounded(broker_factory, subscriber_factory,
+                                                   gateway_factory, serving_sims):
+    """The gateway observes ten 64 KiB resources of one device; each change brings ten bodies to
+    fetch block-wise side by side, 640 KiB in all. What one device's bodies may hold at once is
+    bounded (512 KiB): beyond it a body is abandoned and logged, the others are published whole,
+    and the observations go on (deps-patches/libcoap/0014)."""
+    size, copies = 65536, 10
+    b = broker_factory()
+    s = subscriber_factory(b)
+    paths = ["config"] + [f"config{i}" for i in range(2, copies + 1)]
+    g = gateway_factory(b, extra={"observe": [
+        {"devices": "sensor-*", "path": p, "topic": f"devices/{{identity}}/{p}", "qos": 1}
+        for p in paths]})
+    wait_mqtt_connected(g)
+    dev = serving_sims(g, "--notify-interval", 4000, "--config-size", size,
+                       "--config-copies", copies)
+    g.wait_for_log(r"response bodies of \d+ bytes over the session's limit of 524288", 60)
+    g.wait_for_log(r"identity=sensor-01 path=/config\d* notification=dropped reason=\"body over "
+                   r"the limit \(256 KiB each, 512 KiB per device at once\)\"", 10)
+    time.sleep(9)  # two more rounds of changes
+    assert g.alive()
+    msgs = s.messages(match=lambda m: m.topic.startswith(f"devices/{IDENT}/config"))
+    assert len({m.topic for m in msgs}) > 1, {m.topic for m in msgs}
+    for m in msgs:  # whole bodies only, never one block of one
+        seq = int(m.payload[m.payload.index(b'"seq":') + 6:].split(b",")[0])
+        assert m.payload == config_body(IDENT, seq, size), (m.topic, len(m.payload))
+    dev.stop()

@@ -109,7 +109,7 @@ def flood(port):
     try:
         for _ in range(SOCKETS):
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            # one address each: coap.max_handshakes_per_ip (16) would hold back one address with
+            # one address each: coap.max_handshakes_per_ip would hold back one address with
             # 500 ports after 16 handshakes, and with them a device that shares it
             s.bind((f"127.43.{len(socks) // 250}.{1 + len(socks) % 250}", 0))
             s.setblocking(False)

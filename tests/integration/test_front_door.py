@@ -92,6 +92,7 @@ def test_strangers_evict_nobody_and_leave_no_state(broker_factory, subscriber_fa
         reply = _answers([socks[c]]).get(0, [])
         assert len(reply) == 1 and hello_verify_cookie(reply[0]), \
             f"a cookie from another address was not refused: {reply}"
+        assert val(scrape(port), "cookies_refused_total") == 1
 
         # none of it holds a session; every device still has its own
         s = scrape(port)

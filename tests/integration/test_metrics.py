@@ -126,6 +126,7 @@ def test_counters_gauges_and_json_snapshot(metrics_world):
             # each of the six clients (the four above, the wrong key, the unknown identity)
             # first got a HelloVerifyRequest, then echoed its cookie
             ("hello_verify_total", ()): 6, ("cookies_verified_total", ()): 6,
+            ("cookies_refused_total", ()): 0,
             ("stranger_datagrams_dropped_total", ()): 0, ("reconnects_total", ()): 0,
             ("evictions_total", (("reason", "max_sessions"),)): 0,
             ("evictions_total", (("reason", "max_handshakes"),)): 0,
@@ -179,7 +180,8 @@ def test_counters_gauges_and_json_snapshot(metrics_world):
         assert j == {
             "sessions": 1, "online": 1, "handshakes_ok": 4,
             "handshakes_failed": {"wrong_key": 1, "unknown_identity": 1, "dtls_error": 0},
-            "hello_verify": 6, "cookies_verified": 6, "stranger_dropped": 0,
+            "hello_verify": 6, "cookies_verified": 6, "cookies_refused": 0,
+            "stranger_dropped": 0,
             "reconnects": 0,
             "evictions": {"max_sessions": 0, "max_handshakes": 0, "stalled": 0},
             "handshakes_refused": {"per_ip": 0, "full": 0},

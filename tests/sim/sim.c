@@ -49,6 +49,7 @@
 #define SIM_MAX_LED		(64 * 1024)	/* largest led body accepted (4.13 above) */
 #define SIM_LED_ECHO		256		/* a PUT answer echoes the new state up to this */
 #define SIM_MAX_BODY		(64 * 1024)	/* largest --config-size */
+#define SIM_MAX_CONFIG_COPIES	16		/* --config-copies */
 #define SIM_SHOW_BODY		64
 
 #define SIM_DEFAULT_PAYLOAD	"{\"device\":\"{id}\",\"seq\":{seq},\"value\":{value}}"
@@ -94,6 +95,7 @@ struct opts {
 	long stale_every;		/* 0 = never */
 	long unknown_every;		/* 0 = never */
 	long config_size;
+	long config_copies;		/* config served at config, config2, ... configN */
 };
 
 /* Resources a device serves with --serve. */
@@ -192,6 +194,7 @@ struct sim {
 	int64_t handshake_us;		/* 0 = no limit of our own */
 	int (*sec_default)(const SSL *, const SSL_CTX *, int, int, int, void *, void *);
 	coap_resource_t *res[RES_N];	/* --serve */
+	coap_resource_t *config_copy[SIM_MAX_CONFIG_COPIES];	/* config2.. (--config-copies) */
 	int64_t next_notify_us;
 	uint64_t notifies, puts;
 	bool holding;			/* --hold, until SIGUSR1 */
@@ -367,6 +370,8 @@ usage(FILE *f)
 "  --unknown-every K    after every K-th temperature notification, send a CON\n"
 "                       notification on a token the gateway never gave (expects RST)\n"
 "  --config-size N      bytes of the config resource, 64..65536, default 3072\n"
+"  --config-copies N    config is also served (and observable) at config2 .. configN,\n"
+"                       1..16, default 1: bodies fetched block-wise side by side\n"
 "  --quiet              print only dtls-failed lines and the summary\n"
 "  --verbose            also dtls-connected events and libcoap's info log (stderr);\n"
 "                       twice: libcoap's debug log\n"
@@ -484,6 +489,7 @@ opts_defaults(struct opts *o)
 	o->notify_ms = 1000;
 	o->notify_flags = COAP_RESOURCE_FLAGS_NOTIFY_NON;
 	o->config_size = 3072;
+	o->config_copies = 1;
 }
 
 enum {
@@ -492,7 +498,7 @@ enum {
 	OPT_PAYLOAD, OPT_PAYLOAD_FILE, OPT_CF, OPT_BLOCK, OPT_TIMEOUT, OPT_ACK_TIMEOUT,
 	OPT_MAX_RETRANSMIT, OPT_HANDSHAKE, OPT_MAX_HS, OPT_CIPHER, OPT_QUIET, OPT_VERBOSE, OPT_HELP,
 	OPT_VERSION, OPT_HOLD, OPT_SERVE, OPT_NOTIFY_INTERVAL, OPT_NOTIFY_TYPE, OPT_STALE_EVERY,
-	OPT_UNKNOWN_EVERY, OPT_CONFIG_SIZE,
+	OPT_UNKNOWN_EVERY, OPT_CONFIG_SIZE, OPT_CONFIG_COPIES,
 };
 
 static const struct option long_opts[] = {
@@ -532,6 +538,7 @@ static const struct option long_opts[] = {
 	{ "stale-every", required_argument, NULL, OPT_STALE_EVERY },
 	{ "unknown-every", required_argument, NULL, OPT_UNKNOWN_EVERY },
 	{ "config-size", required_argument, NULL, OPT_CONFIG_SIZE },
+	{ "config-copies", required_argument, NULL, OPT_CONFIG_COPIES },
 	{ NULL, 0, NULL, 0 },
 };
 
@@ -682,6 +689,8 @@ opt_one(struct opts *o, int c, const char *arg)
 		return opt_num("--unknown-every", arg, 1, INT_MAX, &o->unknown_every);
 	case OPT_CONFIG_SIZE:
 		return opt_num("--config-size", arg, 64, SIM_MAX_BODY, &o->config_size);
+	case OPT_CONFIG_COPIES:
+		return opt_num("--config-copies", arg, 1, SIM_MAX_CONFIG_COPIES, &o->config_copies);
 	case OPT_HELP:		usage(stdout); return 1;
 	case OPT_VERSION:
 		printf("coap2mqtt-sim %s (libcoap %s)\n", C2M_VERSION, LIBCOAP_PACKAGE_VERSION);
@@ -1732,13 +1741,15 @@ serve_tick(struct sim *s)
 	coap_resource_notify_observers(s->res[RES_TEMPERATURE], NULL);
 	coap_resource_notify_observers(s->res[RES_HUMIDITY], NULL);
 	coap_resource_notify_observers(s->res[RES_CONFIG], NULL);
+	for (long i = 1; i < s->o.config_copies; i++)
+		coap_resource_notify_observers(s->config_copy[i], NULL);
 }
 
 static coap_resource_t *
-serve_resource(struct sim *s, enum sim_res res, const char *rt)
+serve_resource(struct sim *s, enum sim_res res, const char *name, const char *rt)
 {
-	coap_resource_t *r = coap_resource_init(coap_make_str_const(res_name[res]),
-	    s->o.notify_flags);
+	coap_resource_t *r = coap_resource_init(coap_new_str_const((const uint8_t *)name,
+	    strlen(name)), s->o.notify_flags | COAP_RESOURCE_FLAGS_RELEASE_URI);
 
 	if (!r)
 		return NULL;
@@ -1755,7 +1766,6 @@ serve_resource(struct sim *s, enum sim_res res, const char *rt)
 	}
 	coap_add_attr(r, coap_make_str_const("rt"), coap_make_str_const(rt), 0);
 	coap_add_resource(s->ctx, r);
-	s->res[res] = r;
 	return r;
 }
 
@@ -1768,7 +1778,16 @@ serve_init(struct sim *s)
 	if (!s->o.serve)
 		return true;
 	for (int i = 0; i < RES_N; i++) {
-		if (!serve_resource(s, (enum sim_res)i, rt[i]))
+		s->res[i] = serve_resource(s, (enum sim_res)i, res_name[i], rt[i]);
+		if (!s->res[i])
+			return false;
+	}
+	for (long i = 1; i < s->o.config_copies; i++) {
+		char name[32];
+
+		snprintf(name, sizeof(name), "config%ld", i + 1);
+		s->config_copy[i] = serve_resource(s, RES_CONFIG, name, rt[RES_CONFIG]);
+		if (!s->config_copy[i])
 			return false;
 	}
 	/* reassembled Block1 bodies are bounded: 4.13 beyond the led's limit */
