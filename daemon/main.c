@@ -21,6 +21,7 @@
 #include "loop.h"
 #include "metrics.h"
 #include "mqtt.h"
+#include "notify.h"
 #include "observe.h"
 #include "stats.h"
 #include "uplink.h"
@@ -63,7 +64,7 @@ static void on_stop(evutil_socket_t sig, short what, void *arg)
 	(void)what;
 	(void)arg;
 	log_info("signal=%s stopping", sig == SIGTERM ? "TERM" : "INT");
-	sd_notify(0, "STOPPING=1");
+	notify_state("STOPPING=1");
 	loop_stop();
 }
 
@@ -75,19 +76,19 @@ static void on_reload(evutil_socket_t sig, short what, void *arg)
 	(void)sig;
 	(void)what;
 	(void)arg;
-	sd_notify(0, "RELOADING=1");
+	notify_state("RELOADING=1");
 	c = conf_load(G.conf_path, stderr);
 	if (!c) {
 		log_error("reload: %s is invalid (errors above); keeping the running configuration",
 			  G.conf_path);
-		sd_notify(0, "READY=1");
+		notify_state("READY=1");
 		return;
 	}
 	k = keys_new(c->devices, c->n_devices);
 	if (!k) {
 		log_error("reload: out of memory; keeping the running configuration");
 		conf_free(c);
-		sd_notify(0, "READY=1");
+		notify_state("READY=1");
 		return;
 	}
 	loop_set_config(c, k);
@@ -105,7 +106,7 @@ static void on_reload(evutil_socket_t sig, short what, void *arg)
 	G.conf = c;
 	log_info("reload: ok devices=%zu routes=%zu (listen and mqtt changes need a restart)",
 		 c->n_devices, c->n_routes);
-	sd_notify(0, "READY=1");
+	notify_state("READY=1");
 }
 
 /* Runs on the loop: a stuck loop stops the keep-alives and the service manager restarts us. */
@@ -120,7 +121,7 @@ static void on_health(evutil_socket_t fd, short what, void *arg)
 	(void)arg;
 	G.last_published = pub;
 	journal_get_stats(&js);
-	sd_notifyf(0, "WATCHDOG=1\nSTATUS=sessions=%zu online=%zu readings/s=%.1f broker=%s "
+	notify_keepalive("WATCHDOG=1\nSTATUS=sessions=%zu online=%zu readings/s=%.1f broker=%s "
 		   "buffered=%zu journal_bytes=%" PRIu64 " observing=%zu commands=%zu", dev_sessions(),
 		   dev_online(), rate, mqtt_connected() ? "connected" : "disconnected", js.records,
 		   js.bytes, observe_active(), command_queued());
@@ -131,6 +132,8 @@ static int health_init(struct event_base *base)
 	uint64_t wd = 0;
 	struct timeval tv;
 
+	if (notify_init(base) < 0)
+		return -1;
 	G.health_us = STATUS_PERIOD_US;
 	if (sd_watchdog_enabled(0, &wd) > 0 && wd / 2 < G.health_us)
 		G.health_us = wd / 2;
@@ -256,7 +259,7 @@ static int run(void)
 			 G.conf->coap.listen[i]);
 	log_info("ready listen=%s devices=%zu routes=%zu version=%s", listen, G.conf->n_devices,
 		 G.conf->n_routes, C2M_VERSION);
-	sd_notify(0, "READY=1");
+	notify_state("READY=1");
 	rc = loop_run();
 	loop_close_listeners();
 	return rc < 0 ? 1 : 0;
@@ -295,6 +298,7 @@ int main(int argc, char **argv)
 	journal_close();	/* retirements of the last PUBACKs written */
 	exch_shutdown();
 	signals_shutdown();
+	notify_shutdown();
 	loop_shutdown();
 	keys_free(G.keys);
 	if (G.boot != G.conf)

@@ -21,6 +21,7 @@
 #include "loop.h"
 #include "metrics.h"
 #include "mqtt.h"
+#include "notify.h"
 #include "observe.h"
 #include "stats.h"
 
@@ -85,6 +86,7 @@ static size_t j_replays(void) { return (size_t)js().replays; }
 static size_t j_errors(void) { return (size_t)js().store_errors; }
 static size_t j_cut(void) { return (size_t)js().cut_bytes; }
 
+static size_t notify_drops(void) { return (size_t)notify_dropped(); }
 static size_t fd_hello_verify(void) { return (size_t)loop_front_door().hello_verify; }
 static size_t fd_verified(void) { return (size_t)loop_front_door().verified; }
 static size_t fd_cookies_refused(void) { return (size_t)loop_front_door().cookies_refused; }
@@ -205,6 +207,10 @@ static const struct family families[] = {
 	  NULL, NULL, 1, { { NULL, STAT_COMMAND_ERRORS, NULL } } },
 	{ "commands_queued", "commands_queued", GAUGE, "Commands waiting or in flight",
 	  command_queued, NULL, 0, { { NULL, 0, NULL } } },
+	{ "notify_dropped_total", "notify_dropped", COUNTER,
+	  "Keep-alives (WATCHDOG=1, STATUS=) to the service manager dropped because it was not "
+	  "reading its socket: the loop never waits for it", notify_drops, NULL, 0,
+	  { { NULL, 0, NULL } } },
 	{ "broker_connected", "broker_connected", GAUGE, "1 when the MQTT broker is connected",
 	  broker_connected, NULL, 0, { { NULL, 0, NULL } } },
 	{ "broker_reconnects_total", "broker_reconnects", COUNTER,

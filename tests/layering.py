@@ -14,7 +14,7 @@ LAYERS = [
     ("base", ["log", "stats", "hmap", "route", "conftree"]),
     ("messages", ["pdu"]),
     ("configuration", ["keys", "config"]),
-    ("transports", ["loop", "mqtt", "exchange"]),
+    ("transports", ["loop", "mqtt", "exchange", "notify"]),
     ("state", ["journal", "device"]),
     ("bridge", ["uplink", "observe", "command"]),
     ("reporting", ["metrics"]),

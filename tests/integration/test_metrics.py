@@ -147,6 +147,7 @@ def test_counters_gauges_and_json_snapshot(metrics_world):
             ("observations_active", ()): 0, ("notifications_total", ()): 0,
             ("notifications_stale_total", ()): 0, ("commands_sent_total", ()): 0,
             ("command_errors_total", ()): 0, ("commands_queued", ()): 0,
+            ("notify_dropped_total", ()): 0,
             ("broker_connected", ()): 1, ("broker_reconnects_total", ()): 0,
         }
         got = {(n[len("coap2mqtt_"):], l): v for (n, l), v in s.items()}
@@ -190,7 +191,7 @@ def test_counters_gauges_and_json_snapshot(metrics_world):
             "duplicates": 0, "readings": 4, "publish_failures": 0, "buffered": 0,
             "dropped": 0, "observations": 0, "notifications": 0, "notifications_stale": 0,
             "commands_sent": 0, "command_errors": 0, "commands_queued": 0,
-            "broker_connected": 1, "broker_reconnects": 0,
+            "notify_dropped": 0, "broker_connected": 1, "broker_reconnects": 0,
         }, j
     finally:
         bg.stop()

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from conftest import sim, wait_mqtt_connected
+from conftest import free_port, sim, wait_mqtt_connected
+from test_metrics import scrape, val
 
 
 @pytest.fixture
@@ -65,3 +66,41 @@ def test_ready_watchdog_status_reload_stopping(notify_socket, broker_factory, ga
     msgs = collect(notify_socket, 5, until=lambda m: m.get("STOPPING") == "1")
     assert any(m.get("STOPPING") == "1" for m in msgs), msgs
     assert gw.wait_exit(10) == 0
+
+
+def test_a_service_manager_that_does_not_read_never_stalls_the_devices(tmp_path, monkeypatch,
+                                                                       broker_factory,
+                                                                       gateway_factory):
+    """PID 1 busy (a daemon-reload of many units, say) reads nothing from NOTIFY_SOCKET: its
+    queue (10 datagrams) is full within a second of keep-alives every 100 ms. The gateway never
+    waits for it: a device is answered the whole minute, the dropped keep-alives are counted,
+    and the state changes queued meanwhile arrive once the socket is read again."""
+    path = str(tmp_path / "deaf.sock")
+    deaf = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    deaf.bind(path)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")  # keep-alives every 100 ms
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    try:
+        b = broker_factory()
+        mport = free_port(socket.SOCK_STREAM)
+        gw = gateway_factory(b, extra={"metrics": {"listen": f"127.0.0.1:{mport}"}})
+        wait_mqtt_connected(gw)
+        gw.wait_for_log(r"notify: the service manager is not reading its socket", 10)
+        os.kill(gw.proc.pid, signal.SIGHUP)  # RELOADING=1, READY=1: no room for them either
+        gw.wait_for_log(r"reload: ok", 10)
+        # 120 readings, one every 500 ms, each answered within CoAP's first ACK timeout (2 s)
+        r = sim(gw, "--count", 120, "--interval", 500, "--max-retransmit", 1, "--path",
+                "sensors/t", "--payload", "{seq}", timeout=90)
+        assert r.rc == 0 and r.codes() == ["2.04"] * 120, r
+        # answered before the first retransmission would have been due: the loop never stalled
+        assert max(float(kv["rtt_ms"]) for kv in r.responses) < 2000, r
+        dropped = val(scrape(mport), "notify_dropped_total")
+        assert dropped > 400, dropped  # 10 a second for over a minute, minus the first 10
+        # the service manager reads again: what waited (READY after the reload) is there
+        deaf.settimeout(0.2)
+        got = collect(deaf, 3)
+        states = [k for m in got for k in ("READY", "RELOADING") if m.get(k) == "1"]
+        assert "RELOADING" in states and "READY" in states[states.index("RELOADING"):], got
+    finally:
+        deaf.close()
