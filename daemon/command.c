@@ -226,9 +226,36 @@ static coap_pdu_code_t method_code(unsigned m)
 	}
 }
 
-static int topic_ok(const char *t)
+/* Why a command's own MQTT 5 Response Topic t is not used, or NULL when it is: the gateway
+ * would publish its answer there with its own credentials, so t must fit one of the command's
+ * response_topics and be none of the topics the gateway takes commands from or publishes
+ * readings, notifications, presence, status or metrics on. */
+static const char *response_refusal(const struct conf_command *r, const char *t)
 {
-	return t && *t && strlen(t) < ROUTE_MAX_TOPIC && !strpbrk(t, "+#");
+	const struct config *c = C.conf;
+	size_t i;
+
+	if (!*t || strlen(t) >= ROUTE_MAX_TOPIC || strpbrk(t, "+#"))
+		return "not a topic name";
+	for (i = 0; i < r->n_response_topics; i++)
+		if (route_filter_matches(r->response_topics[i], t))
+			break;
+	if (i == r->n_response_topics)
+		return "not in the command's response_topics";
+	for (i = 0; i < c->n_commands; i++)
+		if (route_filter_matches(c->commands[i].filter, t))
+			return "a topic the gateway takes commands from";
+	for (i = 0; i < c->n_routes; i++)
+		if (route_template_covers(c->routes[i].topic, t))
+			return "a topic the gateway publishes readings on";
+	for (i = 0; i < c->n_observe; i++)
+		if (route_template_covers(c->observe[i].topic, t))
+			return "a topic the gateway publishes notifications on";
+	if ((c->presence_topic && route_template_covers(c->presence_topic, t)) ||
+	    (c->mqtt.status_topic && strcmp(c->mqtt.status_topic, t) == 0) ||
+	    (c->metrics.topic && strcmp(c->metrics.topic, t) == 0))
+		return "a topic the gateway publishes its own state on";
+	return NULL;
 }
 
 static struct cmd *cmd_new(const struct cmd_to *to, const struct conf_command *r,
@@ -301,11 +328,23 @@ void command_on_message(const struct mqtt_in *m)
 		if (route_match_id(r->route, segs, n, &id, resp, sizeof(resp)) != ROUTE_OK ||
 		    route_match_id(C.path_routes[i], segs, n, &id, path, sizeof(path)) != ROUTE_OK)
 			continue;
-		if (m->response_topic)
-			snprintf(resp, sizeof(resp), "%s", topic_ok(m->response_topic) ?
-				 m->response_topic : "");
-		else if (!r->response_topic)
+		if (m->response_topic) {
+			const char *why = response_refusal(r, m->response_topic);
+
+			if (!why) {
+				snprintf(resp, sizeof(resp), "%s", m->response_topic);
+			} else if (r->response_topic) {
+				log_warn("topic=%s response_topic=\"%s\" command=redirected to=%s "
+					 "reason=\"%s\"", m->topic, m->response_topic, resp, why);
+			} else {
+				log_warn("topic=%s response_topic=\"%s\" command=refused reason=\"%s; "
+					 "no response_topic is configured\"", m->topic,
+					 m->response_topic, why);
+				return;
+			}
+		} else if (!r->response_topic) {
 			resp[0] = '\0';
+		}
 		d = dev_find(id.s, id.len);
 		if (!d) {
 			log_warn("topic=%s identity=\"%.*s\" command=refused reason=\"not a configured "

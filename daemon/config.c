@@ -20,6 +20,7 @@
 #define CONF_MAX_ITEMS KEYS_MAX_ENTRIES	/* entries in one list (devices, routes) */
 #define CONF_MAX_LISTEN 64			/* coap.listen URIs */
 #define CONF_MAX_COMMANDS 1024			/* commands: each is a subscription; checked pairwise */
+#define CONF_MAX_RESPONSE_TOPICS 64		/* commands[].response_topics filters */
 #define CONF_MAX_PASSWORD 1024			/* bytes in password_file's first line */
 
 #define DEFAULT_LISTEN "coaps://[::]:5684"
@@ -999,7 +1000,7 @@ static bool command_levels(struct cctx *x, const struct cnode *n, struct conf_co
 
 /* The keys of a command mapping, in the order of v[]. */
 enum {
-	CMD_TOPIC, CMD_METHOD, CMD_RESPONSE_TOPIC, CMD_TTL, CMD_QOS,
+	CMD_TOPIC, CMD_METHOD, CMD_RESPONSE_TOPIC, CMD_RESPONSE_TOPICS, CMD_TTL, CMD_QOS,
 	CMD_KEYS
 };
 
@@ -1007,6 +1008,7 @@ static const char *const command_keys[CMD_KEYS + 1] = {
 	[CMD_TOPIC] = "topic",
 	[CMD_METHOD] = "method",
 	[CMD_RESPONSE_TOPIC] = "response_topic",
+	[CMD_RESPONSE_TOPICS] = "response_topics",
 	[CMD_TTL] = "ttl",
 	[CMD_QOS] = "qos",
 };
@@ -1024,6 +1026,36 @@ static void command_route(struct cctx *x, const struct cnode **v, struct conf_co
 		conf_err(&x->t, v[CMD_RESPONSE_TOPIC], "%s", err.reason);
 	else
 		conf_err(&x->t, v[CMD_TOPIC], "%s", err.reason);
+}
+
+/* response_topics: the MQTT topic filters a command's own Response Topic must fit. */
+static void command_response_topics(struct cctx *x, const struct cnode *n,
+				     struct conf_command *cmd)
+{
+	const struct cnode *it;
+	const char *s;
+
+	if (!ct_want(&x->t, n, CN_SEQ))
+		return;
+	if (n->nkids > CONF_MAX_RESPONSE_TOPICS) {
+		conf_err(&x->t, n, "more than %d topic filters", CONF_MAX_RESPONSE_TOPICS);
+		return;
+	}
+	cmd->response_topics = ct_calloc(&x->t, n->nkids ? n->nkids : 1,
+					 sizeof(*cmd->response_topics));
+	if (cmd->response_topics == NULL)
+		return;
+	for (it = ct_kid(&x->t, n); it; it = ct_sib(&x->t, it)) {
+		if ((s = ct_scalar(&x->t, it, "an MQTT topic filter")) == NULL)
+			continue;
+		if (strlen(s) != it->len || !route_filter_ok(s)) {
+			conf_err(&x->t, it, "%s is not an MQTT topic filter ('+' and '#' only as whole "
+				 "levels, '#' last)", ct_show(s, it->len).s);
+			continue;
+		}
+		if ((cmd->response_topics[cmd->n_response_topics] = ct_strdup(&x->t, s)) != NULL)
+			cmd->n_response_topics++;
+	}
 }
 
 /* nodes[0..1]: the topic and response_topic nodes, for the checks across commands. */
@@ -1051,6 +1083,8 @@ static void command_rule(struct cctx *x, const struct cnode *n, struct conf_comm
 		ok = false;
 	if (ok)
 		command_route(x, v, cmd);
+	if (v[CMD_RESPONSE_TOPICS])
+		command_response_topics(x, v[CMD_RESPONSE_TOPICS], cmd);
 	if (v[CMD_TTL] && ct_int(&x->t, v[CMD_TTL], 0, 86400, &ll))
 		cmd->ttl = (unsigned)ll;
 	if (v[CMD_QOS])
@@ -1090,23 +1124,6 @@ static void command_dups(struct cctx *x, const struct cnode **nodes)
 	free(s);
 }
 
-/* 1 when MQTT filter f matches topic t ('+' one level, '#' the rest, zero levels included). */
-static bool filter_matches(const char *f, const char *t)
-{
-	for (;;) {
-		size_t fl = strcspn(f, "/"), tl = strcspn(t, "/");
-
-		if (fl == 1 && f[0] == '#')
-			return true;
-		if (!(fl == 1 && f[0] == '+') && (fl != tl || memcmp(f, t, fl) != 0))
-			return false;
-		if (f[fl] == '\0' || t[tl] == '\0')
-			return f[fl] == t[tl] || strcmp(f + fl, "/#") == 0;
-		f += fl + 1;
-		t += tl + 1;
-	}
-}
-
 /* A response_topic that some command filter takes in again would feed the gateway's answers back
  * to devices. Checked on a sample with "{}" for every value: no literal level may hold braces,
  * so a value never equals a literal level by accident. */
@@ -1129,7 +1146,7 @@ static void command_loops(struct cctx *x, const struct cnode **nodes)
 		if (route_match_id(cmd->route, lv, nl, &id, sample, sizeof(sample)) != ROUTE_OK)
 			continue;
 		for (j = 0; j < c->n_commands; j++) {
-			if (c->commands[j].route == NULL || !filter_matches(c->commands[j].filter, sample))
+			if (c->commands[j].route == NULL || !route_filter_matches(c->commands[j].filter, sample))
 				continue;
 			conf_err(&x->t, nodes[2 * i + 1], "would come back in as a command (it fits %s, the "
 				 "topic of line %d)", ct_show(c->commands[j].filter,
@@ -1356,6 +1373,9 @@ void conf_free(struct config *c)
 		free(c->commands[i].topic);
 		free(c->commands[i].filter);
 		free(c->commands[i].response_topic);
+		for (size_t j = 0; j < c->commands[i].n_response_topics; j++)
+			free(c->commands[i].response_topics[j]);
+		free(c->commands[i].response_topics);
 	}
 	free(c->commands);
 	route_free(c->presence_route);

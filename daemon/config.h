@@ -86,6 +86,9 @@ struct conf_command {
 					 * fills response_topic */
 	unsigned method;		/* one enum conf_method bit, default CONF_M_PUT */
 	char *response_topic;		/* template over the same variables; NULL → only MQTT 5 Response Topic */
+	char **response_topics;		/* filters an MQTT 5 Response Topic must fit to be used; none =
+					 * never (only response_topic) */
+	size_t n_response_topics;
 	unsigned ttl;			/* s to wait for an offline device, 0..86400, default 30 */
 	int qos;			/* subscription and response QoS, default 1 */
 	int line;

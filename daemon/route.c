@@ -99,6 +99,62 @@ static int text_ok(const char *v, size_t len, const char *forbid)
 	return 1;
 }
 
+int route_filter_matches(const char *f, const char *t)
+{
+	for (;;) {
+		size_t fl = strcspn(f, "/"), tl = strcspn(t, "/");
+
+		if (fl == 1 && f[0] == '#')
+			return 1;
+		if (!(fl == 1 && f[0] == '+') && (fl != tl || memcmp(f, t, fl) != 0))
+			return 0;
+		if (f[fl] == '\0' || t[tl] == '\0')
+			return f[fl] == t[tl] || strcmp(f + fl, "/#") == 0;
+		f += fl + 1;
+		t += tl + 1;
+	}
+}
+
+int route_template_covers(const char *tmpl, const char *t)
+{
+	for (;;) {
+		size_t ml = strcspn(tmpl, "/"), tl = strcspn(t, "/");
+		const char *var = memchr(tmpl, '{', ml);
+
+		if (var && ml >= 3 && tmpl[ml - 2] == '+' && tmpl[ml - 1] == '}')
+			return tl > 0;		/* {x+}: one level or more, the rest */
+		if (var ? tl == 0 : (ml != tl || memcmp(tmpl, t, ml) != 0))
+			return 0;
+		if (tmpl[ml] == '\0' || t[tl] == '\0')
+			return tmpl[ml] == t[tl];
+		tmpl += ml + 1;
+		t += tl + 1;
+	}
+}
+
+int route_filter_ok(const char *f)
+{
+	size_t len = strlen(f);
+
+	if (len == 0 || len >= ROUTE_MAX_TOPIC)
+		return 0;
+	for (const char *l = f;; ) {
+		size_t n = strcspn(l, "/");
+
+		for (size_t i = 0; i < n; i++) {
+			unsigned char ch = (unsigned char)l[i];
+
+			if (ch < 0x20 || ch == 0x7f || ((ch == '+' || ch == '#') && n != 1))
+				return 0;
+		}
+		if (n == 1 && l[0] == '#' && l[1] != '\0')
+			return 0;
+		if (l[n] == '\0')
+			return 1;
+		l += n + 1;
+	}
+}
+
 int route_value_ok(const char *v, size_t len)
 {
 	if (v == NULL || len == 0 || len > ROUTE_MAX_VALUE)

@@ -70,6 +70,16 @@ enum route_result route_match(const struct route *r, const struct route_seg *seg
  * forms, no surrogates), no '/', '+', '#', NUL or other control characters. */
 int route_value_ok(const char *v, size_t len);
 
+/* 1 when MQTT topic filter f matches topic t ('+' one level, '#' the rest, zero levels
+ * included). */
+int route_filter_matches(const char *f, const char *t);
+/* 1 when topic template tmpl could be filled to give topic t: a level holding a variable takes
+ * any one level ({x+}: the rest). On the safe side for a level mixing text and a variable. */
+int route_template_covers(const char *tmpl, const char *t);
+/* 1 when f is a valid MQTT topic filter: non-empty, '+' and '#' only as whole levels, '#' only
+ * last, no NUL or control characters, shorter than ROUTE_MAX_TOPIC. */
+int route_filter_ok(const char *f);
+
 /* 1 when the template/pattern uses variable "name". */
 int route_uses_var(const struct route *r, const char *name);
 

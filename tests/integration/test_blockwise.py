@@ -62,7 +62,8 @@ def test_4k_command_sent_block_wise_arrives_whole(broker_factory, gateway_factor
                                                   commander_factory):
     b = broker_factory()
     g = gateway_factory(b, coap={"block_size": 256}, extra={"commands": [
-        {"topic": "devices/{identity}/set/{path+}", "method": "PUT", "ttl": 10}]})
+        {"topic": "devices/{identity}/set/{path+}", "method": "PUT", "ttl": 10,
+         "response_topics": ["replies/#"]}]})
     wait_mqtt_connected(g)
     dev = serving_sims(g)
     g.wait_for_log(r"identity=sensor-01 handshake=ok")

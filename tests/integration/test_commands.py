@@ -12,20 +12,23 @@ IDENT = "sensor-01"
 
 
 def commands(ttl=10):
+    # the commander's own Response Topics are replies/<name>
     return [
         {"topic": "devices/{identity}/set/{path+}", "method": "PUT",
-         "response_topic": "devices/{identity}/set-response/{path+}", "ttl": ttl},
-        {"topic": "devices/{identity}/get/{path+}", "method": "GET", "ttl": ttl},
+         "response_topic": "devices/{identity}/set-response/{path+}",
+         "response_topics": ["replies/#"], "ttl": ttl},
+        {"topic": "devices/{identity}/get/{path+}", "method": "GET", "ttl": ttl,
+         "response_topics": ["replies/#"]},
     ]
 
 
 @pytest.fixture
 def setup(broker_factory, subscriber_factory, gateway_factory, commander_factory):
     """setup(ttl=..., devices=...) -> (subscriber on devices/#, gateway, commander)."""
-    def make(ttl=10, **kw):
+    def make(ttl=10, extra=None, **kw):
         b = broker_factory()
         s = subscriber_factory(b)
-        g = gateway_factory(b, extra={"commands": commands(ttl)}, **kw)
+        g = gateway_factory(b, extra={"commands": commands(ttl), **(extra or {})}, **kw)
         wait_mqtt_connected(g)
         g.wait_for_log(r"mqtt: subscribed filter=devices/\+/get/#", timeout=10)
         return s, g, commander_factory(b)
@@ -140,3 +143,48 @@ def test_1000_commands_to_10_devices_all_answered_once(setup, serving_sims, tmp_
     for e in dev.events("put", path="led"):
         got[e["device"]].append(e["payload"].encode())
     assert dict(got) == dict(sent)
+
+
+@pytest.mark.parametrize("target,why", [
+    ("devices/sensor-02/t", "a topic the gateway publishes readings on"),
+    ("devices/sensor-02/set/led", "a topic the gateway takes commands from"),
+    ("STATUS", "a topic the gateway publishes its own state on"),
+    ("elsewhere/app", "not in the command's response_topics"),
+])
+def test_a_response_topic_cannot_make_the_gateway_publish_elsewhere(setup, serving_sims, target,
+                                                                     why):
+    """A command's MQTT 5 Response Topic is used only when it fits the command's response_topics
+    and is none of the topics the gateway publishes on or takes commands from: otherwise the
+    answer goes to the configured response_topic, and the attempt is logged."""
+    # devices/# and coap2mqtt/# allowed too: the topics the gateway uses there are refused all
+    # the same
+    allowed = ["replies/#"] if target == "elsewhere/app" else ["replies/#", "devices/#",
+                                                               "coap2mqtt/#"]
+    sub, g, cmd = setup(extra={"commands": [dict(c, response_topics=allowed)
+                                            for c in commands()]})
+    if target == "STATUS":  # the gateway's own status topic (Last Will, "online")
+        target = f"coap2mqtt/{g.config['mqtt']['client_id']}/status"
+    dev = online(g, serving_sims(g))
+    sub.clear()
+    cmd.send(f"devices/{IDENT}/set/led", b"steered", corr=b"rt-1", response_topic=target)
+    dev.wait_events(1, "put", path="led", payload="steered")
+    [a] = sub.wait_for(1, 20, match=f"devices/{IDENT}/set-response/led")
+    assert corr(a) == b"rt-1" and user_prop(a, "coap-code") == "2.04", a
+    time.sleep(0.5)
+    assert not [m for m in sub.messages() if m.topic == target], sub.messages()
+    g.wait_for_log(rf'topic=devices/{IDENT}/set/led response_topic="{target}" '
+                   rf'command=redirected to=devices/{IDENT}/set-response/led '
+                   rf'reason="{why}"', 5)
+    assert len(dev.events("put", path="led")) == 1, "the answer came back in as a command"
+
+
+def test_without_a_configured_response_topic_a_refused_one_refuses_the_command(setup,
+                                                                              serving_sims):
+    _, g, cmd = setup()
+    dev = online(g, serving_sims(g))
+    cmd.send(f"devices/{IDENT}/get/led", b"", corr=b"rt-2", response_topic="devices/sensor-02/t")
+    g.wait_for_log(rf'topic=devices/{IDENT}/get/led response_topic="devices/sensor-02/t" '
+                   r'command=refused reason="not in the command\'s response_topics; no '
+                   r'response_topic is configured"', 10)
+    time.sleep(1)
+    assert not dev.events("get", path="led"), "a refused command reached the device"

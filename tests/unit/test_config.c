@@ -309,6 +309,7 @@ static void test_defaults(void)
 		CHECK_STR(l.c->commands[0].filter, "+/#");
 		CHECK(l.c->commands[0].method == CONF_M_PUT && l.c->commands[0].response_topic == NULL);
 		CHECK(l.c->commands[0].ttl == 30 && l.c->commands[0].qos == 1);
+		CHECK(l.c->commands[0].n_response_topics == 0);	/* no Response Topic is used */
 		CHECK(l.c->metrics.listen == NULL && l.c->metrics.interval == 60);
 		CHECK(l.c->presence_topic == NULL);
 		CHECK(l.c->coap.receive_buffer == 4u << 20);
@@ -350,6 +351,12 @@ static void test_defaults(void)
 	l = load_text("mhi.yaml", MQTT_OK "coap:\n  max_handshakes_per_ip: 0\n");
 	CHECK(l.c == NULL && l.errs != NULL);
 	CHECK(strstr(l.errs, "max_handshakes_per_ip: 0 is out of range 1..100000") != NULL);
+	unload(&l);
+	l = load_text("rts.yaml", MQTT_OK "commands:\n  - topic: \"d/{identity}/{p+}\"\n"
+		      "    response_topics: [\"replies/#\", \"a/+/b\", \"#\"]\n");
+	CHECK(l.c != NULL && l.c->commands[0].n_response_topics == 3);
+	if (l.c)
+		CHECK_STR(l.c->commands[0].response_topics[1], "a/+/b");
 	unload(&l);
 	l = load_text("mhi2.yaml", MQTT_OK "coap:\n  max_handshakes_per_ip: 4\n");
 	CHECK(l.c != NULL && l.c->coap.max_handshakes_per_ip == 4);
@@ -525,6 +532,14 @@ static void test_errors_inline_new(void)
 	       "5:12: topic: variable {identity+} is not allowed (an identity is one segment: {identity})");
 	expect("cmd-list.yaml", MQTT_OK "commands:\n  - topic: \"d/{identity}/{p+}\"\n    method: [PUT, POST]\n",
 	       "6:13: method: expected one method, found a list");
+	expect("cmd-rts.yaml", MQTT_OK "commands:\n  - topic: \"d/{identity}/{p+}\"\n"
+	       "    response_topics: [\"replies/#\", \"a/#/b\"]\n",
+	       "6:36: response_topics: \"a/#/b\" is not an MQTT topic filter ('+' and '#' only as whole "
+	       "levels, '#' last)");
+	expect("cmd-rts2.yaml", MQTT_OK "commands:\n  - topic: \"d/{identity}/{p+}\"\n"
+	       "    response_topics: [\"x+/y\"]\n",
+	       "6:23: response_topics: \"x+/y\" is not an MQTT topic filter ('+' and '#' only as whole "
+	       "levels, '#' last)");
 	expect("cmd-same.yaml", MQTT_OK "commands:\n  - topic: \"d/{identity}/{p+}\"\n"
 	       "    response_topic: \"d/{identity}/{p+}\"\n",
 	       "6:21: response_topic: would come back in as a command (it fits \"d/+/#\", the topic of line 5)");

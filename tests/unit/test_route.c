@@ -454,6 +454,30 @@ static void test_compile_ok(void)
 	route_free(NULL);
 }
 
+/* MQTT filters and topic templates against concrete topics (the Response Topic checks). */
+static void test_filters_and_templates(void)
+{
+	CHECK(route_filter_matches("replies/#", "replies/a/b"));
+	CHECK(route_filter_matches("replies/#", "replies"));		/* '#' takes zero levels */
+	CHECK(route_filter_matches("a/+/c", "a/b/c"));
+	CHECK(!route_filter_matches("a/+/c", "a/b/c/d"));
+	CHECK(!route_filter_matches("a/+", "a"));
+	CHECK(route_filter_matches("#", "anything/at/all"));
+	CHECK(!route_filter_matches("replies/x", "replies/xy"));
+
+	CHECK(route_template_covers("devices/{identity}/{name}", "devices/s-2/t"));
+	CHECK(!route_template_covers("devices/{identity}/{name}", "devices/s-2/t/u"));
+	CHECK(!route_template_covers("devices/{identity}/{name}", "devices//t"));
+	CHECK(route_template_covers("devices/{identity}/events/{rest+}", "devices/x/events/a/b"));
+	CHECK(!route_template_covers("devices/{identity}/events/{rest+}", "devices/x/events"));
+	CHECK(route_template_covers("coap2mqtt/gw/status", "coap2mqtt/gw/status"));
+	CHECK(!route_template_covers("coap2mqtt/gw/status", "coap2mqtt/gw/statu"));
+
+	CHECK(route_filter_ok("replies/#") && route_filter_ok("+/x/+") && route_filter_ok("#"));
+	CHECK(!route_filter_ok("") && !route_filter_ok("a/#/b") && !route_filter_ok("a+/b"));
+	CHECK(!route_filter_ok("a/b#") && !route_filter_ok("a/\x01"));
+}
+
 int main(void)
 {
 	test_basic();
@@ -471,5 +495,6 @@ int main(void)
 	test_identity_var_errors();
 	test_empty_pattern();
 	test_split();
+	test_filters_and_templates();
 	return check_done();
 }
