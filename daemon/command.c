@@ -40,7 +40,8 @@ struct cmd {
 	uint8_t *corr;				/* owns to.corr */
 	uint8_t token[CMD_TOKEN_LEN];
 	coap_session_t *session;		/* set once sent */
-	struct event *ttl_timer;
+	unsigned timeout;			/* s for the answer once sent */
+	struct event *ttl_timer;		/* queued: ttl; sent: timeout */
 	struct cmd *next;
 };
 
@@ -158,8 +159,12 @@ static void on_ttl(evutil_socket_t fd, short what, void *arg)
 
 	(void)fd;
 	(void)what;
-	if (c->session)
-		return;		/* in flight: retransmission decides */
+	if (c->session) {
+		/* sent and acknowledged, perhaps, but never answered: libcoap forgets such a
+		 * request without telling; the device's next command must not wait behind it */
+		cmd_done(c, "5.04", "no response", 1);
+		return;
+	}
 	cmd_done(c, "5.04", dev_session(c->to.dev) ? "timeout: queued behind other commands" :
 		 "device offline", 0);
 }
@@ -167,6 +172,7 @@ static void on_ttl(evutil_socket_t fd, short what, void *arg)
 static int cmd_send(struct cmd *c, coap_session_t *s)
 {
 	coap_pdu_t *pdu = coap_new_pdu(COAP_MESSAGE_CON, c->method, s);
+	struct timeval tv = { 0, 0 };
 
 	if (!pdu)
 		return -1;
@@ -192,6 +198,9 @@ static int cmd_send(struct cmd *c, coap_session_t *s)
 		return -1;
 	}
 	c->session = s;
+	tv.tv_sec = (time_t)c->timeout;
+	evtimer_del(c->ttl_timer);
+	evtimer_add(c->ttl_timer, &tv);
 	loop_kick();
 	return 0;
 }
@@ -268,6 +277,7 @@ static struct cmd *cmd_new(const struct cmd_to *to, const struct conf_command *r
 	C.queued++;
 	c->to = *to;
 	c->method = method_code(r->method);
+	c->timeout = r->timeout;
 	c->content_format = mqtt_content_format(m->content_type);
 	c->payload = m->len ? malloc(m->len) : NULL;
 	c->corr = m->correlation_len ? malloc(m->correlation_len) : NULL;

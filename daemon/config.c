@@ -1000,7 +1000,8 @@ static bool command_levels(struct cctx *x, const struct cnode *n, struct conf_co
 
 /* The keys of a command mapping, in the order of v[]. */
 enum {
-	CMD_TOPIC, CMD_METHOD, CMD_RESPONSE_TOPIC, CMD_RESPONSE_TOPICS, CMD_TTL, CMD_QOS,
+	CMD_TOPIC, CMD_METHOD, CMD_RESPONSE_TOPIC, CMD_RESPONSE_TOPICS, CMD_TTL, CMD_TIMEOUT,
+	CMD_QOS,
 	CMD_KEYS
 };
 
@@ -1010,6 +1011,7 @@ static const char *const command_keys[CMD_KEYS + 1] = {
 	[CMD_RESPONSE_TOPIC] = "response_topic",
 	[CMD_RESPONSE_TOPICS] = "response_topics",
 	[CMD_TTL] = "ttl",
+	[CMD_TIMEOUT] = "timeout",
 	[CMD_QOS] = "qos",
 };
 
@@ -1067,7 +1069,8 @@ static void command_rule(struct cctx *x, const struct cnode *n, struct conf_comm
 	bool ok = false;
 	int m;
 
-	*cmd = (struct conf_command){ .method = CONF_M_PUT, .ttl = 30, .qos = 1, .line = n->line };
+	*cmd = (struct conf_command){ .method = CONF_M_PUT, .ttl = 30, .timeout = 60, .qos = 1,
+				      .line = n->line };
 	if (!ct_want(&x->t, n, CN_MAP) || !ct_fields(&x->t, n, command_keys, v))
 		return;
 	nodes[0] = v[CMD_TOPIC];
@@ -1087,6 +1090,8 @@ static void command_rule(struct cctx *x, const struct cnode *n, struct conf_comm
 		command_response_topics(x, v[CMD_RESPONSE_TOPICS], cmd);
 	if (v[CMD_TTL] && ct_int(&x->t, v[CMD_TTL], 0, 86400, &ll))
 		cmd->ttl = (unsigned)ll;
+	if (v[CMD_TIMEOUT] && ct_int(&x->t, v[CMD_TIMEOUT], 1, 3600, &ll))
+		cmd->timeout = (unsigned)ll;
 	if (v[CMD_QOS])
 		get_qos(x, v[CMD_QOS], &cmd->qos);
 }

@@ -90,6 +90,8 @@ struct conf_command {
 					 * never (only response_topic) */
 	size_t n_response_topics;
 	unsigned ttl;			/* s to wait for an offline device, 0..86400, default 30 */
+	unsigned timeout;		/* s from sending to the answer (block-wise included), 1..3600,
+					 * default 60 */
 	int qos;			/* subscription and response QoS, default 1 */
 	int line;
 };

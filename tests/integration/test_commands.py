@@ -188,3 +188,25 @@ def test_without_a_configured_response_topic_a_refused_one_refuses_the_command(s
                    r'response_topic is configured"', 10)
     time.sleep(1)
     assert not dev.events("get", path="led"), "a refused command reached the device"
+
+
+def test_a_device_that_never_answers_gets_504_and_the_next_command_goes_through(setup,
+                                                                                 serving_sims):
+    """The device acknowledges the command (an empty ACK: a separate response is to come) and
+    never answers. At the command's timeout a 5.04 "no response" is published and the device's
+    next command is sent and answered."""
+    timeout = 3
+    _, g, cmd = setup(extra={"commands": [dict(c, timeout=timeout) for c in commands()]})
+    dev = online(g, serving_sims(g, "--stall-puts", 1))
+    t0 = time.monotonic()
+    cmd.send(f"devices/{IDENT}/set/led", b"first", corr=b"s-1")
+    dev.wait_events(1, "stalled", path="led")
+    cmd.send(f"devices/{IDENT}/set/led", b"second", corr=b"s-2")
+    answers = {corr(a): a for a in cmd.wait_answers(2, timeout + 20)}
+    first, second = answers[b"s-1"], answers[b"s-2"]
+    assert user_prop(first, "coap-code") == "5.04" and first.payload == b"5.04 no response", first
+    assert first.time - t0 < timeout + 5, first.time - t0
+    assert user_prop(second, "coap-code") == "2.04" and second.payload == b"second", second
+    dev.wait_events(1, "put", path="led", payload="second")
+    g.wait_for_log(r"identity=sensor-01 path=/led command=failed code=5\.04 reason=\"no response\"",
+                   5)

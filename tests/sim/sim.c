@@ -96,6 +96,7 @@ struct opts {
 	long unknown_every;		/* 0 = never */
 	long config_size;
 	long config_copies;		/* config served at config, config2, ... configN */
+	long stall_puts;		/* PUT/POSTs on led acknowledged but never answered */
 };
 
 /* Resources a device serves with --serve. */
@@ -372,6 +373,8 @@ usage(FILE *f)
 "  --config-size N      bytes of the config resource, 64..65536, default 3072\n"
 "  --config-copies N    config is also served (and observable) at config2 .. configN,\n"
 "                       1..16, default 1: bodies fetched block-wise side by side\n"
+"  --stall-puts N       the first N PUT/POSTs on led (per simulator) are acknowledged\n"
+"                       (empty ACK, a separate response to come) and never answered\n"
 "  --quiet              print only dtls-failed lines and the summary\n"
 "  --verbose            also dtls-connected events and libcoap's info log (stderr);\n"
 "                       twice: libcoap's debug log\n"
@@ -498,7 +501,7 @@ enum {
 	OPT_PAYLOAD, OPT_PAYLOAD_FILE, OPT_CF, OPT_BLOCK, OPT_TIMEOUT, OPT_ACK_TIMEOUT,
 	OPT_MAX_RETRANSMIT, OPT_HANDSHAKE, OPT_MAX_HS, OPT_CIPHER, OPT_QUIET, OPT_VERBOSE, OPT_HELP,
 	OPT_VERSION, OPT_HOLD, OPT_SERVE, OPT_NOTIFY_INTERVAL, OPT_NOTIFY_TYPE, OPT_STALE_EVERY,
-	OPT_UNKNOWN_EVERY, OPT_CONFIG_SIZE, OPT_CONFIG_COPIES,
+	OPT_UNKNOWN_EVERY, OPT_CONFIG_SIZE, OPT_CONFIG_COPIES, OPT_STALL_PUTS,
 };
 
 static const struct option long_opts[] = {
@@ -539,6 +542,7 @@ static const struct option long_opts[] = {
 	{ "unknown-every", required_argument, NULL, OPT_UNKNOWN_EVERY },
 	{ "config-size", required_argument, NULL, OPT_CONFIG_SIZE },
 	{ "config-copies", required_argument, NULL, OPT_CONFIG_COPIES },
+	{ "stall-puts", required_argument, NULL, OPT_STALL_PUTS },
 	{ NULL, 0, NULL, 0 },
 };
 
@@ -691,6 +695,8 @@ opt_one(struct opts *o, int c, const char *arg)
 		return opt_num("--config-size", arg, 64, SIM_MAX_BODY, &o->config_size);
 	case OPT_CONFIG_COPIES:
 		return opt_num("--config-copies", arg, 1, SIM_MAX_CONFIG_COPIES, &o->config_copies);
+	case OPT_STALL_PUTS:
+		return opt_num("--stall-puts", arg, 0, INT_MAX, &o->stall_puts);
 	case OPT_HELP:		usage(stdout); return 1;
 	case OPT_VERSION:
 		printf("coap2mqtt-sim %s (libcoap %s)\n", C2M_VERSION, LIBCOAP_PACKAGE_VERSION);
@@ -1592,6 +1598,15 @@ on_put(coap_resource_t *r, coap_session_t *session, const coap_pdu_t *request,
 		printf("device=%s event=%s path=led bytes=%zu sha256=%s payload=\"%s\"\n",
 		    dev_name(d), coap_pdu_get_code(request) == COAP_REQUEST_CODE_POST ? "post" :
 		    "put", len, sha, shown);
+	}
+	if (s->o.stall_puts > 0) {
+		/* an empty ACK now, and the response never: a device that hangs mid-request */
+		s->o.stall_puts--;
+		if (coap_register_async(session, request, 0) != NULL) {
+			if (s->o.verbosity >= 1)
+				printf("device=%s event=stalled path=led\n", dev_name(d));
+			return;
+		}
 	}
 	coap_pdu_set_code(response, COAP_RESPONSE_CODE_CHANGED);
 	if (len == 0 || len > SIM_LED_ECHO)

@@ -310,6 +310,7 @@ static void test_defaults(void)
 		CHECK(l.c->commands[0].method == CONF_M_PUT && l.c->commands[0].response_topic == NULL);
 		CHECK(l.c->commands[0].ttl == 30 && l.c->commands[0].qos == 1);
 		CHECK(l.c->commands[0].n_response_topics == 0);	/* no Response Topic is used */
+		CHECK(l.c->commands[0].timeout == 60);
 		CHECK(l.c->metrics.listen == NULL && l.c->metrics.interval == 60);
 		CHECK(l.c->presence_topic == NULL);
 		CHECK(l.c->coap.receive_buffer == 4u << 20);
@@ -536,6 +537,8 @@ static void test_errors_inline_new(void)
 	       "    response_topics: [\"replies/#\", \"a/#/b\"]\n",
 	       "6:36: response_topics: \"a/#/b\" is not an MQTT topic filter ('+' and '#' only as whole "
 	       "levels, '#' last)");
+	expect("cmd-timeout.yaml", MQTT_OK "commands:\n  - topic: \"d/{identity}/{p+}\"\n"
+	       "    timeout: 0\n", "6:14: timeout: 0 is out of range 1..3600");
 	expect("cmd-rts2.yaml", MQTT_OK "commands:\n  - topic: \"d/{identity}/{p+}\"\n"
 	       "    response_topics: [\"x+/y\"]\n",
 	       "6:23: response_topics: \"x+/y\" is not an MQTT topic filter ('+' and '#' only as whole "
