@@ -90,6 +90,38 @@ static void set_receive_buffer(int fd, const char *name, unsigned want)
 		log_debug("loop: listen=%s receive_buffer=%u outcome=ok", name, want);
 }
 
+/* The libcoap settings that apply to the running context (at start, and again on reload). */
+static void apply_coap_limits(const struct config *c)
+{
+	coap_context_set_session_timeout(L.coap, c->coap.idle_timeout);
+	coap_context_set_max_idle_sessions(L.coap, c->coap.max_sessions);
+	/* only clients that echoed their cookie get this far (deps-patches/libcoap/0010); beyond
+	 * the limit a new one takes the place of the one that waited longest (0005) */
+	coap_context_set_max_handshake_sessions(L.coap, c->coap.max_handshakes);
+	coap_context_set_max_handshakes_per_ip(L.coap, c->coap.max_handshakes_per_ip);
+	/* reassembled bodies are bounded (deps-patches/libcoap/0003): an upload over max_payload
+	 * gets 4.13 + Size1 at its first block; responses and notifications may be larger */
+	coap_context_set_body_limits(L.coap, c->coap.max_payload, LOOP_MAX_RESPONSE_BODY);
+}
+
+static int same_str(const char *a, const char *b)
+{
+	return (a == NULL && b == NULL) || (a && b && strcmp(a, b) == 0);
+}
+
+int loop_reload_restart_needed(const struct config *old, const struct config *c)
+{
+	int same = old->coap.n_listen == c->coap.n_listen, n = 0;
+
+	for (size_t i = 0; same && i < c->coap.n_listen; i++)
+		same = strcmp(old->coap.listen[i], c->coap.listen[i]) == 0;
+	if (!same && ++n)
+		log_warn("reload: coap.listen changed; it applies after a restart");
+	if (!same_str(old->coap.psk_hint, c->coap.psk_hint) && ++n)
+		log_warn("reload: coap.psk_hint changed; it applies after a restart");
+	return n;
+}
+
 void loop_set_config(const struct config *c, const struct keys *k)
 {
 	size_t n = 0;
@@ -108,6 +140,8 @@ void loop_set_config(const struct config *c, const struct keys *k)
 	L.receive_buffer = c->coap.receive_buffer;
 	for (size_t i = 0; i < L.n_ep; i++)
 		set_receive_buffer(L.ep[i].fd, L.ep[i].name, L.receive_buffer);
+	if (L.coap)
+		apply_coap_limits(c);	/* a reload; at start loop_init() does it */
 }
 
 const struct keys *loop_keys(void)
@@ -361,21 +395,13 @@ static int coap_setup(const struct config *c)
 		log_error("loop: the DTLS library refused the PSK setup");
 		return -1;
 	}
-	coap_context_set_session_timeout(L.coap, c->coap.idle_timeout);
-	coap_context_set_max_idle_sessions(L.coap, c->coap.max_sessions);
-	/* only clients that echoed their cookie get this far (deps-patches/libcoap/0010); beyond
-	 * the limit a new one takes the place of the one that waited longest (0005) */
-	coap_context_set_max_handshake_sessions(L.coap, c->coap.max_handshakes);
-	coap_context_set_max_handshakes_per_ip(L.coap, c->coap.max_handshakes_per_ip);
+	apply_coap_limits(c);
 	coap_context_set_block_mode(L.coap, COAP_BLOCK_USE_LIBCOAP | COAP_BLOCK_SINGLE_BODY);
 	coap_register_event_handler(L.coap, on_coap_event);
 	coap_register_response_handler(L.coap, on_response);
 	coap_register_nack_handler(L.coap, on_nack);
-	/* reassembled bodies are bounded (deps-patches/libcoap/0003): an upload over max_payload
-	 * gets 4.13 + Size1 at its first block; responses and notifications may be larger */
-	coap_context_set_body_limits(L.coap, c->coap.max_payload, LOOP_MAX_RESPONSE_BODY);
-	/* and grow as their blocks arrive, whatever size they announce; per device, at most two
-	 * uploads and LOOP_MAX_RESPONSE_BODIES of bodies are reassembled at once (0013) */
+	/* reassembled bodies grow as their blocks arrive, whatever size they announce; per device,
+	 * at most two uploads and LOOP_MAX_RESPONSE_BODIES of bodies at once (0014) */
 	coap_context_set_response_bodies_limit(L.coap, LOOP_MAX_RESPONSE_BODIES);
 	coap_context_set_block1_start(L.coap, L.h.block1_start);
 	r = L.h.resource(c);

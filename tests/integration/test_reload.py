@@ -155,3 +155,30 @@ def test_removed_device_or_changed_key_loses_its_session(live, change):
             gw.wait_for_log(r'identity="sensor-01" handshake=refused reason="unknown identity"')
     finally:
         bg2.stop()
+
+
+def test_reload_applies_the_coap_limits_and_names_what_needs_a_restart(broker_factory,
+                                                                      gateway_factory):
+    """coap.max_payload and coap.idle_timeout take effect on SIGHUP (a body between the old and
+    the new limit is refused, then accepted; an idle session is closed at the new timeout); a
+    setting that only a restart applies is named in the log."""
+    b = broker_factory()
+    g = gateway_factory(b, coap={"max_payload": 100})
+    wait_mqtt_connected(g)
+    body = "x" * 200  # block-wise (64-byte blocks): libcoap reassembles it, within its limit
+    r = sim(g, "--count", 1, "--path", "sensors/big", "--payload", body, "--block-size", 64)
+    assert r.codes() == ["4.13"], r
+    g.config["coap"].update(max_payload=300, idle_timeout=2, psk_hint="gw-hint")
+    g.write_config()
+    line = reload(g, r"reload: ok devices=\d+ routes=\d+ restart_needed=\d+")
+    assert line.group(0).endswith("restart_needed=1"), line.group(0)
+    g.wait_for_log(r"reload: coap\.psk_hint changed; it applies after a restart", 5)
+    r = sim(g, "--count", 1, "--path", "sensors/big", "--payload", body, "--block-size", 64)
+    assert r.codes() == ["2.04"], r
+    held = SimBackground(g, "--count", 2, "--interval", 600000, "--timeout", 0,
+                         "--path", "sensors/idle", "--payload", "once", identity="sensor-02")
+    try:
+        wait_until(lambda: held.responses(), 20, "sensor-02's first answer")
+        g.wait_for_log(r'identity=sensor-02 presence=offline reason="idle timeout"', 15)
+    finally:
+        held.stop()
