@@ -20,6 +20,8 @@
 #define CMD_TOKEN_LEN 8
 #define CMD_MAX_PER_DEVICE 256		/* queued commands per device */
 #define CMD_MAX_TOTAL 100000		/* queued commands in all */
+#define CMD_MAX_DEVICE_BYTES (64 * 1024)	/* payloads queued for one device */
+#define CMD_MAX_TOTAL_BYTES (16 * 1024 * 1024)	/* payloads queued in all */
 
 /* Where a command's answer goes (also for a command refused before it was queued). */
 struct cmd_to {
@@ -48,6 +50,7 @@ struct cmd {
 struct cmdq {
 	struct cmd *head, *tail;	/* head is in flight when head->session is set */
 	size_t n;
+	size_t bytes;			/* payloads and correlation data queued */
 };
 
 static struct {
@@ -56,6 +59,7 @@ static struct {
 	size_t n_routes;
 	struct hmap *by_token;
 	size_t queued;
+	size_t bytes;			/* payloads and correlation data of every queued command */
 } C;
 
 size_t command_queued(void)
@@ -116,6 +120,7 @@ static void cmd_free(struct cmd *c)
 		event_free(c->ttl_timer);
 	free(c->payload);
 	free(c->corr);
+	C.bytes -= c->len + c->to.corr_len;
 	free(c);
 	C.queued--;
 }
@@ -130,6 +135,7 @@ static void unlink_cmd(struct cmdq *q, struct cmd *c)
 			if (q->tail == c)
 				q->tail = prev;
 			q->n--;
+			q->bytes -= c->len + c->to.corr_len;
 			return;
 		}
 }
@@ -292,6 +298,7 @@ static struct cmd *cmd_new(const struct cmd_to *to, const struct conf_command *r
 	if (c->corr)
 		memcpy(c->corr, m->correlation, m->correlation_len);
 	c->to.corr = c->corr;
+	C.bytes += c->len + c->to.corr_len;
 	return c;
 }
 
@@ -304,9 +311,17 @@ static void enqueue(struct device *d, const struct conf_command *r, const struct
 	struct cmd_to to = { .dev = d, .qos = r->qos, .corr = m->correlation,
 			     .corr_len = m->correlation_len };
 
+	size_t bytes = m->len + m->correlation_len;
+
 	snprintf(to.path, sizeof(to.path), "%s", path);
 	snprintf(to.resp_topic, sizeof(to.resp_topic), "%s", resp);
+	if (m->len > r->max_payload) {
+		answer_error(&to, "4.13", "payload over the command's max_payload");
+		return;
+	}
+	/* what a publisher can make the gateway hold is bounded, per device and in all */
 	if (!q || q->n >= CMD_MAX_PER_DEVICE || C.queued >= CMD_MAX_TOTAL ||
+	    q->bytes + bytes > CMD_MAX_DEVICE_BYTES || C.bytes + bytes > CMD_MAX_TOTAL_BYTES ||
 	    (c = cmd_new(&to, r, m)) == NULL) {
 		answer_error(&to, "5.03", "command queue full");
 		return;
@@ -322,6 +337,7 @@ static void enqueue(struct device *d, const struct conf_command *r, const struct
 		q->head = c;
 	q->tail = c;
 	q->n++;
+	q->bytes += bytes;
 	send_next(d);
 }
 

@@ -1001,7 +1001,7 @@ static bool command_levels(struct cctx *x, const struct cnode *n, struct conf_co
 /* The keys of a command mapping, in the order of v[]. */
 enum {
 	CMD_TOPIC, CMD_METHOD, CMD_RESPONSE_TOPIC, CMD_RESPONSE_TOPICS, CMD_TTL, CMD_TIMEOUT,
-	CMD_QOS,
+	CMD_QOS, CMD_MAX_PAYLOAD,
 	CMD_KEYS
 };
 
@@ -1013,6 +1013,7 @@ static const char *const command_keys[CMD_KEYS + 1] = {
 	[CMD_TTL] = "ttl",
 	[CMD_TIMEOUT] = "timeout",
 	[CMD_QOS] = "qos",
+	[CMD_MAX_PAYLOAD] = "max_payload",
 };
 
 /* Compiles topic (as the pattern) + response_topic or topic. */
@@ -1070,7 +1071,7 @@ static void command_rule(struct cctx *x, const struct cnode *n, struct conf_comm
 	int m;
 
 	*cmd = (struct conf_command){ .method = CONF_M_PUT, .ttl = 30, .timeout = 60, .qos = 1,
-				      .line = n->line };
+				      .max_payload = 4096, .line = n->line };
 	if (!ct_want(&x->t, n, CN_MAP) || !ct_fields(&x->t, n, command_keys, v))
 		return;
 	nodes[0] = v[CMD_TOPIC];
@@ -1092,6 +1093,8 @@ static void command_rule(struct cctx *x, const struct cnode *n, struct conf_comm
 		cmd->ttl = (unsigned)ll;
 	if (v[CMD_TIMEOUT] && ct_int(&x->t, v[CMD_TIMEOUT], 1, 3600, &ll))
 		cmd->timeout = (unsigned)ll;
+	if (v[CMD_MAX_PAYLOAD] && ct_int(&x->t, v[CMD_MAX_PAYLOAD], 0, 1048576, &ll))
+		cmd->max_payload = (size_t)ll;
 	if (v[CMD_QOS])
 		get_qos(x, v[CMD_QOS], &cmd->qos);
 }

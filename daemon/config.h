@@ -92,6 +92,7 @@ struct conf_command {
 	unsigned ttl;			/* s to wait for an offline device, 0..86400, default 30 */
 	unsigned timeout;		/* s from sending to the answer (block-wise included), 1..3600,
 					 * default 60 */
+	size_t max_payload;		/* bytes, 0..1048576, default 4096; larger → 4.13 */
 	int qos;			/* subscription and response QoS, default 1 */
 	int line;
 };

@@ -58,6 +58,7 @@ static struct {
 	int stopping;			/* mqtt_shutdown running (loop thread) */
 	size_t unfinished;		/* publishes not completed at stop */
 	atomic_size_t outstanding;
+	atomic_size_t in_bytes;		/* messages from the broker handed to the loop, not yet taken */
 	atomic_uint receive_max;	/* the broker's Receive Maximum, 0 = none announced */
 	unsigned retry_s;
 	uint64_t msg_seq;
@@ -323,6 +324,12 @@ static int on_arrived(void *ctx, char *topic, int topic_len, MQTTAsync_message *
 	struct mqtt_ev *ev = NULL;
 
 	(void)ctx;
+	/* the loop is behind: Paho keeps the message and offers it again later (returning 0), so
+	 * what waits for the loop stays bounded, whatever publishers send */
+	size_t waiting = atomic_load(&M.in_bytes);
+
+	if (m->payloadlen > 0 && waiting > 0 && waiting + (size_t)m->payloadlen > MQTT_MAX_IN_QUEUED)
+		return 0;
 	if (m->payloadlen < 0 || m->payloadlen > MQTT_MAX_IN_PAYLOAD || tlen > 65535)
 		log_warn("mqtt: message on %.*s dropped: payload of %d bytes over %d", (int)tlen, topic,
 			 m->payloadlen, MQTT_MAX_IN_PAYLOAD);
@@ -330,8 +337,10 @@ static int on_arrived(void *ctx, char *topic, int topic_len, MQTTAsync_message *
 		log_error("mqtt: message on %.*s dropped: out of memory", (int)tlen, topic);
 	MQTTAsync_freeMessage(&m);
 	MQTTAsync_free(topic);
-	if (ev)
+	if (ev) {
+		atomic_fetch_add(&M.in_bytes, ev->in.len);
 		queue_push(ev);
+	}
 	return 1;
 }
 
@@ -486,6 +495,8 @@ static void on_wake(evutil_socket_t fd, short what, void *arg)
 	while (list) {
 		struct mqtt_ev *next = list->next;
 
+		if (list->kind == EV_MESSAGE)
+			atomic_fetch_sub(&M.in_bytes, list->in.len);
 		handle_event(list);
 		list = next;
 	}
@@ -501,6 +512,7 @@ static void connect_now(void)
 	MQTTAsync_SSLOptions ssl = MQTTAsync_SSLOptions_initializer;
 	MQTTProperties props = MQTTProperties_initializer;
 	MQTTProperty p = { .identifier = MQTTPROPERTY_CODE_SESSION_EXPIRY_INTERVAL };
+	MQTTProperty maxp = { .identifier = MQTTPROPERTY_CODE_MAXIMUM_PACKET_SIZE };
 	MQTTAsync_connectOptions *o = c->version == 5 ? &co5 : &co;
 	MQTTAsync_willOptions will = MQTTAsync_willOptions_initializer;
 	int rc;
@@ -526,6 +538,10 @@ static void connect_now(void)
 		o->cleanstart = 0;
 		p.value.integer4 = c->session_expiry;
 		MQTTProperties_add(&props, &p);
+		/* the broker sends nothing larger (MQTT 5 §3.1.2.11.4): Paho would allocate it
+		 * whole before the gateway could refuse it */
+		maxp.value.integer4 = MQTT_MAX_IN_PACKET;
+		MQTTProperties_add(&props, &maxp);
 		o->connectProperties = &props;
 		o->onSuccess5 = on_connect_ok5;
 		o->onFailure5 = on_connect_fail5;

@@ -60,8 +60,12 @@ int mqtt_init(struct event_base *base, const struct conf_mqtt *c, mqtt_state_fn 
 void mqtt_set_subscriptions(char *const *filters, const int *qos, size_t n);
 /* The CoAP Content-Format for an MQTT 5 Content Type, -1 when unknown. */
 int mqtt_content_format(const char *content_type);
-/* Incoming messages larger than this are dropped with a warning. */
+/* Incoming messages larger than this are dropped with a warning; with MQTT 5 the broker is told
+ * not to send a packet larger than MQTT_MAX_IN_PACKET at all. */
 #define MQTT_MAX_IN_PAYLOAD (1024 * 1024)
+#define MQTT_MAX_IN_PACKET (MQTT_MAX_IN_PAYLOAD + 64 * 1024)
+/* Bytes of incoming messages waiting for the loop; beyond, Paho holds them back. */
+#define MQTT_MAX_IN_QUEUED (16 * 1024 * 1024)
 /* Disconnects (waiting up to timeout_ms for in-flight work), aborts what is left. */
 void mqtt_shutdown(int timeout_ms);
 

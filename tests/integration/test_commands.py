@@ -2,11 +2,13 @@
 coap2mqtt-sim --serve); the device's answer, or an error when there is none, goes back to MQTT."""
 import collections
 import os
+import socket
 import time
 
 import pytest
 
-from conftest import user_prop, wait_mqtt_connected
+from conftest import free_port, user_prop, wait_mqtt_connected, wait_until
+from test_metrics import scrape, val
 
 IDENT = "sensor-01"
 
@@ -210,3 +212,45 @@ def test_a_device_that_never_answers_gets_504_and_the_next_command_goes_through(
     dev.wait_events(1, "put", path="led", payload="second")
     g.wait_for_log(r"identity=sensor-01 path=/led command=failed code=5\.04 reason=\"no response\"",
                    5)
+
+
+def test_what_a_command_publisher_can_make_the_gateway_hold_is_bounded(setup):
+    """Commands to offline devices wait (ttl); what they may hold is bounded: a payload over the
+    command's max_payload (default 4 KiB) is refused with 4.13 at once, and past the byte budget
+    of a device (64 KiB) a command is answered 5.03 queue full, so the gateway's memory stays
+    put however much is published. (Answers that find the MQTT client's window full are
+    dropped and counted, as every answer is.)"""
+    mport = free_port(socket.SOCK_STREAM)
+    _, g, cmd = setup(ttl=600, extra={"metrics": {"listen": f"127.0.0.1:{mport}"}})
+    g.wait_for_log(r"mqtt: subscribed filter=devices/\+/set/#", 10)
+    cmd.send(f"devices/{IDENT}/set/led", b"\xab" * (1 << 20), corr=b"huge")
+    [a] = cmd.wait_answers(1, 30)
+    assert (corr(a), user_prop(a, "coap-code")) == (b"huge", "4.13"), a
+    before = rss_kib(g.proc.pid)
+    n, size = 3000, 1000  # more, faster, and the broker drops what queues for one client
+    per_device = 64 * 1024 // (size + 4)
+    for i in range(n):
+        cmd.send(f"devices/sensor-0{1 + i % 2}/set/led", bytes([i % 256]) * size,
+                 corr=i.to_bytes(4, "big"))
+        if i % 100 == 99:
+            time.sleep(0.2)  # 500 a second
+
+    def settled():
+        m = scrape(mport)
+        done = len(cmd.answers()) - 1 + val(m, "dropped_total") + val(m, "commands_queued")
+        return m if done >= n else None
+    m = wait_until(settled, 60, f"{n} commands taken", interval=0.5)
+    held = val(m, "commands_queued")
+    assert held == 2 * per_device and val(m, "dropped_total") == 0, m
+    answers = cmd.answers()[1:]
+    assert {user_prop(x, "coap-code") for x in answers} == {"5.03"}, answers[:3]
+    assert all(x.payload == b"5.03 command queue full" for x in answers), answers[0]
+    grew = (rss_kib(g.proc.pid) - before) / 1024
+    assert grew < 16, f"gateway RSS grew {grew:.1f} MiB for {n} commands"
+    print(f"commands: {n} x {size} bytes to 2 offline devices: {held:.0f} held, {len(answers)} "
+          f"answered 5.03, {val(m, 'dropped_total'):.0f} answers dropped; RSS grew {grew:.1f} MiB")
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1])

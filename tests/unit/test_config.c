@@ -310,7 +310,7 @@ static void test_defaults(void)
 		CHECK(l.c->commands[0].method == CONF_M_PUT && l.c->commands[0].response_topic == NULL);
 		CHECK(l.c->commands[0].ttl == 30 && l.c->commands[0].qos == 1);
 		CHECK(l.c->commands[0].n_response_topics == 0);	/* no Response Topic is used */
-		CHECK(l.c->commands[0].timeout == 60);
+		CHECK(l.c->commands[0].timeout == 60 && l.c->commands[0].max_payload == 4096);
 		CHECK(l.c->metrics.listen == NULL && l.c->metrics.interval == 60);
 		CHECK(l.c->presence_topic == NULL);
 		CHECK(l.c->coap.receive_buffer == 4u << 20);
