@@ -22,7 +22,6 @@ at the end.
 """
 import argparse
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -37,7 +36,7 @@ sys.path.insert(0, str(TOP / "tests" / "integration"))
 sys.path.insert(0, str(TOP / "tests" / "bench"))
 import conftest as h  # noqa: E402  (the integration tests' broker/gateway/PKI helpers)
 from bench import proc_stat, proc_rss, scrape  # noqa: E402
-from test_flood import client_hello  # noqa: E402
+from test_front_door import spoof_flood  # noqa: E402
 
 SIM_SESSIONS = 2000     # devices per simulator process
 SPOOF_RATE = 20000      # spoofed datagrams a second
@@ -72,28 +71,15 @@ def wait_handshakes(mport, target, sims, limit_s):
     return time.monotonic() - t0
 
 
-def garbage(rng, i):
-    first = (23, 25, 20, 21, 0x2F)[i % 5]
-    return bytes([first]) + b"\xfe\xfd" + rng.randbytes(rng.randint(11, 100))
-
-
 def spoof(gw, mport, count):
     """Sends count spoofed datagrams; returns (handled by the gateway, seconds sent over)."""
     def handled():
         m = scrape(mport)
         return m.get("hello_verify_total", 0) + m.get("stranger_datagrams_dropped_total", 0)
     raw = h.RawUDP()
-    rng = random.Random(6347)
     before = handled()
     try:
-        t0 = time.monotonic()
-        for i in range(count):
-            src = f"127.{rng.randint(2, 254)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
-            dgram = client_hello(rng.randbytes(32), 0, 0) if i % 2 else garbage(rng, i // 2)
-            raw.send(src, rng.randint(1024, 65535), gw.port, dgram)
-            if i % 100 == 99:
-                time.sleep(max(0, t0 + (i + 1) / SPOOF_RATE - time.monotonic()))
-        sent_s = time.monotonic() - t0
+        sent_s = spoof_flood(raw, gw.port, count, SPOOF_RATE, 6347)
     finally:
         raw.close()
     last, t_end = -1, time.monotonic() + 30

@@ -31,6 +31,38 @@ def _stranger_socket(i):
     return s
 
 
+def held_fleet(gw, devices, tmp_path, timeout):
+    """Every device of `devices` opens its session now (from a keys file) and sends one CON
+    reading to sensors/held only when released with SIGUSR1."""
+    keys = tmp_path / "fleet.keys"
+    keys.write_text("".join(f"{k} {v}\n" for k, v in devices.items()))
+    os.chmod(keys, 0o600)
+    return SimBackground(gw, "--keys", keys, "--devices", len(devices), "--count", 1, "--hold",
+                         "--type", "con", "--path", "sensors/held", "--payload", "{seq}",
+                         "--timeout", timeout, identity=None)
+
+
+def garbage(rng, i):
+    """Not a ClientHello: application data, a Connection ID record (an unknown CID), a
+    ChangeCipherSpec, an alert or a DTLS 1.3 unified header, with random contents."""
+    first = (23, 25, 20, 21, 0x2F)[i % 5]
+    return bytes([first]) + b"\xfe\xfd" + rng.randbytes(rng.randint(11, 100))
+
+
+def spoof_flood(raw, port, count, rate, seed):
+    """count datagrams to port from random sources all over 127.0.0.0/8 (a RawUDP), half
+    ClientHellos, half garbage, paced at rate a second; returns the seconds it took."""
+    rng = random.Random(seed)
+    t0 = time.monotonic()
+    for i in range(count):
+        src = f"127.{rng.randint(2, 254)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
+        dgram = client_hello(rng.randbytes(32), 0, 0) if i % 2 else garbage(rng, i // 2)
+        raw.send(src, rng.randint(1024, 65535), port, dgram)
+        if i % 100 == 99:
+            time.sleep(max(0, t0 + (i + 1) / rate - time.monotonic()))
+    return time.monotonic() - t0
+
+
 def _answers(socks, wait_s=0.3):
     """Every datagram waiting on socks after wait_s: {index: [datagrams]}."""
     time.sleep(wait_s)
@@ -49,18 +81,13 @@ def test_strangers_evict_nobody_and_leave_no_state(broker_factory, subscriber_fa
     b = broker_factory()
     sub = subscriber_factory(b)
     devices = {f"fd-{i:02d}": f"front-door-key-{i:02d}" for i in range(DEVICES)}
-    keys = tmp_path / "devices.keys"
-    keys.write_text("".join(f"{k} {v}\n" for k, v in devices.items()))
-    os.chmod(keys, 0o600)
     port = free_port(socket.SOCK_STREAM)
     gw = gateway_factory(b, devices=devices, coap={"max_sessions": DEVICES},
                          extra={"metrics": {"listen": f"127.0.0.1:{port}"}})
     wait_mqtt_connected(gw)
     gw.wait_for_log(rf"metrics: listening listen=127\.0\.0\.1:{port} ")
     # every device opens its session now and sends its reading only when released
-    fleet = SimBackground(gw, "--keys", keys, "--devices", DEVICES, "--count", 1, "--hold",
-                          "--type", "con", "--path", "sensors/held", "--payload", "{seq}",
-                          "--timeout", 120, identity=None)
+    fleet = held_fleet(gw, devices, tmp_path, 120)
     socks = []
     try:
         wait_until(lambda: val(scrape(port), "handshakes_total") == DEVICES, 60,
@@ -418,13 +445,6 @@ def _cpu_s(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _garbage(rng, i):
-    """Not a ClientHello: application data, a Connection ID record (an unknown CID), a
-    ChangeCipherSpec, an alert or a DTLS 1.3 unified header, with random contents."""
-    first = (23, 25, 20, 21, 0x2F)[i % 5]
-    return bytes([first]) + b"\xfe\xfd" + rng.randbytes(rng.randint(11, 100))
-
-
 def test_spoofed_flood_at_5000_sessions_disturbs_no_device(broker_factory, subscriber_factory,
                                                            gateway_factory, tmp_path,
                                                            monkeypatch):
@@ -437,17 +457,12 @@ def test_spoofed_flood_at_5000_sessions_disturbs_no_device(broker_factory, subsc
     b = broker_factory()
     sub = subscriber_factory(b, topic="devices/+/held")
     devices = {f"fl-{i:04d}": f"fleet-key-{i:04d}-abc" for i in range(FLEET)}
-    keys = tmp_path / "fleet.keys"
-    keys.write_text("".join(f"{k} {v}\n" for k, v in devices.items()))
-    os.chmod(keys, 0o600)
     mport = free_port(socket.SOCK_STREAM)
     gw = gateway_factory(b, devices=devices,
                          extra={"metrics": {"listen": f"127.0.0.1:{mport}"}})
     wait_mqtt_connected(gw)
     gw.wait_for_log(rf"metrics: listening listen=127\.0\.0\.1:{mport} ")
-    fleet = SimBackground(gw, "--keys", keys, "--devices", FLEET, "--count", 1, "--hold",
-                          "--type", "con", "--path", "sensors/held", "--payload", "{seq}",
-                          "--timeout", 300, identity=None)
+    fleet = held_fleet(gw, devices, tmp_path, 300)
     raw = RawUDP()
     try:
         wait_until(lambda: val(scrape(mport), "handshakes_total") == FLEET, 180,
@@ -455,15 +470,7 @@ def test_spoofed_flood_at_5000_sessions_disturbs_no_device(broker_factory, subsc
         s0 = scrape(mport)
         mem = MemorySampler(gw.proc.pid)
         rss0, cpu0 = mem.read()["VmRSS"], _cpu_s(gw.proc.pid)
-        rng = random.Random(SEED + 4)
-        t0 = time.monotonic()
-        for i in range(SPOOFED):
-            src = f"127.{rng.randint(2, 254)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
-            dgram = client_hello(rng.randbytes(32), 0, 0) if i % 2 else _garbage(rng, i // 2)
-            raw.send(src, rng.randint(1024, 65535), gw.port, dgram)
-            if i % 100 == 99:
-                time.sleep(max(0, t0 + (i + 1) / SPOOF_RATE - time.monotonic()))
-        sent_s = time.monotonic() - t0
+        sent_s = spoof_flood(raw, gw.port, SPOOFED, SPOOF_RATE, SEED + 4)
 
         def handled():
             s = scrape(mport)
