@@ -282,6 +282,8 @@ static struct cmd *cmd_new(const struct cmd_to *to, const struct conf_command *r
 		return NULL;
 	C.queued++;
 	c->to = *to;
+	c->len = m->len;
+	C.bytes += c->len + c->to.corr_len;	/* cmd_free() takes it back, whatever happens */
 	c->method = method_code(r->method);
 	c->timeout = r->timeout;
 	c->content_format = mqtt_content_format(m->content_type);
@@ -294,11 +296,9 @@ static struct cmd *cmd_new(const struct cmd_to *to, const struct conf_command *r
 	}
 	if (m->len)
 		memcpy(c->payload, m->payload, m->len);
-	c->len = m->len;
 	if (c->corr)
 		memcpy(c->corr, m->correlation, m->correlation_len);
 	c->to.corr = c->corr;
-	C.bytes += c->len + c->to.corr_len;
 	return c;
 }
 
