@@ -340,7 +340,11 @@ def test_torn_tail_is_cut_and_the_rest_delivered(broker_factory, subscriber_fact
     b.start()
     s.wait_for(9, 60)
     assert {m.payload for m in s.messages()} == {f"torn-{i}".encode() for i in range(1, 10)}
-    assert seg.stat().st_size == off or not seg.exists()
+    try:
+        size = seg.stat().st_size
+    except FileNotFoundError:  # drained and deleted meanwhile: as good
+        size = None
+    assert size in (off, None), (size, off)
 
 
 # 7 -------------------------------------------------------------------------------------------
