@@ -18,8 +18,6 @@
 #define LOOP_EPOLL_ROUNDS 8		/* batches per wake-up before yielding to other events */
 #define LOOP_PREPARE_MS 100		/* libcoap timer scan at most this often when idle */
 #define LOOP_LIBCOAP_LOG_PER_S 20	/* libcoap log lines per second, beyond: counted */
-#define LOOP_MAX_RESPONSE_BODY (256 * 1024)	/* largest notification or command response */
-#define LOOP_MAX_RESPONSE_BODIES (512 * 1024)	/* all of one device's being fetched at once */
 #define LOOP_MAX_ENDPOINTS 32		/* listening sockets (coap.listen entries x addresses) */
 
 static struct {
