@@ -1349,6 +1349,49 @@ static void free_strv(char **v, size_t n)
 	free(v);
 }
 
+/* ---- reload ---- */
+
+static int same_str(const char *a, const char *b)
+{
+	return (a == NULL && b == NULL) || (a && b && strcmp(a, b) == 0);
+}
+
+size_t conf_restart_needed(const struct config *old, const struct config *c, const char **names,
+			   size_t max)
+{
+	const struct conf_mqtt *o = &old->mqtt, *m = &c->mqtt;
+	int listen = old->coap.n_listen != c->coap.n_listen;
+	size_t n = 0;
+
+	for (size_t i = 0; !listen && i < c->coap.n_listen; i++)
+		listen = strcmp(old->coap.listen[i], c->coap.listen[i]) != 0;
+	const struct { const char *key; int changed; } keys[] = {
+		{ "coap.listen", listen },
+		{ "coap.psk_hint", !same_str(old->coap.psk_hint, c->coap.psk_hint) },
+		{ "mqtt.url", !same_str(o->url, m->url) || o->insecure != m->insecure },
+		{ "mqtt.client_id", !same_str(o->client_id, m->client_id) },
+		{ "mqtt.ca_file", !same_str(o->ca_file, m->ca_file) },
+		{ "mqtt.cert_file", !same_str(o->cert_file, m->cert_file) ||
+				    !same_str(o->key_file, m->key_file) },
+		{ "mqtt.username", !same_str(o->username, m->username) ||
+				   !same_str(o->password, m->password) },
+		{ "mqtt.keepalive", o->keepalive != m->keepalive },
+		{ "mqtt.version", o->version != m->version },
+		{ "mqtt.persistence_dir", !same_str(o->persistence_dir, m->persistence_dir) },
+		{ "mqtt.max_buffered", o->max_buffered != m->max_buffered ||
+				       o->max_buffered_bytes != m->max_buffered_bytes },
+		{ "mqtt.max_inflight", o->max_inflight != m->max_inflight },
+		{ "mqtt.session_expiry", o->session_expiry != m->session_expiry },
+		{ "mqtt.status_topic", !same_str(o->status_topic, m->status_topic) },
+	};
+
+	_Static_assert(sizeof(keys) / sizeof(keys[0]) == CONF_RESTART_KEYS, "CONF_RESTART_KEYS");
+	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
+		if (keys[i].changed && n < max)
+			names[n++] = keys[i].key;
+	return n;
+}
+
 void conf_free(struct config *c)
 {
 	size_t i;

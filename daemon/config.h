@@ -126,5 +126,10 @@ struct config {
  * (all of them, not only the first). Returns NULL when there was any error. */
 struct config *conf_load(const char *path, FILE *errs);
 void conf_free(struct config *c);
+/* A reload from old to c: the settings that changed but only a restart applies (coap.listen,
+ * coap.psk_hint, mqtt.*), their names ("mqtt.url") into names[0..max); returns how many. */
+#define CONF_RESTART_KEYS 14
+size_t conf_restart_needed(const struct config *old, const struct config *c, const char **names,
+			   size_t max);
 
 #endif

@@ -102,24 +102,6 @@ static void apply_coap_limits(const struct config *c)
 	coap_context_set_body_limits(L.coap, c->coap.max_payload, LOOP_MAX_RESPONSE_BODY);
 }
 
-static int same_str(const char *a, const char *b)
-{
-	return (a == NULL && b == NULL) || (a && b && strcmp(a, b) == 0);
-}
-
-int loop_reload_restart_needed(const struct config *old, const struct config *c)
-{
-	int same = old->coap.n_listen == c->coap.n_listen, n = 0;
-
-	for (size_t i = 0; same && i < c->coap.n_listen; i++)
-		same = strcmp(old->coap.listen[i], c->coap.listen[i]) == 0;
-	if (!same && ++n)
-		log_warn("reload: coap.listen changed; it applies after a restart");
-	if (!same_str(old->coap.psk_hint, c->coap.psk_hint) && ++n)
-		log_warn("reload: coap.psk_hint changed; it applies after a restart");
-	return n;
-}
-
 void loop_set_config(const struct config *c, const struct keys *k)
 {
 	size_t n = 0;

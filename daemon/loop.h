@@ -33,8 +33,6 @@ struct loop_handlers {
 int loop_init(const struct config *c, const struct keys *k, const struct loop_handlers *h);
 struct event_base *loop_base(void);
 coap_context_t *loop_coap(void);
-/* Logs each coap.* setting changed between old and c that only a restart applies; their count. */
-int loop_reload_restart_needed(const struct config *old, const struct config *c);
 /* Swaps the key store and cipher suites used for new handshakes, and applies the other coap.*
  * settings that can change at run time (reload). */
 void loop_set_config(const struct config *c, const struct keys *k);

@@ -68,42 +68,10 @@ static void on_stop(evutil_socket_t sig, short what, void *arg)
 	loop_stop();
 }
 
-static int same_str(const char *a, const char *b)
-{
-	return (a == NULL && b == NULL) || (a && b && strcmp(a, b) == 0);
-}
-
-/* The mqtt.* settings a reload leaves as they were: each changed one is named; their count. */
-static int mqtt_restart_needed(const struct conf_mqtt *o, const struct conf_mqtt *m)
-{
-	const struct { const char *key; int changed; } keys[] = {
-		{ "url", !same_str(o->url, m->url) || o->insecure != m->insecure },
-		{ "client_id", !same_str(o->client_id, m->client_id) },
-		{ "ca_file", !same_str(o->ca_file, m->ca_file) },
-		{ "cert_file", !same_str(o->cert_file, m->cert_file) ||
-			       !same_str(o->key_file, m->key_file) },
-		{ "username", !same_str(o->username, m->username) ||
-			      !same_str(o->password, m->password) },
-		{ "keepalive", o->keepalive != m->keepalive },
-		{ "version", o->version != m->version },
-		{ "persistence_dir", !same_str(o->persistence_dir, m->persistence_dir) },
-		{ "max_buffered", o->max_buffered != m->max_buffered ||
-				  o->max_buffered_bytes != m->max_buffered_bytes },
-		{ "max_inflight", o->max_inflight != m->max_inflight },
-		{ "session_expiry", o->session_expiry != m->session_expiry },
-		{ "status_topic", !same_str(o->status_topic, m->status_topic) },
-	};
-	int n = 0;
-
-	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
-		if (keys[i].changed && ++n)
-			log_warn("reload: mqtt.%s changed; it applies after a restart", keys[i].key);
-	return n;
-}
-
 static void on_reload(evutil_socket_t sig, short what, void *arg)
 {
-	int restart;
+	const char *restart_keys[CONF_RESTART_KEYS];
+	size_t restart;
 
 	struct config *c;
 	struct keys *k;
@@ -126,7 +94,9 @@ static void on_reload(evutil_socket_t sig, short what, void *arg)
 		notify_state("READY=1");
 		return;
 	}
-	restart = loop_reload_restart_needed(G.conf, c) + mqtt_restart_needed(&G.conf->mqtt, &c->mqtt);
+	restart = conf_restart_needed(G.conf, c, restart_keys, CONF_RESTART_KEYS);
+	for (size_t i = 0; i < restart; i++)
+		log_warn("reload: %s changed; it applies after a restart", restart_keys[i]);
 	loop_set_config(c, k);
 	uplink_set_config(c);
 	dev_set_config(c);
@@ -140,7 +110,7 @@ static void on_reload(evutil_socket_t sig, short what, void *arg)
 		conf_free(G.conf);
 	G.keys = k;
 	G.conf = c;
-	log_info("reload: ok devices=%zu routes=%zu restart_needed=%d", c->n_devices, c->n_routes,
+	log_info("reload: ok devices=%zu routes=%zu restart_needed=%zu", c->n_devices, c->n_routes,
 		 restart);
 	notify_state("READY=1");
 }

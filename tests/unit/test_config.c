@@ -359,6 +359,22 @@ static void test_defaults(void)
 	if (l.c)
 		CHECK_STR(l.c->commands[0].response_topics[1], "a/+/b");
 	unload(&l);
+	/* a reload names what only a restart applies */
+	{
+		struct loaded a = load_text("rs1.yaml", MQTT_OK "coap:\n  idle_timeout: 5\n");
+		struct loaded b = load_text("rs2.yaml", MQTT_OK "coap:\n  idle_timeout: 9\n"
+					    "  psk_hint: gw\n");
+		const char *names[CONF_RESTART_KEYS];
+
+		CHECK(a.c != NULL && b.c != NULL);
+		if (a.c && b.c) {
+			CHECK(conf_restart_needed(a.c, a.c, names, CONF_RESTART_KEYS) == 0);
+			CHECK(conf_restart_needed(a.c, b.c, names, CONF_RESTART_KEYS) == 1);
+			CHECK_STR(names[0], "coap.psk_hint");
+		}
+		unload(&a);
+		unload(&b);
+	}
 	l = load_text("mhi2.yaml", MQTT_OK "coap:\n  max_handshakes_per_ip: 4\n");
 	CHECK(l.c != NULL && l.c->coap.max_handshakes_per_ip == 4);
 	unload(&l);
