@@ -113,7 +113,12 @@ def debs():
 
 @pytest.fixture(scope="module")
 def installation(debs):
+    """Installed over a state folder that is there already and belongs to root, as a run of the
+    gateway as root before the package leaves it: the package takes it over."""
     try:
+        if not STATE.exists():
+            STATE.mkdir(mode=0o755)
+            (STATE / "left-by-root").write_text("")
         run(["apt-get", "install", "-y", "--no-install-recommends",
              *[f"./{d.relative_to(REPO)}" for d in debs.values()]],
             cwd=REPO, env=APT_ENV, timeout=300)
@@ -162,8 +167,11 @@ def test_installed(installation):
         st = f.stat()
         assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, gid, 0o640), \
             f"{f}: {st.st_uid}:{st.st_gid} {oct(stat.S_IMODE(st.st_mode))}"
+    for path in (STATE, *STATE.iterdir()):
+        st = path.lstat()
+        assert (st.st_uid, st.st_gid) == (user.pw_uid, gid), f"{path}: {st}"
     st = STATE.stat()
-    assert stat.S_ISDIR(st.st_mode) and st.st_uid == user.pw_uid, st
+    assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o750, st
 
     # the shipped configuration is valid as installed, for root and for the service's user,
     # and accepts no well-known example key
