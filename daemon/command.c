@@ -60,6 +60,7 @@ static struct {
 	struct hmap *by_token;
 	size_t queued;
 	size_t bytes;			/* payloads and correlation data of every queued command */
+	struct log_budget refused;	/* lines about refused commands (their publishers cause them) */
 } C;
 
 size_t command_queued(void)
@@ -83,9 +84,9 @@ static void answer(const struct cmd_to *to, const char *code, const void *data, 
 	struct mqtt_msg m;
 
 	if (!to->resp_topic[0]) {
-		log_info("peer=%s identity=%s path=/%s command=answered code=%s outcome=not-published "
-			 "reason=\"no response topic\"", dev_peer(to->dev), dev_identity(to->dev),
-			 to->path, code);
+		log_src(dev_log(to->dev), LOG_LVL_INFO, "peer=%s identity=%s path=/%s "
+			"command=answered code=%s outcome=not-published reason=\"no response topic\"",
+			dev_peer(to->dev), dev_identity(to->dev), to->path, code);
 		return;
 	}
 	m = (struct mqtt_msg){ .topic = to->resp_topic, .payload = data, .len = len, .qos = to->qos,
@@ -94,9 +95,10 @@ static void answer(const struct cmd_to *to, const char *code, const void *data, 
 			       .correlation_len = to->corr_len };
 	if (mqtt_publish(&m, NULL, NULL) != MQTT_SEND_OK) {
 		stats_inc(STAT_DROPPED);
-		log_warn("peer=%s identity=%s path=/%s command=answered code=%s outcome=dropped "
-			 "topic=%s reason=\"MQTT buffer full\"", dev_peer(to->dev),
-			 dev_identity(to->dev), to->path, code, to->resp_topic);
+		log_src(dev_log(to->dev), LOG_LVL_WARNING, "peer=%s identity=%s path=/%s "
+			"command=answered code=%s outcome=dropped topic=%s reason=\"MQTT buffer "
+			"full\"", dev_peer(to->dev), dev_identity(to->dev), to->path, code,
+			to->resp_topic);
 	}
 }
 
@@ -105,8 +107,9 @@ static void answer_error(const struct cmd_to *to, const char *code, const char *
 	char text[160];
 
 	snprintf(text, sizeof(text), "%s %s", code, why);
-	log_warn("peer=%s identity=%s path=/%s command=failed code=%s reason=\"%s\"",
-		 dev_peer(to->dev), dev_identity(to->dev), to->path, code, why);
+	log_src(dev_log(to->dev), LOG_LVL_WARNING, "peer=%s identity=%s path=/%s command=failed "
+		"code=%s reason=\"%s\"", dev_peer(to->dev), dev_identity(to->dev), to->path, code,
+		why);
 	stats_inc(STAT_COMMAND_ERRORS);
 	answer(to, code, text, strlen(text), 0);
 }
@@ -360,12 +363,13 @@ void command_on_message(const struct mqtt_in *m)
 			if (!why) {
 				snprintf(resp, sizeof(resp), "%s", m->response_topic);
 			} else if (r->response_topic) {
-				log_warn("topic=%s response_topic=\"%s\" command=redirected to=%s "
-					 "reason=\"%s\"", m->topic, m->response_topic, resp, why);
+				log_src(&C.refused, LOG_LVL_WARNING, "topic=%s response_topic=\"%s\" "
+					"command=redirected to=%s reason=\"%s\"", m->topic,
+					m->response_topic, resp, why);
 			} else {
-				log_warn("topic=%s response_topic=\"%s\" command=refused reason=\"%s; "
-					 "no response_topic is configured\"", m->topic,
-					 m->response_topic, why);
+				log_src(&C.refused, LOG_LVL_WARNING, "topic=%s response_topic=\"%s\" "
+					"command=refused reason=\"%s; no response_topic is configured\"",
+					m->topic, m->response_topic, why);
 				return;
 			}
 		} else if (!r->response_topic) {
@@ -373,15 +377,16 @@ void command_on_message(const struct mqtt_in *m)
 		}
 		d = dev_find(id.s, id.len);
 		if (!d) {
-			log_warn("topic=%s identity=\"%.*s\" command=refused reason=\"not a configured "
-				 "device\"", m->topic, (int)id.len, id.s);
+			log_src(&C.refused, LOG_LVL_WARNING, "topic=%s identity=\"%.*s\" "
+				"command=refused reason=\"not a configured device\"", m->topic,
+				(int)id.len, id.s);
 			return;
 		}
 		enqueue(d, r, m, path, resp);
 		return;
 	}
-	log_warn("topic=%s command=refused reason=\"no command rule fits (bad identity or path "
-		 "value?)\"", m->topic);
+	log_src(&C.refused, LOG_LVL_WARNING, "topic=%s command=refused reason=\"no command rule "
+		"fits (bad identity or path value?)\"", m->topic);
 }
 
 /* ---- CoAP in ---- */
@@ -495,6 +500,7 @@ static void subscribe(const struct config *c)
 int command_init(const struct config *c)
 {
 	C.conf = c;
+	snprintf(C.refused.label, sizeof(C.refused.label), "source=\"commands refused\"");
 	C.by_token = hmap_new();
 	if (!C.by_token || build_routes(c) < 0)
 		return -1;

@@ -512,7 +512,7 @@ static void mqtt_password(struct cctx *x, const struct cnode *n)
 enum {
 	M_URL, M_INSECURE, M_CLIENT_ID, M_CA_FILE, M_CERT_FILE, M_KEY_FILE, M_USERNAME,
 	M_PASSWORD_FILE, M_KEEPALIVE, M_VERSION, M_PERSISTENCE_DIR, M_MAX_BUFFERED,
-	M_MAX_INFLIGHT, M_SESSION_EXPIRY, M_STATUS_TOPIC, M_MAX_BUFFERED_BYTES,
+	M_MAX_INFLIGHT, M_SESSION_EXPIRY, M_STATUS_TOPIC, M_MAX_BUFFERED_BYTES, M_MAX_PENDING_ACKS,
 	M_KEYS
 };
 
@@ -533,6 +533,7 @@ static const char *const mqtt_keys[M_KEYS + 1] = {
 	[M_SESSION_EXPIRY] = "session_expiry",
 	[M_STATUS_TOPIC] = "status_topic",
 	[M_MAX_BUFFERED_BYTES] = "max_buffered_bytes",
+	[M_MAX_PENDING_ACKS] = "max_pending_acks",
 };
 
 static void mqtt_files(struct cctx *x, const struct cnode **v)
@@ -594,6 +595,8 @@ static void mqtt_numbers(struct cctx *x, const struct cnode **v)
 		m->session_expiry = (unsigned)ll;
 	if (v[M_MAX_BUFFERED_BYTES] && ct_int(&x->t, v[M_MAX_BUFFERED_BYTES], 1ll << 20, 1ll << 40, &ll))
 		m->max_buffered_bytes = (unsigned long long)ll;
+	if (v[M_MAX_PENDING_ACKS] && ct_int(&x->t, v[M_MAX_PENDING_ACKS], 1, 1000000, &ll))
+		m->max_pending_acks = (int)ll;
 }
 
 /* status_topic as given, else coap2mqtt/<client_id>/status (idnode: client_id, for messages). */
@@ -626,6 +629,7 @@ static void conf_mqtt(struct cctx *x, const struct cnode *n, const struct cnode 
 
 	*m = (struct conf_mqtt){ .keepalive = 30, .version = 5, .max_buffered = 100000,
 				 .max_buffered_bytes = 1ull << 30, .max_inflight = 1000,
+				 .max_pending_acks = 1000,
 				 .session_expiry = 86400 };
 	if (n == NULL)
 		conf_errk(&x->t, root, "mqtt", "is required (at least url: mqtts://HOST[:PORT])");

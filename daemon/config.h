@@ -60,6 +60,8 @@ struct conf_mqtt {
 	int max_buffered;		/* readings in the journal, default 100000, 1..10000000 */
 	unsigned long long max_buffered_bytes;	/* journal bytes, default 1 GiB, 1 MiB..1 TiB */
 	int max_inflight;		/* default 1000, 1..65535 */
+	int max_pending_acks;		/* ack: broker readings awaiting their PUBACK before their
+					 * 2.04, default 1000, 1..1000000; beyond: 5.03 */
 	unsigned session_expiry;	/* s, default 86400 */
 	char *status_topic;		/* gateway status (Last Will "offline", "online" after connect);
 					 * default "coap2mqtt/<client_id>/status" */

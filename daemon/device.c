@@ -25,12 +25,17 @@ struct dev_sess {
 	char peer[64];
 	int closed;			/* DTLS_CLOSED seen */
 	struct event *hs_timer;		/* handshake deadline, armed once the identity is known */
+	struct device *owner;		/* the configured identity it claimed (handshake or done) */
+	struct dev_sess *onext, *oprev;	/* the owner's sessions */
+	struct event *close_ev;		/* a refused request: closed once the answer is out */
 };
 
 struct device {
 	char identity[KEYS_MAX_IDENTITY + 1];
 	struct dev_sess *cur;		/* established session, NULL when offline */
 	void *observe, *command;	/* owned by observe.c / command.c */
+	struct log_budget log;		/* the lines this device causes */
+	struct dev_sess *sessions;	/* every session under this identity, handshakes included */
 };
 
 static struct {
@@ -38,6 +43,7 @@ static struct {
 	struct hmap *by_id;		/* identity → struct device */
 	struct dev_hooks hooks;
 	size_t n_sess, n_online;
+	struct log_budget anon;		/* lines of sessions without a configured identity */
 } D;
 
 size_t dev_sessions(void)
@@ -54,6 +60,8 @@ int dev_init(const struct config *c, const struct dev_hooks *hooks)
 {
 	D.conf = c;
 	D.hooks = *hooks;
+	snprintf(D.anon.label, sizeof(D.anon.label), "identity=- source=\"sessions without a "
+		 "configured identity\"");
 	D.by_id = hmap_new();
 	return D.by_id ? 0 : -1;
 }
@@ -65,7 +73,7 @@ void dev_set_config(const struct config *c)
 
 /* ---- presence ---- */
 
-static void presence(const struct device *d, const char *state, const char *reason)
+static void presence(struct device *d, const char *state, const char *reason)
 {
 	char topic[ROUTE_MAX_TOPIC];
 	struct mqtt_msg m;
@@ -78,8 +86,9 @@ static void presence(const struct device *d, const char *state, const char *reas
 			       .reason = reason };
 	if (mqtt_publish(&m, NULL, NULL) != MQTT_SEND_OK) {
 		stats_inc(STAT_DROPPED);
-		log_warn("peer=%s identity=%s presence=%s outcome=not-published reason=\"MQTT buffer "
-			 "full\"", d->cur ? d->cur->peer : "-", d->identity, state);
+		log_src(&d->log, LOG_LVL_WARNING, "peer=%s identity=%s presence=%s "
+			"outcome=not-published reason=\"MQTT buffer full\"",
+			d->cur ? d->cur->peer : "-", d->identity, state);
 	}
 }
 
@@ -97,11 +106,42 @@ struct device *dev_find(const char *identity, size_t len)
 	if (!d)
 		return NULL;
 	memcpy(d->identity, identity, len);
+	snprintf(d->log.label, sizeof(d->log.label), "identity=%s", d->identity);
 	if (hmap_put(D.by_id, identity, len, d) < 0) {
 		free(d);
 		return NULL;
 	}
 	return d;
+}
+
+/* Every session that claims a configured identity is on that device's list, from the PSK
+ * callback on, so that revoking the identity reaches all of them (dev_apply_keys). */
+static void sess_attach(struct dev_sess *s)
+{
+	struct device *d;
+
+	if (s->owner || (d = dev_find(s->identity, strlen(s->identity))) == NULL)
+		return;
+	s->owner = d;
+	s->oprev = NULL;
+	s->onext = d->sessions;
+	if (d->sessions)
+		d->sessions->oprev = s;
+	d->sessions = s;
+}
+
+static void sess_detach(struct dev_sess *s)
+{
+	if (!s->owner)
+		return;
+	if (s->oprev)
+		s->oprev->onext = s->onext;
+	else
+		s->owner->sessions = s->onext;
+	if (s->onext)
+		s->onext->oprev = s->oprev;
+	s->owner = NULL;
+	s->onext = s->oprev = NULL;
 }
 
 const char *dev_identity(const struct device *d)
@@ -119,6 +159,18 @@ const char *dev_peer(const struct device *d)
 	return d->cur ? d->cur->peer : "-";
 }
 
+struct log_budget *dev_log(struct device *d)
+{
+	return &d->log;
+}
+
+struct log_budget *dev_sess_log(struct dev_sess *s)
+{
+	struct device *d = s->dev ? s->dev : dev_find(s->identity, strlen(s->identity));
+
+	return d ? &d->log : &D.anon;
+}
+
 void **dev_observe_slot(struct device *d)
 {
 	return &d->observe;
@@ -134,13 +186,16 @@ static void dev_up(struct dev_sess *s)
 	struct device *d = dev_find(s->identity, strlen(s->identity));
 
 	if (!d) {
-		log_warn("peer=%s identity=%s session=ignored reason=\"the identity is no longer "
-			 "configured\"", s->peer, s->identity);
+		/* removed by a reload during its handshake (which dev_apply_keys closes; this is the
+		 * same rule for a handshake that finished first) */
+		log_src(&D.anon, LOG_LVL_WARNING, "peer=%s identity=%s session=closing "
+			"reason=\"the identity is no longer configured\"", s->peer, s->identity);
+		coap_session_disconnected(s->session, COAP_NACK_TLS_FAILED);
 		return;
 	}
 	if (d->cur && d->cur != s) {
-		log_info("peer=%s identity=%s session=replaced by=%s", d->cur->peer, d->identity,
-			 s->peer);
+		log_src(&d->log, LOG_LVL_INFO, "peer=%s identity=%s session=replaced by=%s",
+			d->cur->peer, d->identity, s->peer);
 		d->cur->dev = NULL;
 		if (D.hooks.down)
 			D.hooks.down(d, "replaced");
@@ -160,8 +215,8 @@ static void dev_down(struct dev_sess *s, const char *reason)
 
 	if (!d || d->cur != s)
 		return;
-	log_info("peer=%s identity=%s presence=offline reason=\"%s\"", s->peer, d->identity,
-		 reason);
+	log_src(&d->log, LOG_LVL_INFO, "peer=%s identity=%s presence=offline reason=\"%s\"",
+		s->peer, d->identity, reason);
 	if (D.hooks.down)
 		D.hooks.down(d, reason);
 	d->cur = NULL;
@@ -222,8 +277,9 @@ static void on_handshake_deadline(evutil_socket_t fd, short what, void *arg)
 	(void)what;
 	/* DTLS drops records it cannot decrypt, so a wrong key shows only as silence */
 	stats_inc(STAT_HS_WRONG_KEY);
-	log_warn("peer=%s identity=%s handshake=failed reason=\"not completed within %ds\" "
-		 "hint=\"the device's key is probably wrong\"", d->peer, d->identity, DEV_HANDSHAKE_S);
+	log_src(dev_sess_log(d), LOG_LVL_WARNING, "peer=%s identity=%s handshake=failed "
+		"reason=\"not completed within %ds\" hint=\"the device's key is probably wrong\"",
+		d->peer, d->identity, DEV_HANDSHAKE_S);
 }
 
 void dev_handshake_start(coap_session_t *s, const char *identity)
@@ -234,6 +290,7 @@ void dev_handshake_start(coap_session_t *s, const char *identity)
 	if (!d)
 		return;
 	snprintf(d->identity, sizeof(d->identity), "%s", identity);
+	sess_attach(d);
 	if (!d->hs_timer)
 		d->hs_timer = evtimer_new(loop_base(), on_handshake_deadline, d);
 	if (d->hs_timer)
@@ -250,8 +307,11 @@ static void sess_free(coap_session_t *s)
 	 * (the one silent for longest goes; deps-patches/libcoap/0010) */
 	dev_down(d, d->closed ? "closed" : coap_session_get_evicted(s) ? "evicted" : "idle timeout");
 	coap_session_set_app_data(s, NULL);
+	sess_detach(d);
 	if (d->hs_timer)
 		event_free(d->hs_timer);
+	if (d->close_ev)
+		event_free(d->close_ev);
 	D.n_sess--;
 	free(d);
 }
@@ -274,11 +334,12 @@ void dev_session_event(coap_session_t *s, coap_event_t ev)
 		if (!d)
 			break;
 		sess_fill_identity(d);	/* known for sure once the handshake is done */
+		sess_attach(d);
 		if (d->hs_timer)
 			evtimer_del(d->hs_timer);
 		stats_inc(STAT_HANDSHAKE_OK);
-		log_info("peer=%s identity=%s handshake=ok cipher=%s", d->peer, d->identity,
-			 pdu_cipher(s));
+		log_src(dev_sess_log(d), LOG_LVL_INFO, "peer=%s identity=%s handshake=ok cipher=%s",
+			d->peer, d->identity, pdu_cipher(s));
 		dev_up(d);
 		break;
 	case COAP_EVENT_DTLS_ERROR:
@@ -329,22 +390,64 @@ void dev_each_online(void (*fn)(struct device *d))
 	hmap_each(D.by_id, each_online_fn, &fn);
 }
 
+/* Why s may no longer speak for its identity under the keys k: removed, or its key changed
+ * (a handshake in progress holds the key it was given); NULL while it may. */
+static const char *revoked(const struct dev_sess *d, const struct keys *k)
+{
+	const struct key_entry *e = keys_find(k, d->identity, strlen(d->identity));
+	const coap_bin_const_t *key = coap_session_get_psk_key(d->session);
+
+	if (!e)
+		return "device removed";
+	if (key && (key->length != e->key_len || memcmp(key->s, e->key, e->key_len) != 0))
+		return "key changed";
+	return NULL;
+}
+
+static void sess_close(struct dev_sess *s, const char *why)
+{
+	log_info("peer=%s identity=%s session=closing reason=\"%s\"%s", s->peer, s->identity, why,
+		 s->dev ? "" : " state=handshake");
+	sess_detach(s);
+	dev_down(s, why);
+	coap_session_disconnected(s->session, COAP_NACK_TLS_FAILED);
+}
+
 static void apply_keys_fn(void *val, void *arg)
 {
 	struct device *d = val;
 	const struct keys *k = arg;
-	const struct key_entry *e = keys_find(k, d->identity, strlen(d->identity));
-	coap_session_t *s = dev_session(d);
-	const coap_bin_const_t *key = s ? coap_session_get_psk_key(s) : NULL;
-	const char *why = !e ? "device removed" : key && (key->length != e->key_len ||
-		memcmp(key->s, e->key, e->key_len) != 0) ? "key changed" : NULL;
+	const char *why;
 
-	if (!s || !why)
-		return;
-	log_info("peer=%s identity=%s session=closing reason=\"%s\"", d->cur->peer, d->identity,
-		 why);
-	dev_down(d->cur, why);
-	coap_session_disconnected(s, COAP_NACK_TLS_FAILED);
+	for (struct dev_sess *s = d->sessions, *next; s; s = next) {
+		next = s->onext;
+		if ((why = revoked(s, k)) != NULL)
+			sess_close(s, why);
+	}
+}
+
+static void on_close_later(evutil_socket_t fd, short what, void *arg)
+{
+	struct dev_sess *d = arg;
+
+	(void)fd;
+	(void)what;
+	sess_close(d, "identity revoked");
+}
+
+const char *dev_sess_refused(struct dev_sess *d)
+{
+	static const struct timeval now = { 0, 0 };
+	const char *why;
+
+	if (coap_session_get_proto(d->session) != COAP_PROTO_DTLS ||
+	    (why = revoked(d, loop_keys())) == NULL)
+		return NULL;
+	if (!d->close_ev)
+		d->close_ev = evtimer_new(loop_base(), on_close_later, d);
+	if (d->close_ev && !evtimer_pending(d->close_ev, NULL))
+		evtimer_add(d->close_ev, &now);
+	return why;
 }
 
 void dev_apply_keys(const struct keys *k)
@@ -364,11 +467,15 @@ static void dev_free_one(void *val, void *arg)
 		d->cur->dev = NULL;
 		d->cur = NULL;
 	}
+	for (struct dev_sess *s = d->sessions; s; s = s->onext)
+		s->owner = NULL;	/* sessions outlive the devices at shutdown */
+	log_budget_forget(&d->log);
 	free(d);
 }
 
 void dev_shutdown(void)
 {
+	log_budget_flush();
 	hmap_each(D.by_id, dev_free_one, NULL);
 	hmap_free(D.by_id);
 	D.by_id = NULL;

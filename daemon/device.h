@@ -9,6 +9,7 @@
 
 struct config;
 struct keys;
+struct log_budget;
 struct dev_sess;		/* one DTLS (or NoSec) session */
 struct device;			/* one identity; outlives its sessions */
 
@@ -27,6 +28,9 @@ void dev_shutdown(void);
 struct dev_sess *dev_sess_get(coap_session_t *s);
 const char *dev_sess_identity(const struct dev_sess *d);
 const char *dev_sess_peer(const struct dev_sess *d);
+/* NULL while the session may speak for its identity; else why not (removed, key changed): the
+ * request is to be refused, and the session is closed once the answer is out. */
+const char *dev_sess_refused(struct dev_sess *d);
 
 /* The PSK callback accepted identity for s: the handshake must now complete in time. */
 void dev_handshake_start(coap_session_t *s, const char *identity);
@@ -39,12 +43,16 @@ const char *dev_identity(const struct device *d);
 /* The device's live, established session, or NULL when offline. */
 coap_session_t *dev_session(const struct device *d);
 const char *dev_peer(const struct device *d);
+/* The log budget of the lines a device causes (log.h); for a session, its device's or, without
+ * a configured identity, the one budget those sessions share. */
+struct log_budget *dev_log(struct device *d);
+struct log_budget *dev_sess_log(struct dev_sess *s);
 /* Opaque per-device slots for the observe and command modules. */
 void **dev_observe_slot(struct device *d);
 void **dev_command_slot(struct device *d);
 
-/* After a reload: closes the sessions of devices that were removed or whose key changed; the
- * others keep their sessions. */
+/* After a reload: closes every session and handshake of an identity that was removed or whose
+ * key changed; the others keep their sessions. */
 void dev_apply_keys(const struct keys *k);
 
 /* Calls fn for every known device / every device online (reload, shutdown: O(devices)). */

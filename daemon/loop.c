@@ -31,6 +31,7 @@ static struct {
 	size_t block_size;		/* coap.block_size */
 	int kicked;
 	unsigned receive_buffer;	/* coap.receive_buffer */
+	struct log_budget hs_log;	/* handshake failures logged here (peers cause them) */
 	struct { int fd; char name[64]; } ep[LOOP_MAX_ENDPOINTS];	/* listening sockets */
 	size_t n_ep;
 } L;
@@ -156,9 +157,9 @@ static const coap_bin_const_t *on_psk_identity(coap_bin_const_t *identity, coap_
 		keys_find(L.keys, (const char *)identity->s, identity->length) : NULL;
 	if (!e) {
 		identity_str(identity, id, sizeof(id));
-		log_warn("peer=%s identity=\"%s\" handshake=refused reason=\"unknown identity\" "
-			 "hint=\"add it to devices or devices_file\"", pdu_peer(s, peer, sizeof(peer)),
-			 id);
+		log_src(&L.hs_log, LOG_LVL_WARNING, "peer=%s identity=\"%s\" handshake=refused "
+			"reason=\"unknown identity\" hint=\"add it to devices or devices_file\"",
+			pdu_peer(s, peer, sizeof(peer)), id);
 		return NULL;
 	}
 	L.h.handshake_start(s, e->identity);
@@ -178,12 +179,12 @@ static int on_coap_event(coap_session_t *s, const coap_event_t ev)
 		identity_str(bid, id, sizeof(id));
 		/* an unknown identity was logged by the PSK callback already */
 		if (bid && bid->length && keys_find(L.keys, (const char *)bid->s, bid->length))
-			log_warn("peer=%s identity=\"%s\" handshake=failed reason=\"wrong key or no "
-				 "common cipher suite\" hint=\"check the device's key\"",
-				 pdu_peer(s, peer, sizeof(peer)), id);
+			log_src(&L.hs_log, LOG_LVL_WARNING, "peer=%s identity=\"%s\" "
+				"handshake=failed reason=\"wrong key or no common cipher suite\" "
+				"hint=\"check the device's key\"", pdu_peer(s, peer, sizeof(peer)), id);
 		else if (!bid || !bid->length)
-			log_info("peer=%s identity=- handshake=failed reason=\"before an identity was "
-				 "sent\"", pdu_peer(s, peer, sizeof(peer)));
+			log_src(&L.hs_log, LOG_LVL_INFO, "peer=%s identity=- handshake=failed "
+				"reason=\"before an identity was sent\"", pdu_peer(s, peer, sizeof(peer)));
 		break;
 	}
 	default:
@@ -285,6 +286,7 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
 	(void)what;
 	(void)arg;
 	prepare();
+	log_budget_tick();
 }
 
 static void on_kick(evutil_socket_t fd, short what, void *arg)
@@ -403,6 +405,8 @@ int loop_init(const struct config *c, const struct keys *k, const struct loop_ha
 
 	L.h = *h;
 	loop_set_config(c, k);
+	snprintf(L.hs_log.label, sizeof(L.hs_log.label), "identity=- source=\"handshakes refused "
+		 "or failed\"");
 	L.base = event_base_new();
 	if (!L.base) {
 		log_error("loop: cannot create the event base");

@@ -24,6 +24,7 @@
 #include "notify.h"
 #include "observe.h"
 #include "stats.h"
+#include "uplink.h"
 
 #define METRICS_PREFIX "coap2mqtt_"
 #define METRICS_TEXT_MAX 16384	/* the whole exposition; the table below needs about 9 KiB */
@@ -31,7 +32,7 @@
 #define METRICS_HTTP_TIMEOUT_S 10	/* idle or slow scrapers are cut off */
 #define METRICS_MAX_HEADERS 8192
 #define METRICS_MAX_BODY 1024
-#define METRICS_MAX_SERIES 6
+#define METRICS_MAX_SERIES 8
 
 enum kind { COUNTER, GAUGE };
 
@@ -50,6 +51,16 @@ struct family {
 		size_t (*read)(void);	/* or read from the module that owns it */
 	} s[METRICS_MAX_SERIES];
 };
+
+static size_t acks_pending(void)
+{
+	return uplink_pending_acks();
+}
+
+static size_t log_suppressed(void)
+{
+	return (size_t)log_suppressed_total();
+}
 
 static size_t broker_connected(void)
 {
@@ -141,7 +152,8 @@ static const struct family families[] = {
 	  NULL, "reason", 2, { { "per_ip", 0, fd_refused_per_ip },
 			       { "full", 0, fd_refused_full } } },
 	{ "requests_total", "requests", COUNTER, "Device requests answered, by CoAP response code",
-	  NULL, "code", 6, { { "2.04", STAT_RESP_2_04, NULL }, { "4.00", STAT_RESP_4_00, NULL },
+	  NULL, "code", 7, { { "2.04", STAT_RESP_2_04, NULL }, { "4.00", STAT_RESP_4_00, NULL },
+			     { "4.01", STAT_RESP_4_01, NULL },
 			     { "4.04", STAT_RESP_4_04, NULL }, { "4.05", STAT_RESP_4_05, NULL },
 			     { "4.13", STAT_RESP_4_13, NULL }, { "5.03", STAT_RESP_5_03, NULL } } },
 	{ "uploads_refused_total", "uploads_refused", COUNTER,
@@ -162,6 +174,12 @@ static const struct family families[] = {
 	{ "publish_failures_total", "publish_failures", COUNTER,
 	  "Readings the MQTT client reported as not delivered",
 	  NULL, NULL, 1, { { NULL, STAT_PUBLISH_FAILED, NULL } } },
+	{ "broker_acks_pending", "acks_pending", GAUGE,
+	  "Readings of ack: broker routes waiting for the broker's PUBACK before their 2.04",
+	  acks_pending, NULL, 0, { { NULL, 0, NULL } } },
+	{ "broker_acks_refused_total", "acks_refused", COUNTER,
+	  "Readings of ack: broker routes answered 5.03 because mqtt.max_pending_acks were waiting",
+	  NULL, NULL, 1, { { NULL, STAT_ACKS_FULL, NULL } } },
 	{ "buffered", "buffered", GAUGE,
 	  "Readings in the journal not yet acknowledged by the broker, plus other messages "
 	  "waiting in the MQTT client (broker backlog)",
@@ -211,6 +229,10 @@ static const struct family families[] = {
 	  "Keep-alives (WATCHDOG=1, STATUS=) to the service manager dropped because it was not "
 	  "reading its socket: the loop never waits for it", notify_drops, NULL, 0,
 	  { { NULL, 0, NULL } } },
+	{ "log_lines_suppressed_total", "log_suppressed", COUNTER,
+	  "Log lines a device (or a peer without a configured identity) caused beyond 20 a "
+	  "minute: not written; a line a minute names the source and the count",
+	  log_suppressed, NULL, 0, { { NULL, 0, NULL } } },
 	{ "broker_connected", "broker_connected", GAUGE, "1 when the MQTT broker is connected",
 	  broker_connected, NULL, 0, { { NULL, 0, NULL } } },
 	{ "broker_reconnects_total", "broker_reconnects", COUNTER,

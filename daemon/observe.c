@@ -284,9 +284,9 @@ static void publish(struct obs *o, const coap_pdu_t *rcvd)
 
 	if (route_match(o->rule->route, segs, nseg, dev_identity(o->dev), topic, sizeof(topic)) !=
 	    ROUTE_OK) {
-		log_warn("peer=%s identity=%s path=/%s notification=dropped reason=\"the path does "
-			 "not fill topic %s\"", dev_peer(o->dev), dev_identity(o->dev), o->path,
-			 o->rule->topic);
+		log_src(dev_log(o->dev), LOG_LVL_WARNING, "peer=%s identity=%s path=/%s "
+			"notification=dropped reason=\"the path does not fill topic %s\"",
+			dev_peer(o->dev), dev_identity(o->dev), o->path, o->rule->topic);
 		return;
 	}
 	coap_get_data_large(rcvd, &len, &data, &off, &total);
@@ -298,8 +298,9 @@ static void publish(struct obs *o, const coap_pdu_t *rcvd)
 		stats_inc(STAT_NOTIFICATIONS);
 	} else {
 		stats_inc(STAT_DROPPED);
-		log_warn("peer=%s identity=%s path=/%s notification=dropped reason=\"MQTT buffer "
-			 "full\"", dev_peer(o->dev), dev_identity(o->dev), o->path);
+		log_src(dev_log(o->dev), LOG_LVL_WARNING, "peer=%s identity=%s path=/%s "
+			"notification=dropped reason=\"MQTT buffer full\"", dev_peer(o->dev),
+			dev_identity(o->dev), o->path);
 	}
 }
 
@@ -323,10 +324,10 @@ static void notification(struct obs *o, const coap_pdu_t *rcvd)
 		/* one block of a body that was not fetched whole: nothing to publish, and the
 		 * state stays (a registration is tried again when its timer runs out) */
 		stats_inc(STAT_DROPPED);
-		log_warn("peer=%s identity=%s path=/%s notification=dropped reason=\"body over the "
-			 "limit (%u KiB each, %u KiB per device at once)\"", dev_peer(o->dev),
-			 dev_identity(o->dev), o->path, LOOP_MAX_RESPONSE_BODY / 1024,
-			 LOOP_MAX_RESPONSE_BODIES / 1024);
+		log_src(dev_log(o->dev), LOG_LVL_WARNING, "peer=%s identity=%s path=/%s "
+			"notification=dropped reason=\"body over the limit (%u KiB each, %u KiB per "
+			"device at once)\"", dev_peer(o->dev), dev_identity(o->dev), o->path,
+			LOOP_MAX_RESPONSE_BODY / 1024, LOOP_MAX_RESPONSE_BODIES / 1024);
 		return;
 	}
 

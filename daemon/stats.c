@@ -7,6 +7,7 @@ static const char *const names[STAT__COUNT] = {
 	[STAT_REQUESTS] = "requests",
 	[STAT_RESP_2_04] = "responses_2_04",
 	[STAT_RESP_4_00] = "responses_4_00",
+	[STAT_RESP_4_01] = "responses_4_01",
 	[STAT_RESP_4_04] = "responses_4_04",
 	[STAT_RESP_4_05] = "responses_4_05",
 	[STAT_RESP_4_13] = "responses_4_13",
@@ -30,6 +31,7 @@ static const char *const names[STAT__COUNT] = {
 	[STAT_BROKER_RECONNECTS] = "broker_reconnects",
 	[STAT_UPLOAD_NO_ROUTE] = "uploads_refused_no_route",
 	[STAT_UPLOAD_BUSY] = "uploads_refused_busy",
+	[STAT_ACKS_FULL] = "acks_refused",
 };
 
 void stats_inc(enum stat_id id)

@@ -8,6 +8,7 @@ enum stat_id {
 	STAT_REQUESTS,			/* device requests received (duplicates included) */
 	STAT_RESP_2_04,			/* uplink answers by code */
 	STAT_RESP_4_00,
+	STAT_RESP_4_01,			/* the session's identity was revoked by a reload */
 	STAT_RESP_4_04,
 	STAT_RESP_4_05,
 	STAT_RESP_4_13,
@@ -31,6 +32,7 @@ enum stat_id {
 	STAT_BROKER_RECONNECTS,		/* broker connection back after a loss */
 	STAT_UPLOAD_NO_ROUTE,		/* Block1 uploads refused at their first block: no route, */
 	STAT_UPLOAD_BUSY,		/* or the device had UPLINK_MAX_UPLOADS in progress */
+	STAT_ACKS_FULL,			/* ack: broker readings refused at mqtt.max_pending_acks */
 	STAT__COUNT
 };
 

@@ -32,6 +32,7 @@ struct pending {
 	unsigned no_response;		/* No-Response option bits (RFC 7967) of a NON */
 	int broker, stored;
 	char who[160];			/* "peer=… identity=…" for log lines */
+	struct log_budget *log;		/* its device's */
 	struct pending *prev, *next;
 };
 
@@ -39,6 +40,7 @@ static struct {
 	const struct config *conf;
 	struct pending *pending;
 	size_t n_pending;
+	size_t n_acks;			/* of them, ack: broker readings waiting for a PUBACK */
 	time_t last_refusal_log;
 	unsigned refusals_unlogged;
 } U;
@@ -57,6 +59,7 @@ static void count_code(uint8_t code)
 	switch (code) {
 	case COAP_RESPONSE_CODE(204): stats_inc(STAT_RESP_2_04); break;
 	case COAP_RESPONSE_CODE(400): stats_inc(STAT_RESP_4_00); break;
+	case COAP_RESPONSE_CODE(401): stats_inc(STAT_RESP_4_01); break;
 	case COAP_RESPONSE_CODE(404): stats_inc(STAT_RESP_4_04); break;
 	case COAP_RESPONSE_CODE(405): stats_inc(STAT_RESP_4_05); break;
 	case COAP_RESPONSE_CODE(413): stats_inc(STAT_RESP_4_13); break;
@@ -152,6 +155,7 @@ static void pending_unlink(struct pending *p)
 	if (p->next)
 		p->next->prev = p->prev;
 	U.n_pending--;
+	U.n_acks -= p->broker ? 1 : 0;
 }
 
 /* The one way out of a pending reading: detached from the journal, session released. */
@@ -204,7 +208,8 @@ static void pending_answer(struct pending *p, uint8_t code)
 		else
 			coap_pdu_set_code(pdu, code);
 		if (coap_send(p->session, pdu) == COAP_INVALID_MID)
-			log_warn("%s code=%u.%02u outcome=not-sent", p->who, code >> 5, code & 31);
+			log_src(p->log, LOG_LVL_WARNING, "%s code=%u.%02u outcome=not-sent", p->who,
+				code >> 5, code & 31);
 		else if (p->broker)
 			loop_kick();	/* a CON: libcoap's retransmission timer must run */
 	}
@@ -268,6 +273,9 @@ static void reply(coap_pdu_t *resp, coap_session_t *s, struct dev_sess *dev, coa
 	snprintf(who, sizeof(who), "peer=%s identity=%s mid=%u", p, id, (unsigned)mid);
 	if (code == COAP_RESPONSE_CODE(503))
 		log_refusal(who, why ? why : diag);
+	else if (code != COAP_RESPONSE_CODE(204) && dev)
+		log_src(dev_sess_log(dev), LOG_LVL_INFO, "%s code=%u.%02u reason=\"%s\"", who,
+			code >> 5, code & 31, why ? why : diag);
 	else if (code != COAP_RESPONSE_CODE(204))
 		log_info("%s code=%u.%02u reason=\"%s\"", who, code >> 5, code & 31, why ? why : diag);
 	else
@@ -294,6 +302,12 @@ static uint8_t take_durable(coap_session_t *s, struct dev_sess *dev, const coap_
 	if (!p)
 		return COAP_RESPONSE_CODE(503);
 	p->broker = broker && coap_pdu_get_type(req) == COAP_MESSAGE_CON;
+	if (p->broker && U.n_acks >= (size_t)U.conf->mqtt.max_pending_acks) {
+		free(p);
+		*why = "mqtt.max_pending_acks readings wait for the broker's PUBACK";
+		stats_inc(STAT_ACKS_FULL);
+		return COAP_RESPONSE_CODE(503);
+	}
 	if (!p->broker) {
 		/* answered once stored: libcoap's response, held back until then */
 		p->answer = coap_pdu_duplicate(resp, s, tok.length, tok.s, NULL);
@@ -318,6 +332,7 @@ static uint8_t take_durable(coap_session_t *s, struct dev_sess *dev, const coap_
 	p->no_response = coap_pdu_get_type(req) == COAP_MESSAGE_NON ? no_response_bits(req) : 0;
 	snprintf(p->who, sizeof(p->who), "peer=%s identity=%s mid=%u", dev_sess_peer(dev),
 		 dev_sess_identity(dev), (unsigned)coap_pdu_get_mid(req));
+	p->log = dev_sess_log(dev);
 	if (ex)
 		exch_set_ctx(ex, p);
 	p->next = U.pending;
@@ -325,6 +340,7 @@ static uint8_t take_durable(coap_session_t *s, struct dev_sess *dev, const coap_
 		U.pending->prev = p;
 	U.pending = p;
 	U.n_pending++;
+	U.n_acks += p->broker ? 1 : 0;
 	coap_pdu_defer_response(resp);
 	if (p->broker)
 		coap_send_ack(s, req);	/* empty ACK now, 2.04 once the broker has it */
@@ -391,6 +407,10 @@ static void on_request(coap_resource_t *res, coap_session_t *s, const coap_pdu_t
 		reply(resp, s, NULL, mid, NULL, COAP_RESPONSE_CODE(503), "gateway out of memory", NULL);
 		return;
 	}
+	if ((why = dev_sess_refused(dev)) != NULL) {
+		reply(resp, s, dev, mid, NULL, COAP_RESPONSE_CODE(401), "identity revoked", why);
+		return;
+	}
 	key = exch_key(s, dev, keybuf, sizeof(keybuf));
 	tok = coap_pdu_get_token(req);
 	if (con && (ex = exch_find(key, (uint16_t)mid, tok.s, tok.length)) != NULL) {
@@ -449,11 +469,16 @@ int uplink_block1_start(coap_session_t *s, const coap_pdu_t *req, unsigned in_pr
 	struct dev_sess *dev = dev_sess_get(s);
 	coap_mid_t mid = coap_pdu_get_mid(req);
 	struct uplink_decision d;
+	const char *revoked;
 	char why[80];
 
 	if (!dev) {
 		reply(resp, s, NULL, mid, NULL, COAP_RESPONSE_CODE(503), "gateway out of memory",
 		      NULL);
+		return 0;
+	}
+	if ((revoked = dev_sess_refused(dev)) != NULL) {
+		reply(resp, s, dev, mid, NULL, COAP_RESPONSE_CODE(401), "identity revoked", revoked);
 		return 0;
 	}
 	uplink_decide(U.conf, req, dev_sess_identity(dev), &d);
@@ -513,6 +538,11 @@ void uplink_mqtt_state(int connected)
 size_t uplink_pending(void)
 {
 	return U.n_pending;
+}
+
+size_t uplink_pending_acks(void)
+{
+	return U.n_acks;
 }
 
 void uplink_shutdown(void)

@@ -41,5 +41,7 @@ void uplink_mqtt_state(int connected);
 /* Answers or forgets what is still waiting; call before the CoAP context is freed. */
 void uplink_shutdown(void);
 size_t uplink_pending(void);
+/* Of them, ack: broker readings waiting for their PUBACK (at most mqtt.max_pending_acks). */
+size_t uplink_pending_acks(void);
 
 #endif

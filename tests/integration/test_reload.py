@@ -157,6 +157,47 @@ def test_removed_device_or_changed_key_loses_its_session(live, change):
         bg2.stop()
 
 
+@pytest.mark.parametrize("change", ["removed", "key changed"])
+def test_revocation_closes_every_session_of_the_identity(live, change):
+    """Two sessions of one identity, the second from another port (as after a NAT rebinding:
+    the first is no longer the device's current one, but it is still open and still publishes).
+    A reload that revokes the identity closes both; nothing more is published under it."""
+    world, bg1 = live
+    gw = world.gw
+    bg2 = SimBackground(gw, "--count", 0, "--interval", 200, "--timeout", 0,
+                        "--path", "sensors/rebound", "--payload", "{seq}", identity="sensor-01")
+    try:
+        wait_answers(bg2, 3)
+        gw.wait_for_log(r"identity=sensor-01 session=replaced by=")
+        t = time.monotonic()
+        wait_answers(bg1, 3, since=t)  # the older session still gets its readings through
+        if change == "removed":
+            gw.config["devices"] = [d for d in gw.config["devices"] if d["identity"] != "sensor-01"]
+            why = "device removed"
+        else:
+            for d in gw.config["devices"]:
+                if d["identity"] == "sensor-01":
+                    d["key"] = NEW_KEY
+            why = "key changed"
+        gw.write_config()
+        reload(gw)
+        closing = rf'identity=sensor-01 session=closing reason="{why}"'
+        wait_until(lambda: len(re.findall(closing, gw.log_text())) == 2, 10,
+                   "both sessions of sensor-01 closed")
+
+        time.sleep(1.0)  # what was in flight settles
+        t = time.monotonic()
+        topics = ("devices/sensor-01/live", "devices/sensor-01/rebound")
+        n_mqtt = [len(world.sub.messages(topic)) for topic in topics]
+        time.sleep(3.0)  # 15 more readings per device were due
+        for bg in (bg1, bg2):
+            assert "2.04" not in codes_since(bg, t), codes_since(bg, t)
+        assert [len(world.sub.messages(topic)) for topic in topics] == n_mqtt
+        assert len(re.findall(closing, gw.log_text())) == 2
+    finally:
+        bg2.stop()
+
+
 def test_reload_applies_the_coap_limits_and_names_what_needs_a_restart(broker_factory,
                                                                       gateway_factory):
     """coap.max_payload and coap.idle_timeout take effect on SIGHUP (a body between the old and

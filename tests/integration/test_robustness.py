@@ -241,3 +241,32 @@ def test_receive_buffer_capped_by_the_kernel_is_logged(broker_factory, gateway_f
     assert f"receive_buffer={want} " in line and f"effective={rmem_max} " in line, line
     assert "rmem_max" in line, line
     assert sim(g, "--count", 1, "--path", "sensors/t", "--payload", "1").codes() == ["2.04"]
+
+
+def test_lines_a_device_causes_are_budgeted(world):
+    """10,000 requests that each cause a log line of their device (a POST to a path no route
+    takes: 4.04): at most 20 lines of that device a minute reach the log, the rest are counted
+    and a line (once the minute is over) names the device and how many were not written.
+    Another device's lines still get through."""
+    gw = world.gw
+    r = sim(gw, "--count", 10000, "--interval", 0, "--type", "non", "--window", 50,
+            "--path", "nowhere/flood", "--payload", "x", timeout=120)
+    assert r.codes().count("4.04") == 10000, r.summary
+    r2 = sim(gw, "--count", 1, "--path", "nowhere/else", identity="sensor-02")
+    assert r2.codes() == ["4.04"], r2
+    gw.wait_for_log(r"identity=sensor-02 mid=\d+ code=4\.04", 5)
+
+    log = gw.log_text()
+    ours = [l for l in log.splitlines() if "identity=sensor-01 " in l and "log=suppressed" not in l]
+    # the flood may straddle the start of a minute: two budgets at most
+    assert len(ours) <= 40, len(ours)
+    written = len(re.findall(r"identity=sensor-01 mid=\d+ code=4\.04", log))
+    assert written >= 10, written
+    # besides the 4.04s, the device caused its handshake line and its "offline" line
+    rx = re.compile(r'identity=sensor-01 log=suppressed lines=(\d+) reason="more than 20 lines '
+                    r'a minute"')
+    wait_until(lambda: sum(map(int, rx.findall(gw.log_text()))) >= 10000 - written, 75,
+               "the count of sensor-01's lines not written")
+    time.sleep(0.5)
+    assert 10000 - written <= sum(map(int, rx.findall(gw.log_text()))) <= 10002 - written
+    assert "identity=sensor-02 log=suppressed" not in gw.log_text()
