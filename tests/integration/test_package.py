@@ -11,14 +11,18 @@ import grp
 import json
 import os
 import pwd
+import re
 import shutil
+import socket
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import GW_BIN, REPO
+from box import Box, cannot_run
+from conftest import GW_BIN, REPO, free_port, wait_until
 
 DIST = REPO / "dist"
 CONF = Path("/etc/coap2mqtt/coap2mqtt.yaml")
@@ -217,3 +221,157 @@ def test_purge_leaves_nothing(installation):
     assert r.returncode in (0, 1), r
     overrides = r.stdout
     assert "/etc/coap2mqtt" not in overrides, overrides
+
+
+# ---- the service under a real systemd ----------------------------------------------------------
+
+BOX_ID, BOX_KEY = "box-01", "box-01-Secret-K3y"
+BOX_CA = "/etc/ssl/box-broker-ca.crt"  # the operator's own file, outside what purge removes
+
+
+@pytest.fixture(scope="module")
+def box(debs):
+    why = cannot_run()
+    if why:
+        pytest.skip(f"no system test under systemd: {why}")
+    b = Box()
+    try:
+        b.boot()
+        yield b
+    finally:
+        b.close()
+
+
+def box_sim(box, uri, *args, identity=BOX_ID, key=BOX_KEY, check=True, timeout=60):
+    return box.run(f"coap2mqtt-sim --uri {uri} --identity {identity} --key '{key}' "
+                   + " ".join(map(str, args)), timeout=timeout, check=check)
+
+
+def unit_props(box, *props):
+    out = box.run(f"systemctl show -p {','.join(props)} coap2mqtt").stdout
+    return dict(l.split("=", 1) for l in out.splitlines() if "=" in l)
+
+
+def journal(box, *args):
+    return box.run("journalctl -q --no-pager -u coap2mqtt " + " ".join(args)).stdout
+
+
+def test_the_service_under_a_real_systemd(box, debs, pki):
+    """Debian 12 booted with systemd as PID 1: the package installs with apt; the service is
+    active only after READY; a device's reading reaches a TLS mosquitto in the box; no watchdog
+    restart for 60 s; reload keeps the device's DTLS session; the journal has the gateway's lines
+    at their priorities; systemd-analyze security rates the unit 2.0 at most; stop is clean (no
+    SIGKILL, exit 0); purge leaves nothing."""
+    coap_port, mqtt_port = free_port(), free_port(socket.SOCK_STREAM)
+    uri = f"coaps://127.0.0.1:{coap_port}"
+    for d in debs.values():
+        box.put(f"/root/debs/{d.name}", d.read_bytes())
+    box.put("/etc/mosquitto/certs/ca.crt", pki.ca.read_bytes())
+    box.put("/etc/mosquitto/certs/broker.crt", pki.broker_crt.read_bytes())
+    box.put("/etc/mosquitto/certs/broker.key", pki.broker_key.read_bytes(), 0o644)
+    # a broker of its own (the packaged unit's pid file is not writable in such a box)
+    box.put("/etc/mosquitto/box.conf",
+            f"listener {mqtt_port} 127.0.0.1\nallow_anonymous true\n"
+            "cafile /etc/mosquitto/certs/ca.crt\ncertfile /etc/mosquitto/certs/broker.crt\n"
+            "keyfile /etc/mosquitto/certs/broker.key\n")
+    box.put("/etc/systemd/system/box-broker.service",
+            "[Service]\nExecStart=/usr/sbin/mosquitto -c /etc/mosquitto/box.conf\n")
+    box.run("systemctl daemon-reload && systemctl start box-broker")
+    wait_until(lambda: box.run(f"exec 3<>/dev/tcp/127.0.0.1/{mqtt_port}", check=False)
+               .returncode == 0, 20, "the box's broker to accept")
+    box.run("cd /root/debs && export DEBIAN_FRONTEND=noninteractive && "
+            "{ apt-get install -y --no-install-recommends ./*.deb || "
+            "{ apt-get update && apt-get install -y --no-install-recommends ./*.deb; }; }",
+            timeout=600)
+    assert box.run("systemctl is-enabled coap2mqtt").stdout.strip() == "enabled"
+    assert box.run("systemctl is-active coap2mqtt", check=False).stdout.strip() == "inactive"
+
+    box.put(BOX_CA, pki.ca.read_bytes())
+    box.put("/etc/coap2mqtt/coap2mqtt.yaml", f"""log_level: info
+coap:
+  listen: ["{uri}"]
+devices:
+  - identity: {BOX_ID}
+    key: "{BOX_KEY}"
+mqtt:
+  url: mqtts://127.0.0.1:{mqtt_port}
+  ca_file: {BOX_CA}
+routes:
+  - path: sensors/{{name}}
+    topic: devices/{{identity}}/{{name}}
+""", 0o640)
+    box.run("coap2mqtt --check -c /etc/coap2mqtt/coap2mqtt.yaml")
+
+    # start: systemctl returns once READY=1 came; the unit is active (running) only then
+    t_start = time.monotonic()
+    box.run("systemctl start coap2mqtt || { journalctl -q --no-pager -u coap2mqtt | tail -30; "
+            "exit 1; }", timeout=60)
+    p = unit_props(box, "ActiveState", "SubState", "Type", "WatchdogUSec", "NRestarts")
+    assert (p["ActiveState"], p["SubState"], p["Type"]) == ("active", "running", "notify"), p
+    assert p["WatchdogUSec"] == "30s", p
+    lines = journal(box, "-o", "cat").splitlines()
+    ready = [i for i, l in enumerate(lines) if l.startswith("info: ready listen=")]
+    started = [i for i, l in enumerate(lines) if l.startswith("Started coap2mqtt.service")]
+    assert ready and started and ready[0] < started[0], "\n".join(lines[-40:])
+
+    # a reading reaches the broker in the box, through TLS
+    box.run(f"mosquitto_sub -h 127.0.0.1 -p {mqtt_port} --cafile /etc/mosquitto/certs/ca.crt "
+            "-t 'devices/#' -C 1 -W 30 -v > /root/sub.out 2>&1 & echo started")
+    time.sleep(1)
+    r = box_sim(box, uri, "--count", 1, "--path", "sensors/temperature", "--payload", "21.5")
+    assert "code=2.04" in r.stdout, r.stdout
+    wait_until(lambda: "devices/box-01/temperature 21.5" in
+               box.run("cat /root/sub.out").stdout, 30, "the reading at the box's broker")
+
+    # reload keeps the session: a device on one session all along, no new handshake
+    box.run(f"coap2mqtt-sim --uri {uri} --identity {BOX_ID} --key '{BOX_KEY}' --count 0 "
+            "--interval 300 --timeout 0 --path sensors/held --payload x > /root/held.out 2>&1 &"
+            " echo $! > /root/held.pid")
+    answers = lambda: box.run("grep -c 'code=2.04' /root/held.out || true").stdout.strip()
+    wait_until(lambda: int(answers() or 0) >= 3, 30, "the held device's answers")
+    hs = journal(box, "-o cat").count(f"identity={BOX_ID} handshake=ok")
+    box.run("systemctl reload coap2mqtt", timeout=60)
+    n = int(answers())
+    wait_until(lambda: int(answers()) >= n + 5, 30, "answers after the reload")
+    out = journal(box, "-o cat")
+    assert "reload: ok" in out, out[-3000:]
+    assert out.count(f"identity={BOX_ID} handshake=ok") == hs, out[-3000:]
+    assert box.run("grep -v 'code=2.04' /root/held.out | grep code= || true").stdout == ""
+
+    # priorities: an unknown identity is a warning, a handshake an info line
+    box_sim(box, uri, "--count", 1, "--path", "sensors/x", "--handshake-timeout", 3,
+            "--max-retransmit", 1, identity="stranger-9", key="nobody-knows-it", check=False)
+    warn = journal(box, "-p", "warning", "-o", "cat")
+    assert 'identity="stranger-9" handshake=refused' in warn, warn[-3000:]
+    assert "handshake=ok" not in warn, warn[-3000:]
+    assert "handshake=ok" in journal(box, "-p", "info", "-o", "cat")
+
+    # the watchdog (WatchdogSec=30) never fired in 60 s
+    time.sleep(max(0.0, 60 - (time.monotonic() - t_start)))
+    p = unit_props(box, "ActiveState", "NRestarts", "MainPID")
+    assert p["ActiveState"] == "active" and p["NRestarts"] == "0", p
+    assert "watchdog" not in journal(box, "-o", "cat", "_PID=1").lower()
+
+    # the unit's sandbox as this systemd rates it
+    out = box.run("systemd-analyze security --no-pager coap2mqtt.service").stdout
+    m = re.search(r"Overall exposure level for coap2mqtt\.service: (\d+(?:\.\d+)?)", out)
+    assert m and float(m.group(1)) <= 2.0, out[-2000:]
+    print(f"systemd-analyze security in the box: {m.group(1)}")
+
+    # stop: SIGTERM, exit 0, nothing killed
+    box.run("kill $(cat /root/held.pid) || true")
+    box.run("systemctl stop coap2mqtt", timeout=60)
+    p = unit_props(box, "ActiveState", "Result", "ExecMainCode", "ExecMainStatus")
+    assert p == {"ActiveState": "inactive", "Result": "success", "ExecMainCode": "1",
+                 "ExecMainStatus": "0"}, p
+    out = box.run("journalctl -q --no-pager -o cat _PID=1").stdout
+    assert "SIGKILL" not in out and "Killing process" not in out, out[-3000:]
+
+    # purge leaves nothing of the package
+    box.run("DEBIAN_FRONTEND=noninteractive apt-get purge -y coap2mqtt coap2mqtt-sim", timeout=300)
+    box.run("systemctl daemon-reload")
+    left = box.run("ls -d /etc/coap2mqtt /var/lib/coap2mqtt /lib/systemd/system/coap2mqtt.service "
+                   "/etc/systemd/system/multi-user.target.wants/coap2mqtt.service 2>/dev/null; "
+                   "getent passwd coap2mqtt; getent group coap2mqtt; "
+                   "dpkg-statoverride --list | grep coap2mqtt; true").stdout
+    assert left.strip() == "", left

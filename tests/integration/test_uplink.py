@@ -2,11 +2,15 @@
 import collections
 import os
 import re
+import select
+import socket
+import threading
+import time
 
 import pytest
 
-from conftest import (ACK, CON, NON, OPT_SIZE1, code_str, coap_encode, coap_post, free_port, sim,
-                      user_prop, wait_until)
+from conftest import (ACK, CON, DEVICES, NON, OPT_SIZE1, SimBackground, code_str, coap_encode,
+                      coap_post, free_port, sim, user_prop, wait_mqtt_connected, wait_until)
 
 CONTENT_TYPES = {
     0: "text/plain;charset=utf-8",
@@ -283,3 +287,107 @@ def test_ipv4_and_ipv6_listeners(broker_factory, subscriber_factory, gateway_fac
     assert r.codes() == ["2.04"], r
     msgs = s.wait_for(2, 20)
     assert sorted(m.topic for m in msgs) == ["devices/sensor-01/v4", "devices/sensor-01/v6"]
+
+
+class TcpHold(threading.Thread):
+    """A TCP relay to the broker that can hold what the broker sends (its PUBACKs among it)
+    while passing on what the gateway sends: a broker that is up but slow to acknowledge.
+    Bounded by stop()."""
+
+    def __init__(self, target_port):
+        super().__init__(daemon=True)
+        self.target = ("127.0.0.1", target_port)
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(4)
+        self.port = self.lsock.getsockname()[1]
+        self.pairs = {}  # socket -> (peer socket, from the broker?)
+        self.held = collections.defaultdict(bytearray)  # gateway socket -> bytes held
+        self.holding = threading.Event()
+        self.stopping = threading.Event()
+
+    def run(self):
+        while not self.stopping.is_set():
+            ready = select.select([self.lsock, *self.pairs], [], [], 0.05)[0]
+            for s in ready:
+                if s is self.lsock:
+                    c, _ = s.accept()
+                    b = socket.create_connection(self.target)
+                    self.pairs[c] = (b, False)
+                    self.pairs[b] = (c, True)
+                    continue
+                if s not in self.pairs:
+                    continue
+                peer, from_broker = self.pairs[s]
+                data = s.recv(65536)
+                if not data:
+                    for x in (s, peer):
+                        self.pairs.pop(x, None)
+                        x.close()
+                    continue
+                if from_broker and self.holding.is_set():
+                    self.held[peer] += data
+                else:
+                    peer.sendall(data)
+            if not self.holding.is_set():
+                for c, data in list(self.held.items()):
+                    if data and c in self.pairs:
+                        c.sendall(data)
+                    self.held.pop(c)
+
+    def stop(self):
+        self.stopping.set()
+        self.join(5)
+        for s in [self.lsock, *self.pairs]:
+            s.close()
+
+
+def test_pending_broker_acks_are_capped_and_other_routes_stay_fast(broker_factory,
+                                                                   subscriber_factory,
+                                                                   gateway_factory):
+    """The broker holds its PUBACKs while 5,000 `ack: broker` readings arrive (50 devices,
+    100 each): 1,000 wait for theirs (mqtt.max_pending_acks), the other 4,000 are answered 5.03
+    with Max-Age at once, and a device sending on a QoS 0 route all along is answered within
+    50 ms each time. Once the PUBACKs arrive the 1,000 get their 2.04, and each is on MQTT."""
+    b = broker_factory()
+    sub = subscriber_factory(b, topic="devices/+/acked/#")
+    relay = TcpHold(b.port)
+    relay.start()
+    key = "fleet-Secret-K3y-0042"
+    fleet = {f"dev-{i:03d}": key for i in range(1, 51)}
+    g = gateway_factory(f"mqtts://127.0.0.1:{relay.port}", devices={**DEVICES, **fleet},
+                        mqtt_extra={"keepalive": 120, "max_pending_acks": 1000})
+    fast = None
+    try:
+        wait_mqtt_connected(g)
+        fast = SimBackground(g, "--count", 0, "--interval", 20, "--timeout", 0,
+                             "--path", "fast/probe", "--payload", "{seq}", identity="sensor-02")
+        wait_until(lambda: len(fast.responses()) >= 5, 20, "the QoS 0 device's first answers")
+        relay.holding.set()
+        t0 = time.monotonic()
+        acked = SimBackground(g, "--identity", "dev-%03d", "--devices", 50, "--count", 100,
+                              "--interval", 20, "--window", 100, "--path", "acked/load",
+                              "--payload", "{id}/{seq}", "--timeout", 90, identity=None, key=key)
+        codes = lambda: collections.Counter(r["code"] for _, r in acked.responses())
+        wait_until(lambda: codes()["5.03"] >= 4000, 60, "4,000 readings refused")
+        time.sleep(1)
+        assert codes() == {"5.03": 4000}, codes()
+        t1 = time.monotonic()
+        probe = [(t, float(r["rtt_ms"])) for t, r in fast.responses() if t0 <= t <= t1]
+        assert len(probe) >= 20 and all(r["code"] == "2.04" for _, r in fast.responses())
+        assert max(rtt for _, rtt in probe) < 50, sorted(rtt for _, rtt in probe)[-10:]
+        g.wait_for_log(r'code=5\.03 reason="mqtt\.max_pending_acks readings wait for the '
+                       r"broker's PUBACK\"", 5)
+
+        relay.holding.clear()
+        r = acked.wait(90)
+        assert collections.Counter(r.codes()) == {"2.04": 1000, "5.03": 4000}, r.summary
+        want = {f"{kv['device']}/{kv['seq']}" for kv in r.responses if kv["code"] == "2.04"}
+        wait_until(lambda: want <= {m.payload.decode() for m in sub.messages()}, 30,
+                   "the 1,000 acknowledged readings on MQTT")
+    finally:
+        if fast:
+            fast.stop()
+        relay.holding.clear()
+        g.finish()
+        relay.stop()
