@@ -32,8 +32,10 @@ def cannot_run():
                       ("nsenter", "util-linux")):
         if not shutil.which(tool):
             return f"{tool} is missing (Debian package {pkg}; scripts/bootstrap installs it)"
-    if not Path("/sys/fs/cgroup").is_dir():
-        return "no cgroup file system at /sys/fs/cgroup: systemd cannot boot in a box here"
+    cg = Path("/sys/fs/cgroup")
+    if not cg.is_dir() or not any(cg.iterdir()):
+        return ("no cgroup file system is mounted at /sys/fs/cgroup (a chroot that bound /sys "
+                "without its submounts?): systemd cannot boot in a box here")
     return None
 
 
