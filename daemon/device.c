@@ -23,6 +23,7 @@ struct dev_sess {
 	struct device *dev;		/* set once established */
 	char identity[KEYS_MAX_IDENTITY + 1];
 	char peer[64];
+	coap_address_t addr;		/* the peer's address as peer shows it */
 	int closed;			/* DTLS_CLOSED seen */
 	struct event *hs_timer;		/* handshake deadline, armed once the identity is known */
 	struct device *owner;		/* the configured identity it claimed (handshake or done) */
@@ -240,12 +241,31 @@ static void sess_fill_identity(struct dev_sess *d)
 	d->identity[id->length] = '\0';
 }
 
+/* A session with a Connection ID follows its device to a new address once a record from there
+ * authenticated (deps-patches/libcoap/0017): the log says so, and peer= names the new one. */
+static void sess_follow(struct dev_sess *d)
+{
+	const coap_address_t *now = coap_session_get_addr_remote(d->session);
+	char old[sizeof(d->peer)];
+
+	if (!now || coap_address_equals(now, &d->addr))
+		return;
+	memcpy(old, d->peer, sizeof(old));
+	coap_address_copy(&d->addr, now);
+	pdu_peer(d->session, d->peer, sizeof(d->peer));
+	log_src(dev_sess_log(d), LOG_LVL_INFO, "peer=%s identity=%s session=moved to=%s "
+		"reason=\"a record with its connection id came from there\"", old, d->identity,
+		d->peer);
+}
+
 struct dev_sess *dev_sess_get(coap_session_t *s)
 {
 	struct dev_sess *d = coap_session_get_app_data(s);
 
-	if (d)
+	if (d) {
+		sess_follow(d);
 		return d;
+	}
 	d = calloc(1, sizeof(*d));
 	if (!d) {
 		log_error("device: out of memory for a new session");
@@ -254,6 +274,8 @@ struct dev_sess *dev_sess_get(coap_session_t *s)
 	d->session = s;
 	sess_fill_identity(d);
 	pdu_peer(s, d->peer, sizeof(d->peer));
+	if (coap_session_get_addr_remote(s))
+		coap_address_copy(&d->addr, coap_session_get_addr_remote(s));
 	coap_session_set_app_data(s, d);
 	D.n_sess++;
 	return d;
