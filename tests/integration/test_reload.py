@@ -37,6 +37,20 @@ def handshakes(gw, identity):
     return len(re.findall(rf"identity={re.escape(identity)} handshake=ok", gw.log_text()))
 
 
+def revoke(gw, identity, change):
+    """Removes the identity ("removed") or gives it NEW_KEY ("key changed"), then reloads; the
+    reason the gateway gives when it closes the identity's sessions."""
+    if change == "removed":
+        gw.config["devices"] = [d for d in gw.config["devices"] if d["identity"] != identity]
+    else:
+        for d in gw.config["devices"]:
+            if d["identity"] == identity:
+                d["key"] = NEW_KEY
+    gw.write_config()
+    reload(gw)
+    return "device removed" if change == "removed" else "key changed"
+
+
 @pytest.fixture
 def live(world):
     """sensor-01 sending a reading every 200 ms on one long-lived session."""
@@ -120,16 +134,7 @@ def test_removed_device_or_changed_key_loses_its_session(live, change):
                         "--path", "sensors/other", "--payload", "{seq}", identity="sensor-02")
     try:
         wait_answers(bg2, 3)
-        if change == "removed":
-            gw.config["devices"] = [d for d in gw.config["devices"] if d["identity"] != "sensor-01"]
-            why = "device removed"
-        else:
-            for d in gw.config["devices"]:
-                if d["identity"] == "sensor-01":
-                    d["key"] = NEW_KEY
-            why = "key changed"
-        gw.write_config()
-        reload(gw)
+        why = revoke(gw, "sensor-01", change)
         gw.wait_for_log(rf'identity=sensor-01 session=closing reason="{why}"')
         assert "identity=sensor-02 session=closing" not in gw.log_text()
 
@@ -171,16 +176,7 @@ def test_revocation_closes_every_session_of_the_identity(live, change):
         gw.wait_for_log(r"identity=sensor-01 session=replaced by=")
         t = time.monotonic()
         wait_answers(bg1, 3, since=t)  # the older session still gets its readings through
-        if change == "removed":
-            gw.config["devices"] = [d for d in gw.config["devices"] if d["identity"] != "sensor-01"]
-            why = "device removed"
-        else:
-            for d in gw.config["devices"]:
-                if d["identity"] == "sensor-01":
-                    d["key"] = NEW_KEY
-            why = "key changed"
-        gw.write_config()
-        reload(gw)
+        why = revoke(gw, "sensor-01", change)
         closing = rf'identity=sensor-01 session=closing reason="{why}"'
         wait_until(lambda: len(re.findall(closing, gw.log_text())) == 2, 10,
                    "both sessions of sensor-01 closed")
