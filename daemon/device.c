@@ -182,16 +182,16 @@ void **dev_command_slot(struct device *d)
 	return &d->command;
 }
 
+static void close_later(struct dev_sess *d);
+
 static void dev_up(struct dev_sess *s)
 {
 	struct device *d = dev_find(s->identity, strlen(s->identity));
 
 	if (!d) {
-		/* removed by a reload during its handshake (which dev_apply_keys closes; this is the
-		 * same rule for a handshake that finished first) */
-		log_src(&D.anon, LOG_LVL_WARNING, "peer=%s identity=%s session=closing "
-			"reason=\"the identity is no longer configured\"", s->peer, s->identity);
-		coap_session_disconnected(s->session, COAP_NACK_TLS_FAILED);
+		/* no longer configured (dev_apply_keys closes such handshakes at the reload; this
+		 * is the same rule for one that finished first) */
+		close_later(s);
 		return;
 	}
 	if (d->cur && d->cur != s) {
@@ -457,18 +457,26 @@ static void on_close_later(evutil_socket_t fd, short what, void *arg)
 	sess_close(d, "identity revoked");
 }
 
-const char *dev_sess_refused(struct dev_sess *d)
+/* Closed from the loop once what libcoap is doing with the session now (sending an answer,
+ * finishing a handshake) is done. */
+static void close_later(struct dev_sess *d)
 {
 	static const struct timeval now = { 0, 0 };
+
+	if (!d->close_ev)
+		d->close_ev = evtimer_new(loop_base(), on_close_later, d);
+	if (d->close_ev && !evtimer_pending(d->close_ev, NULL))
+		evtimer_add(d->close_ev, &now);
+}
+
+const char *dev_sess_refused(struct dev_sess *d)
+{
 	const char *why;
 
 	if (coap_session_get_proto(d->session) != COAP_PROTO_DTLS ||
 	    (why = revoked(d, loop_keys())) == NULL)
 		return NULL;
-	if (!d->close_ev)
-		d->close_ev = evtimer_new(loop_base(), on_close_later, d);
-	if (d->close_ev && !evtimer_pending(d->close_ev, NULL))
-		evtimer_add(d->close_ev, &now);
+	close_later(d);
 	return why;
 }
 
