@@ -97,7 +97,11 @@ static void presence(struct device *d, const char *state, const char *reason)
 
 struct device *dev_find(const char *identity, size_t len)
 {
-	struct device *d = hmap_get(D.by_id, identity, len);
+	struct device *d;
+
+	if (!D.by_id)
+		return NULL;	/* after dev_shutdown(): what is torn down later finds no device */
+	d = hmap_get(D.by_id, identity, len);
 
 	if (d)
 		return d;
@@ -170,6 +174,13 @@ struct log_budget *dev_sess_log(struct dev_sess *s)
 	struct device *d = s->dev ? s->dev : dev_find(s->identity, strlen(s->identity));
 
 	return d ? &d->log : &D.anon;
+}
+
+struct log_budget *dev_session_log(coap_session_t *s)
+{
+	struct dev_sess *d = coap_session_get_app_data(s);
+
+	return d ? dev_sess_log(d) : &D.anon;
 }
 
 void **dev_observe_slot(struct device *d)

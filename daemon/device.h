@@ -47,6 +47,8 @@ const char *dev_peer(const struct device *d);
  * a configured identity, the one budget those sessions share. */
 struct log_budget *dev_log(struct device *d);
 struct log_budget *dev_sess_log(struct dev_sess *s);
+/* The same for a libcoap session, also while the gateway shuts down. */
+struct log_budget *dev_session_log(coap_session_t *s);
 /* Opaque per-device slots for the observe and command modules. */
 void **dev_observe_slot(struct device *d);
 void **dev_command_slot(struct device *d);

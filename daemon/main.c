@@ -310,6 +310,7 @@ int main(int argc, char **argv)
 	if (G.boot != G.conf)
 		conf_free(G.boot);
 	conf_free(G.conf);
+	log_budget_flush();	/* what sources had suppressed since the last minute */
 	log_info("stopped status=%d", rc);
 	return rc;
 }

@@ -32,7 +32,6 @@ struct pending {
 	unsigned no_response;		/* No-Response option bits (RFC 7967) of a NON */
 	int broker, stored;
 	char who[160];			/* "peer=… identity=…" for log lines */
-	struct log_budget *log;		/* its device's */
 	struct pending *prev, *next;
 };
 
@@ -208,8 +207,8 @@ static void pending_answer(struct pending *p, uint8_t code)
 		else
 			coap_pdu_set_code(pdu, code);
 		if (coap_send(p->session, pdu) == COAP_INVALID_MID)
-			log_src(p->log, LOG_LVL_WARNING, "%s code=%u.%02u outcome=not-sent", p->who,
-				code >> 5, code & 31);
+			log_src(dev_session_log(p->session), LOG_LVL_WARNING, "%s code=%u.%02u "
+				"outcome=not-sent", p->who, code >> 5, code & 31);
 		else if (p->broker)
 			loop_kick();	/* a CON: libcoap's retransmission timer must run */
 	}
@@ -332,7 +331,6 @@ static uint8_t take_durable(coap_session_t *s, struct dev_sess *dev, const coap_
 	p->no_response = coap_pdu_get_type(req) == COAP_MESSAGE_NON ? no_response_bits(req) : 0;
 	snprintf(p->who, sizeof(p->who), "peer=%s identity=%s mid=%u", dev_sess_peer(dev),
 		 dev_sess_identity(dev), (unsigned)coap_pdu_get_mid(req));
-	p->log = dev_sess_log(dev);
 	if (ex)
 		exch_set_ctx(ex, p);
 	p->next = U.pending;
