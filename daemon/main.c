@@ -223,6 +223,7 @@ static void on_device_down(struct device *d, const char *reason)
 /* Responses and NACKs to the gateway's own requests: observations first, then commands. */
 static int on_response(coap_session_t *s, const coap_pdu_t *sent, const coap_pdu_t *rcvd)
 {
+	dev_sess_get(s);	/* a device that moved with its Connection ID: peer= follows it */
 	return observe_response(s, sent, rcvd) || command_response(s, sent, rcvd);
 }
 

@@ -71,3 +71,25 @@ def test_a_forged_record_does_not_divert_commands(setup):
     finally:
         p.kill()
         p.wait(10)
+
+
+def test_an_observation_keeps_notifying_across_a_move(broker_factory, subscriber_factory,
+                                                      gateway_factory):
+    """The gateway observes a resource of the device; the device moves to a new port and goes
+    on notifying from there: every notification is published, with no new handshake and no new
+    registration."""
+    b = broker_factory()
+    sub = subscriber_factory(b, topic="devices/+/obs/#")
+    g = gateway_factory(b, extra={"observe": [{"devices": "sensor-*", "path": "temp",
+                                               "topic": "devices/{identity}/obs/{path}"}]})
+    lines = cid_client(g, "send:sensors/cid:hello", "observe:temp", "notify:2", "move",
+                       "notify:2")
+    observed = [l for l in lines if "observed" in l]
+    assert observed and observed[0]["observed"] == "temp", lines
+    notified = [l for l in lines if "notified" in l]
+    assert notified[1]["port"] != notified[2]["port"], notified  # the device moved between
+    msgs = sub.wait_for(5, 20)
+    assert [m.payload for m in msgs] == [b"v0", b"v1", b"v2", b"v3", b"v4"], msgs
+    log = g.log_text()
+    assert len(re.findall(r"identity=sensor-01 handshake=ok", log)) == 1, log[-3000:]
+    assert len(re.findall(r"identity=sensor-01 session=moved to=", log)) == 1, log[-3000:]

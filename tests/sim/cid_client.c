@@ -16,6 +16,10 @@
  *   serve:SECONDS        answers the gateway's requests on the current socket for that long
  *                        (2.04 piggybacked, payload "done"), printing
  *                        "step=N served=PATH method=M port=P" for each
+ *   observe:PATH         waits up to 15 s for the gateway's GET with Observe on PATH and
+ *                        answers 2.05, Observe 1, payload "v0"; prints "step=N observed=PATH"
+ *   notify:COUNT         sends COUNT notifications of that resource from the current socket,
+ *                        300 ms apart (NON 2.05, Observe and payload "vK" counting on)
  *
  * Exit 0 when the handshake and every step ran (the answers are the caller's to judge), 1 on a
  * handshake or I/O failure, 2 on bad arguments. The CoAP messages are written here by hand: a
@@ -41,10 +45,14 @@ static struct {
 	struct sockaddr_in server;
 	int fd;				/* the socket records go out of and answers come in */
 	int capture;			/* the next record is kept in captured, not sent */
+	int connected;			/* handshake done: a quiet second is no retransmission cue */
 	unsigned char captured[MAX_DGRAM];
 	int captured_len;
 	const char *identity, *key;
 	uint16_t mid;
+	unsigned char obs_token[8];	/* the gateway's observation (observe:) */
+	int obs_token_len;
+	unsigned obs_seq;
 } C;
 
 static int io_send(WOLFSSL *ssl, char *buf, int sz, void *ctx)
@@ -71,8 +79,10 @@ static int io_recv(WOLFSSL *ssl, char *buf, int sz, void *ctx)
 
 	(void)ssl;
 	(void)ctx;
+	/* during the handshake a quiet second makes wolfSSL retransmit its flight; afterwards it
+	 * only means nothing came yet (a timeout there would end the session's reads for good) */
 	if (poll(&p, 1, 1000) <= 0)
-		return WOLFSSL_CBIO_ERR_TIMEOUT;
+		return C.connected ? WOLFSSL_CBIO_ERR_WANT_READ : WOLFSSL_CBIO_ERR_TIMEOUT;
 	n = recv(C.fd, buf, (size_t)sz, 0);
 	return n < 0 ? WOLFSSL_CBIO_ERR_GENERAL : (int)n;
 }
@@ -243,6 +253,64 @@ static void step_serve(WOLFSSL *ssl, int step, int seconds)
 	}
 }
 
+static void step_observe(WOLFSSL *ssl, int step, const char *want)
+{
+	time_t deadline = time(NULL) + 15;
+
+	while (time(NULL) < deadline) {
+		unsigned char in[MAX_DGRAM], out[32];
+		int r = wolfSSL_read(ssl, in, sizeof(in)), tkl;
+		char path[128];
+
+		if (r < 4 || (in[0] >> 4 & 3) != 0 || in[1] != 0x01)
+			continue;	/* a CON GET only */
+		tkl = in[0] & 15;
+		if (tkl > 8 || 4 + tkl > r)
+			continue;
+		request_path(in, r, path, sizeof(path));
+		if (strcmp(path, want) != 0)
+			continue;
+		memcpy(C.obs_token, in + 4, (size_t)tkl);
+		C.obs_token_len = tkl;
+		C.obs_seq = 1;
+		out[0] = (unsigned char)(0x60 | tkl);	/* ACK */
+		out[1] = 0x45;				/* 2.05 */
+		out[2] = in[2];
+		out[3] = in[3];
+		memcpy(out + 4, in + 4, (size_t)tkl);
+		memcpy(out + 4 + tkl, "\x61\x01\xff" "v0", 5);	/* Observe (6): 1 */
+		wolfSSL_write(ssl, out, 4 + tkl + 5);
+		printf("step=%d observed=%s port=%u\n", step, path, local_port(C.fd));
+		fflush(stdout);
+		return;
+	}
+	printf("step=%d observed=none\n", step);
+	fflush(stdout);
+}
+
+static void step_notify(WOLFSSL *ssl, int step, int count)
+{
+	for (int i = 0; i < count; i++) {
+		unsigned char out[40];
+		int n, tkl = C.obs_token_len;
+
+		C.obs_seq++;
+		out[0] = (unsigned char)(0x50 | tkl);	/* NON */
+		out[1] = 0x45;				/* 2.05 */
+		out[2] = (unsigned char)(++C.mid >> 8);
+		out[3] = (unsigned char)C.mid;
+		memcpy(out + 4, C.obs_token, (size_t)tkl);
+		n = 4 + tkl;
+		out[n++] = 0x61;			/* Observe, one byte */
+		out[n++] = (unsigned char)C.obs_seq;
+		n += snprintf((char *)out + n, sizeof(out) - (size_t)n, "\xffv%u", C.obs_seq - 1);
+		wolfSSL_write(ssl, out, n);
+		printf("step=%d notified=v%u port=%u\n", step, C.obs_seq - 1, local_port(C.fd));
+		fflush(stdout);
+		usleep(300000);
+	}
+}
+
 static void step_forge(WOLFSSL *ssl, int step, const char *path, const char *payload)
 {
 	unsigned char msg[512], tok[4] = { 0xf0, 0x0d, (unsigned char)step, 0 };
@@ -318,6 +386,7 @@ int main(int argc, char **argv)
 		fprintf(stderr, "cid-client: handshake failed: %d\n", wolfSSL_get_error(ssl, 0));
 		return 1;
 	}
+	C.connected = 1;
 	{
 		unsigned int tx = 0;
 
@@ -335,6 +404,10 @@ int main(int argc, char **argv)
 			C.fd = new_socket();
 		} else if (strncmp(argv[i], "send:", 5) == 0 && split(argv[i], &path, &payload) == 0) {
 			step_send(ssl, i - 4, path, payload);
+		} else if (strncmp(argv[i], "observe:", 8) == 0) {
+			step_observe(ssl, i - 4, argv[i] + 8);
+		} else if (strncmp(argv[i], "notify:", 7) == 0) {
+			step_notify(ssl, i - 4, atoi(argv[i] + 7));
 		} else if (strncmp(argv[i], "serve:", 6) == 0) {
 			step_serve(ssl, i - 4, atoi(argv[i] + 6));
 		} else if (strncmp(argv[i], "forge:", 6) == 0 && split(argv[i], &path, &payload) == 0) {
