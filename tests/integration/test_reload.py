@@ -37,6 +37,12 @@ def handshakes(gw, identity):
     return len(re.findall(rf"identity={re.escape(identity)} handshake=ok", gw.log_text()))
 
 
+def sending(gw, identity, path):
+    """A device sending a reading every 200 ms on one long-lived session, until stopped."""
+    return SimBackground(gw, "--count", 0, "--interval", 200, "--timeout", 0,
+                         "--path", path, "--payload", "{seq}", identity=identity)
+
+
 def revoke(gw, identity, change):
     """Removes the identity ("removed") or gives it NEW_KEY ("key changed"), then reloads; the
     reason the gateway gives when it closes the identity's sessions."""
@@ -54,8 +60,7 @@ def revoke(gw, identity, change):
 @pytest.fixture
 def live(world):
     """sensor-01 sending a reading every 200 ms on one long-lived session."""
-    bg = SimBackground(world.gw, "--count", 0, "--interval", 200, "--timeout", 0,
-                       "--path", "sensors/live", "--payload", "{seq}", identity="sensor-01")
+    bg = sending(world.gw, "sensor-01", "sensors/live")
     wait_answers(bg, 3)
     yield world, bg
     bg.stop()
@@ -130,8 +135,7 @@ def test_invalid_file_is_refused_and_old_config_kept(live, broken, where):
 def test_removed_device_or_changed_key_loses_its_session(live, change):
     world, bg1 = live
     gw = world.gw
-    bg2 = SimBackground(gw, "--count", 0, "--interval", 200, "--timeout", 0,
-                        "--path", "sensors/other", "--payload", "{seq}", identity="sensor-02")
+    bg2 = sending(gw, "sensor-02", "sensors/other")
     try:
         wait_answers(bg2, 3)
         why = revoke(gw, "sensor-01", change)
@@ -169,8 +173,7 @@ def test_revocation_closes_every_session_of_the_identity(live, change):
     A reload that revokes the identity closes both; nothing more is published under it."""
     world, bg1 = live
     gw = world.gw
-    bg2 = SimBackground(gw, "--count", 0, "--interval", 200, "--timeout", 0,
-                        "--path", "sensors/rebound", "--payload", "{seq}", identity="sensor-01")
+    bg2 = sending(gw, "sensor-01", "sensors/rebound")
     try:
         wait_answers(bg2, 3)
         gw.wait_for_log(r"identity=sensor-01 session=replaced by=")
