@@ -16,7 +16,10 @@
 #include "pdu.h"
 #include "stats.h"
 
-#define DEV_HANDSHAKE_S 10	/* a PSK handshake not done by then has failed (wrong key) */
+/* A handshake not done this long after the identity was accepted is looked at: a device
+ * Finished that did not decrypt means a wrong key; otherwise the link is slow or lossy (RFC 6347
+ * retransmits from 1 s, doubling), the handshake goes on and is looked at again as often. */
+#define DEV_HANDSHAKE_S 10
 
 struct dev_sess {
 	coap_session_t *session;
@@ -26,6 +29,7 @@ struct dev_sess {
 	coap_address_t addr;		/* the peer's address as peer shows it */
 	int closed;			/* DTLS_CLOSED seen */
 	struct event *hs_timer;		/* handshake deadline, armed once the identity is known */
+	int hs_slow;			/* the deadline passed without a verdict (logged once) */
 	struct device *owner;		/* the configured identity it claimed (handshake or done) */
 	struct dev_sess *onext, *oprev;	/* the owner's sessions */
 	struct event *close_ev;		/* a refused request: closed once the answer is out */
@@ -305,14 +309,26 @@ const char *dev_sess_peer(const struct dev_sess *d)
 static void on_handshake_deadline(evutil_socket_t fd, short what, void *arg)
 {
 	struct dev_sess *d = arg;
+	struct timeval tv = { DEV_HANDSHAKE_S, 0 };
 
 	(void)fd;
 	(void)what;
-	/* DTLS drops records it cannot decrypt, so a wrong key shows only as silence */
-	stats_inc(STAT_HS_WRONG_KEY);
-	log_src(dev_sess_log(d), LOG_LVL_WARNING, "peer=%s identity=%s handshake=failed "
-		"reason=\"not completed within %ds\" hint=\"the device's key is probably wrong\"",
-		d->peer, d->identity, DEV_HANDSHAKE_S);
+	/* DTLS drops records it cannot decrypt: a wrong key shows only as the device's Finished
+	 * dropped for its MAC, and the handshake then never completes */
+	if (pdu_mac_drops(d->session) > 0) {
+		stats_inc(STAT_HS_WRONG_KEY);
+		log_src(dev_sess_log(d), LOG_LVL_WARNING, "peer=%s identity=%s handshake=failed "
+			"reason=\"the device's Finished did not decrypt\" "
+			"hint=\"the device's key is probably wrong\"", d->peer, d->identity);
+		return;
+	}
+	if (!d->hs_slow) {
+		d->hs_slow = 1;
+		log_src(dev_sess_log(d), LOG_LVL_INFO, "peer=%s identity=%s handshake=slow "
+			"reason=\"not completed within %ds\" hint=\"a slow or lossy link; still waiting\"",
+			d->peer, d->identity, DEV_HANDSHAKE_S);
+	}
+	evtimer_add(d->hs_timer, &tv);
 }
 
 void dev_handshake_start(coap_session_t *s, const char *identity)
@@ -377,8 +393,8 @@ void dev_session_event(coap_session_t *s, coap_event_t ev)
 		break;
 	case COAP_EVENT_DTLS_ERROR:
 		d = coap_session_get_app_data(s);
-		/* once per handshake: an expired deadline counted it as a wrong key already, and an
-		 * error after the handshake is no handshake failure */
+		/* once per handshake: the deadline stops only at a verdict (a wrong key, counted
+		 * already) or at the handshake's end, and an error after it is no handshake failure */
 		if (d && d->hs_timer && !evtimer_pending(d->hs_timer, NULL))
 			break;
 		stats_inc(!d && identity_unknown(s) ? STAT_HS_UNKNOWN_IDENTITY : STAT_HS_DTLS_ERROR);

@@ -63,16 +63,33 @@ const char *pdu_peer(const coap_session_t *s, char *buf, size_t len)
 	return buf;
 }
 
-const char *pdu_cipher(coap_session_t *s)
+/* libcoap's wolfSSL backend hands out a pointer to the session's WOLFSSL object */
+static WOLFSSL *session_ssl(coap_session_t *s)
 {
 	coap_tls_library_t lib;
 	WOLFSSL **pssl;
-	const char *name = NULL;
 
-	/* libcoap's wolfSSL backend hands out a pointer to the session's WOLFSSL object */
 	if (coap_session_get_proto(s) == COAP_PROTO_DTLS &&
-	    (pssl = coap_session_get_tls(s, &lib)) != NULL && lib == COAP_TLS_LIBRARY_WOLFSSL &&
-	    *pssl)
-		name = wolfSSL_get_cipher(*pssl);
+	    (pssl = coap_session_get_tls(s, &lib)) != NULL && lib == COAP_TLS_LIBRARY_WOLFSSL)
+		return *pssl;
+	return NULL;
+}
+
+const char *pdu_cipher(coap_session_t *s)
+{
+	WOLFSSL *ssl = session_ssl(s);
+	const char *name = ssl ? wolfSSL_get_cipher(ssl) : NULL;
+
 	return name ? name : "none";
+}
+
+unsigned pdu_mac_drops(coap_session_t *s)
+{
+	WOLFSSL *ssl = session_ssl(s);
+	word32 drops = 0;
+
+	/* counted by wolfSSL built with WOLFSSL_DTLS_DROP_STATS (scripts/bootstrap) */
+	if (ssl)
+		wolfSSL_dtls_get_drop_stats(ssl, &drops, NULL);
+	return drops;
 }

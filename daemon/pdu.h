@@ -24,5 +24,8 @@ int pdu_partial_body(const coap_pdu_t *rcvd);
 const char *pdu_peer(const coap_session_t *s, char *buf, size_t len);
 /* Name of the session's negotiated DTLS cipher suite, "none" without DTLS. */
 const char *pdu_cipher(coap_session_t *s);
+/* Records of the session's DTLS that did not decrypt (bad MAC) and were dropped. In a handshake,
+ * the device's Finished under a different key: the one sure sign of a wrong PSK. */
+unsigned pdu_mac_drops(coap_session_t *s);
 
 #endif

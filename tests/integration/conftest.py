@@ -6,10 +6,13 @@ at interpreter exit); every wait is bounded. Each test file runs in its own pyte
 ports come from the kernel (bind to port 0) and files live in pytest's per-test temp dirs.
 """
 import atexit
+import heapq
 import itertools
 import json
 import os
+import random
 import re
+import selectors
 import shutil
 import signal
 import socket
@@ -346,6 +349,72 @@ def broker_factory(tmp_path, pki):
 # MQTT 5 subscriber (paho-mqtt 1.6.1)
 
 Msg = namedtuple("Msg", "topic payload qos retain content_type user_props props time")
+
+
+class Relay(threading.Thread):
+    """A UDP relay on loopback between devices and the gateway, standing in for a radio link
+    (this kernel has no netem): every datagram, both ways, is held for delay_s and dropped with
+    probability loss, drawn from random.Random(seed) so that a failing run can be replayed. Each
+    device address gets its own upstream socket, so the gateway sees one peer per device. Runs
+    until stop(); holds at most max_held datagrams (the rest are dropped and counted)."""
+
+    def __init__(self, target_port, delay_s=0.0, loss=0.0, seed=1, max_held=100000):
+        super().__init__(daemon=True)
+        self.delay, self.loss, self.max_held = delay_s, loss, max_held
+        self.rng = random.Random(seed)
+        self.sel = selectors.DefaultSelector()
+        self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.front.bind(("127.0.0.1", 0))
+        self.port = self.front.getsockname()[1]
+        self.sel.register(self.front, selectors.EVENT_READ, None)
+        self.target = ("127.0.0.1", target_port)
+        self.backs = {}  # device address -> upstream socket
+        self.passed = self.dropped = 0
+        self.stopping = threading.Event()
+
+    def _back(self, addr):
+        b = self.backs.get(addr)
+        if b is None:
+            b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            b.bind(("127.0.0.1", 0))
+            b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            self.backs[addr] = b
+            self.sel.register(b, selectors.EVENT_READ, addr)
+        return b
+
+    def run(self):
+        due = []  # (time, seq, socket, datagram, address)
+        seq = 0
+        while not self.stopping.is_set():
+            wait = max(0, min(0.05, due[0][0] - time.monotonic())) if due else 0.05
+            for key, _ in self.sel.select(wait):
+                try:
+                    data, addr = key.fileobj.recvfrom(65536)
+                except OSError:
+                    continue
+                if key.data is None:  # from a device
+                    out, to = self._back(addr), self.target
+                else:
+                    out, to = self.front, key.data
+                if self.rng.random() < self.loss or len(due) >= self.max_held:
+                    self.dropped += 1
+                    continue
+                seq += 1
+                heapq.heappush(due, (time.monotonic() + self.delay, seq, out, data, to))
+            while due and due[0][0] <= time.monotonic():
+                _, _, out, data, to = heapq.heappop(due)
+                try:
+                    out.sendto(data, to)
+                    self.passed += 1
+                except OSError:
+                    self.dropped += 1
+
+    def stop(self):
+        self.stopping.set()
+        self.join(5)
+        for s in [self.front, *self.backs.values()]:
+            s.close()
+        self.sel.close()
 
 
 class Subscriber:

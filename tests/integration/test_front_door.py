@@ -3,18 +3,16 @@ that lasts. A ClientHello without a valid cookie is answered with a HelloVerifyR
 state (RFC 6347 §4.2.1) and leaves no session behind; anything else from such an address is dropped;
 and none of it can push an established device out, even at coap.max_sessions. A cookie is bound to
 the address it was sent to."""
-import heapq
 import os
 import random
-import select
 import signal
 import socket
 import threading
 import time
 import types
 
-from conftest import (DEVICES as KNOWN, RawUDP, SimBackground, free_port, sim, tail, user_prop,
-                      wait_mqtt_connected, wait_until)
+from conftest import (DEVICES as KNOWN, RawUDP, Relay, SimBackground, free_port, sim, tail,
+                      user_prop, wait_mqtt_connected, wait_until)
 from test_flood import (HANDSHAKE, SERVER_HELLO, MemorySampler, client_hello, hello_verify_cookie,
                         uses_asan)
 from test_metrics import scrape, val
@@ -152,49 +150,6 @@ def test_strangers_evict_nobody_and_leave_no_state(broker_factory, subscriber_fa
             fleet.stop()
 
 
-class DelayRelay(threading.Thread):
-    """A UDP relay on loopback that holds every datagram, both ways, for delay_s: a device far
-    away (NB-IoT, a satellite link). One client; bounded by stop()."""
-
-    def __init__(self, target_port, delay_s):
-        super().__init__(daemon=True)
-        self.delay = delay_s
-        self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.front.bind(("127.0.0.1", 0))
-        self.port = self.front.getsockname()[1]
-        self.back = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.back.bind(("127.0.0.1", 0))
-        self.target = ("127.0.0.1", target_port)
-        self.client = None
-        self.stopping = threading.Event()
-
-    def run(self):
-        due = []  # (time, seq, socket, datagram, address)
-        seq = 0
-        while not self.stopping.is_set():
-            wait = min([0.05] + [max(0, due[0][0] - time.monotonic())] if due else [0.05])
-            for sock in select.select([self.front, self.back], [], [], wait)[0]:
-                data, addr = sock.recvfrom(4096)
-                if sock is self.front:
-                    self.client = addr
-                    out, to = self.back, self.target
-                elif self.client is None:
-                    continue
-                else:
-                    out, to = self.front, self.client
-                seq += 1
-                heapq.heappush(due, (time.monotonic() + self.delay, seq, out, data, to))
-            while due and due[0][0] <= time.monotonic():
-                _, _, out, data, to = heapq.heappop(due)
-                out.sendto(data, to)
-
-    def stop(self):
-        self.stopping.set()
-        self.join(5)
-        self.front.close()
-        self.back.close()
-
-
 def test_far_device_completes_its_handshake_under_a_hello_flood(broker_factory,
                                                                 subscriber_factory,
                                                                 gateway_factory):
@@ -205,7 +160,7 @@ def test_far_device_completes_its_handshake_under_a_hello_flood(broker_factory,
     sub = subscriber_factory(b)
     gw = gateway_factory(b, log_level=os.environ.get("FD_LOG", "info"))
     wait_mqtt_connected(gw)
-    relay = DelayRelay(gw.port, 0.5)
+    relay = Relay(gw.port, delay_s=0.5)
     relay.start()
     done = threading.Event()
     sent = [0]
