@@ -15,6 +15,7 @@
 #include "config.h"
 #include "device.h"
 #include "exchange.h"
+#include "heap.h"
 #include "journal.h"
 #include "keys.h"
 #include "log.h"
@@ -276,6 +277,7 @@ int main(int argc, char **argv)
 {
 	int check = 0, rc;
 
+	heap_init();	/* before anything calls into wolfSSL */
 	log_init("coap2mqtt");
 	if (parse_args(argc, argv, &check) < 0)
 		return 2;

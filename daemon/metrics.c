@@ -16,6 +16,7 @@
 #include "command.h"
 #include "config.h"
 #include "device.h"
+#include "heap.h"
 #include "journal.h"
 #include "log.h"
 #include "loop.h"
@@ -60,6 +61,16 @@ static size_t acks_pending(void)
 static size_t log_suppressed(void)
 {
 	return (size_t)log_suppressed_total();
+}
+
+static size_t heap_all(void)
+{
+	return heap_all_bytes();
+}
+
+static size_t heap_dtls(void)
+{
+	return heap_dtls_bytes();
 }
 
 static size_t broker_connected(void)
@@ -114,11 +125,15 @@ static const struct family families[] = {
 	  dev_sessions, NULL, 0, { { NULL, 0, NULL } } },
 	{ "devices_online", "online", GAUGE, "Devices with an established session",
 	  dev_online, NULL, 0, { { NULL, 0, NULL } } },
+	{ "heap_bytes", "heap_bytes", GAUGE, "Heap in use, bytes: all = what the allocator has "
+	  "handed out, dtls = what wolfSSL holds of it (DTLS sessions, handshakes, contexts)",
+	  NULL, "part", 2, { { "all", 0, heap_all }, { "dtls", 0, heap_dtls } } },
 	{ "handshakes_total", "handshakes_ok", COUNTER, "DTLS handshakes completed",
 	  NULL, NULL, 1, { { NULL, STAT_HANDSHAKE_OK, NULL } } },
 	{ "handshake_failures_total", "handshakes_failed", COUNTER,
-	  "DTLS handshakes failed: wrong_key = not completed in time after the identity was "
-	  "accepted, unknown_identity = not in the key store, dtls_error = any other DTLS failure",
+	  "DTLS handshakes failed: wrong_key = the device's Finished did not decrypt (seen 10 s "
+	  "after the identity was accepted), unknown_identity = not in the key store, dtls_error = "
+	  "any other DTLS failure",
 	  NULL, "reason", 3, { { "wrong_key", STAT_HS_WRONG_KEY, NULL },
 			       { "unknown_identity", STAT_HS_UNKNOWN_IDENTITY, NULL },
 			       { "dtls_error", STAT_HS_DTLS_ERROR, NULL } } },

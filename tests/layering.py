@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 LAYERS = [
-    ("base", ["log", "stats", "hmap", "route", "conftree"]),
+    ("base", ["log", "stats", "hmap", "route", "conftree", "heap"]),
     ("messages", ["pdu"]),
     ("configuration", ["keys", "config"]),
     ("transports", ["loop", "mqtt", "exchange", "notify"]),
