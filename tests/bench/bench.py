@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 TOP = Path(__file__).resolve().parents[2]
+STOCK = TOP / "deps" / "stock" / "bin" / "coap-server-wolfssl"
 os.environ.setdefault("COAP2MQTT_BIN", str(TOP / "build" / "coap2mqtt"))
 os.environ.setdefault("COAP2MQTT_SIM", str(TOP / "build" / "tests" / "coap2mqtt-sim"))
 sys.path.insert(0, str(TOP / "tests" / "integration"))
@@ -109,34 +110,89 @@ def pct(v, q):
     return sorted(v)[min(len(v) - 1, int(len(v) * q))] if v else 0.0
 
 
-def run(tmp, pki, broker, sessions, readings, window, qos, inflight, rate=0, seconds=10):
-    """One row. Every session is set up first (the simulators hold their readings until the
-    gateway counts every handshake); what the row measures starts then. rate 0: closed loop
-    (each device keeps `window` requests in flight, as fast as they are answered: the gateway's
-    capacity). rate R: open loop, R readings/s offered in all, each device one reading every
-    sessions/R s with one in flight (what a fleet does), for `seconds`."""
+def start_sims(d, uri, keys, sessions, readings, interval, window, ramp, method, path):
+    """One simulator per SIM_SESSIONS devices of the keys file, holding their readings until
+    SIGUSR1; together they keep at most 40 handshakes going."""
+    lines = keys.read_text().splitlines(keepends=True)
+    nsim = -(-sessions // SIM_SESSIONS)
+    sims = []
+    for k, first in enumerate(range(0, sessions, SIM_SESSIONS)):
+        n = min(SIM_SESSIONS, sessions - first)
+        part = d / f"devices-{k}.keys"
+        part.write_text("".join(lines[first:first + n]))
+        # stdout to a file: a pipe read one simulator after another stops the others
+        sims.append(subprocess.Popen(
+            [os.environ["COAP2MQTT_SIM"], "--uri", uri, "--keys", str(part),
+             "--devices", str(n), "--count", str(readings), "--hold",
+             "--interval", str(interval), "--window", str(window), "--ramp", str(ramp),
+             "--type", "con", "--method", method, "--path", path, "--payload", "{seq} {time}",
+             "--timeout", "300", "--handshake-timeout", "60",
+             "--max-handshakes", str(max(1, 40 // nsim)),
+             "--source-port", str(SOURCE_PORT + first)],
+            stdout=open(d / f"sim-{k}.out", "w"), stderr=subprocess.DEVNULL))
+    return sims
+
+
+def connected(d, nsim):
+    """Sessions the simulators have up (each says event=dtls-connected once per session)."""
+    return sum((d / f"sim-{k}.out").read_text().count("event=dtls-connected")
+               for k in range(nsim))
+
+
+def subscriber(d, broker, pki):
+    """mosquitto_sub on every bench topic, each message with its arrival time (%U), topic and
+    payload ("SEQ SENT-TIME", as the simulators write it): device-to-subscriber latency, losses
+    and duplicates."""
+    out = d / "sub.out"
+    p = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port),
+                          "--cafile", str(pki.ca), "-q", "1", "-t", "bench/#",
+                          "-i", f"bench-sub-{os.getpid()}", "-F", "%U %t %p"],
+                         stdout=open(out, "w"), stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    return p, out
+
+
+def run(tmp, pki, broker, sessions, readings, window, qos, inflight, rate=0, seconds=10,
+        stock=False):
+    """One row. Every session is set up first (the simulators hold their readings until all
+    their sessions are up); what the row measures starts then. rate 0: closed loop (each device
+    keeps `window` requests in flight, as fast as they are answered: the server's capacity).
+    rate R: open loop, R readings/s offered in all, each device one reading every sessions/R s
+    with one in flight (what a fleet does), for `seconds`. stock: libcoap's own coap-server
+    (unpatched, same wolfSSL) instead of the gateway, answering PUTs to example_data and
+    publishing nothing."""
     d = Path(tempfile.mkdtemp(dir=tmp, prefix=f"s{sessions}-q{qos}-"))
     keys = d / "devices.keys"
-    keys.write_text("".join(f"bench-{i:05d} bench-key-{i:05d}\n" for i in range(sessions)))
+    keys.write_text("".join(f"bench-{i:05d} " + ("stock-key" if stock else f"bench-key-{i:05d}")
+                            + "\n" for i in range(sessions)))
     os.chmod(keys, 0o600)
     mport = h.free_port(h.socket.SOCK_STREAM)
-    gw = h.Gateway(d / "gw", pki, broker.url, devices={},
-                   # room in the socket buffer for one request per device (~1.5 KiB each as
-                   # the kernel counts it); beyond net.core.rmem_max only as root
-                   coap={"max_sessions": sessions + 100, "idle_timeout": 600,
-                         "receive_buffer": max(4 << 20, sessions * 1536),
-                         # every simulated device is on 127.0.0.1: one address for all
-                         "max_handshakes_per_ip": 100000},
-                   routes=[{"path": "sensors/{name}", "topic": "bench/{identity}/{name}",
-                            "qos": qos, "ack": "stored"}],
-                   mqtt_extra={"max_buffered": max(100000, 2 * sessions * readings),
-                               "max_inflight": inflight},
-                   extra={"devices_file": str(keys),
-                          "metrics": {"listen": f"127.0.0.1:{mport}"}})
-    gw.start()
-    sims = []
+    if stock:
+        port = h.free_port(h.socket.SOCK_DGRAM)
+        srv = subprocess.Popen([str(STOCK), "-A", "127.0.0.1", "-p", str(port - 1),
+                                "-k", "stock-key", "-v", "3"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        pid, uri, method, path = srv.pid, f"coaps://127.0.0.1:{port}", "put", "example_data"
+        time.sleep(0.5)
+    else:
+        srv = h.Gateway(d / "gw", pki, broker.url, devices={},
+                        # room in the socket buffer for one request per device (~1.5 KiB each
+                        # as the kernel counts it); beyond net.core.rmem_max only as root
+                        coap={"max_sessions": sessions + 100, "idle_timeout": 600,
+                              "receive_buffer": max(4 << 20, sessions * 1536),
+                              # every simulated device is on 127.0.0.1: one address for all
+                              "max_handshakes_per_ip": 100000},
+                        routes=[{"path": "sensors/{name}", "topic": "bench/{identity}/{name}",
+                                 "qos": qos, "ack": "stored"}],
+                        mqtt_extra={"max_buffered": max(100000, 2 * sessions * readings),
+                                    "max_inflight": inflight},
+                        extra={"devices_file": str(keys),
+                               "metrics": {"listen": f"127.0.0.1:{mport}"}})
+        srv.start()
+        h.wait_mqtt_connected(srv, 30)
+        pid, uri, method, path = srv.proc.pid, srv.uri, "post", "sensors/t"
+    sims, sub = [], None
     try:
-        h.wait_mqtt_connected(gw, 30)
         # closed loop: at most 4,000 requests in flight in all (one per device beyond that): a
         # deeper queue outlasts CoAP's 2 s ACK timeout and devices retransmit what merely waits
         interval, window = 0, max(1, min(window, 4000 // sessions))
@@ -144,37 +200,22 @@ def run(tmp, pki, broker, sessions, readings, window, qos, inflight, rate=0, sec
             interval = sessions * 1000 // rate
             readings = -(-seconds * 1000 // interval)
             window = 1
-        # one simulator per SIM_SESSIONS devices: its loop visits every device it runs;
-        # together they keep at most 40 handshakes going (the gateway holds 100 at once, and a
-        # new ClientHello beyond that pushes out the oldest handshake: deps-patches/libcoap/0005)
-        nsim = -(-sessions // SIM_SESSIONS)
-        hs0 = scrape(mport).get("handshakes_total", 0)
-        rss0 = proc_rss(gw.proc.pid)
-        for k, first in enumerate(range(0, sessions, SIM_SESSIONS)):
-            n = min(SIM_SESSIONS, sessions - first)
-            part = d / f"devices-{k}.keys"
-            part.write_text("".join(keys.read_text().splitlines(keepends=True)[first:first + n]))
-            # stdout to a file: a pipe read one simulator after another stops the others
-            sims.append(subprocess.Popen(
-                [os.environ["COAP2MQTT_SIM"], "--uri", gw.uri, "--keys", str(part),
-                 "--devices", str(n), "--count", str(readings), "--hold",
-                 "--interval", str(interval), "--window", str(window),
-                 "--ramp", str(interval if rate else RAMP_MS),
-                 "--type", "con", "--path", "sensors/t", "--payload", "{seq}",
-                 "--timeout", "300", "--handshake-timeout", "60",
-                 "--max-handshakes", str(40 // nsim),
-                 "--source-port", str(SOURCE_PORT + first)],
-                stdout=open(d / f"sim-{k}.out", "w"), stderr=subprocess.DEVNULL))
+        rss0 = proc_rss(pid)
+        sims = start_sims(d, uri, keys, sessions, readings, interval, window,
+                          interval if rate else RAMP_MS, method, path)
         t_setup = time.monotonic()
-        while (scrape(mport).get("handshakes_total", 0) - hs0 < sessions
-               and time.monotonic() - t_setup < 120 and all(p.poll() is None for p in sims)):
+        while (connected(d, len(sims)) < sessions and time.monotonic() - t_setup < 180
+               and all(p.poll() is None for p in sims)):
             time.sleep(0.2)
         setup = time.monotonic() - t_setup
-        rss_up = proc_rss(gw.proc.pid) - rss0
-        cpu0, _ = proc_stat(gw.proc.pid)
-        th0 = thread_cpu(gw.proc.pid)
+        time.sleep(0.5)  # the server's last handshakes end after the device's
+        rss_up = proc_rss(pid) - rss0
+        if not stock:
+            sub, sub_out = subscriber(d, broker, pki)
+        cpu0, _ = proc_stat(pid)
+        th0 = thread_cpu(pid)
         sim0 = sum(proc_stat(p.pid)[0] for p in sims if p.poll() is None)
-        m0 = scrape(mport)
+        m0 = {} if stock else scrape(mport)
         drops0 = udp_drops()
         busy0 = cpu_ticks()
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -187,40 +228,76 @@ def run(tmp, pki, broker, sessions, readings, window, qos, inflight, rate=0, sec
         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         sim_cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime) - sim0
         outs = [(d / f"sim-{k}.out").read_text() for k in range(len(sims))]
-        cpu1, hwm = proc_stat(gw.proc.pid)
-        th1 = thread_cpu(gw.proc.pid)
-        m1 = scrape(mport)
+        cpu1, hwm = proc_stat(pid)
+        th1 = thread_cpu(pid)
+        m1 = {} if stock else scrape(mport)
         drops = udp_drops() - drops0
         busy1 = cpu_ticks()
         idle = 100 - 100 * (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1])
         lines = [line for out in outs for line in out.strip().splitlines()]
         kvs = [h.parse_kv(out.strip().splitlines()[-1]) for out in outs if out.strip()]
-        rtts = [float(x["rtt_ms"]) for x in map(h.parse_kv, lines)
-                if x.get("code") == "2.04" and "rtt_ms" in x]
-        odd = [line for line in lines if "code=2.04" not in line and not line.startswith("sent=")]
+        answered = [x for x in map(h.parse_kv, lines) if x.get("code", "").startswith("2.")]
+        rtts = [float(x["rtt_ms"]) for x in answered if "rtt_ms" in x]
+        odd = [line for line in lines if " code=2." not in line and not line.startswith("sent=")
+               and "event=dtls-connected" not in line]
         if odd:
             print(f"bench: {len(odd)} other simulator lines, first: {odd[:3]}", file=sys.stderr)
         ok = sum(int(kv.get("ok", 0)) for kv in kvs)
         sent = sum(int(kv.get("sent", 0)) for kv in kvs)
+        e2e, lost, dup = [], None, None
+        if sub:
+            e2e, lost, dup = delivery(sub, sub_out, answered)
         fs = m1.get("journal_fsyncs_total", 0) - m0.get("journal_fsyncs_total", 0)
         commits = m1.get("journal_commits_total", 0) - m0.get("journal_commits_total", 0)
         recs = m1.get("journal_records_total", 0) - m0.get("journal_records_total", 0)
-        return {"sessions": sessions, "qos": qos, "ok": ok, "sent": sent,
+        return {"server": "stock" if stock else "gateway",
+                "sessions": sessions, "qos": qos, "ok": ok, "sent": sent,
                 "load": f"{rate}/s" if rate else "max",
                 "wall": wall, "rate": ok / wall if wall else 0,
                 "setup": setup, "kib_session": rss_up * 1024 / sessions,
                 "cpu_us": (cpu1 - cpu0) * 1e6 / ok if ok else 0, "rss": hwm,
-                "p50": pct(rtts, 0.5), "p99": pct(rtts, 0.99), "fsyncs": fs / wall if wall else 0,
+                "p50": pct(rtts, 0.5), "p99": pct(rtts, 0.99),
+                "e2e50": pct(e2e, 0.5), "e2e99": pct(e2e, 0.99), "lost": lost, "dup": dup,
+                "fsyncs": fs / wall if wall else 0,
                 "per_commit": recs / commits if commits else 0, "drops": drops,
                 "sim_cpu": sim_cpu * 100 / wall if wall else 0, "idle": idle,
                 "fsync_p99": m1.get("journal_fsync_p99_microseconds", 0) / 1000,
                 "threads": {k: (v - th0.get(k, 0)) * 1e6 / ok if ok else 0 for k, v in th1.items()}}
     finally:
-        for p in sims:
+        for p in sims + ([sub] if sub else []):
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        gw.terminate()
+        if stock:
+            srv.terminate()
+            srv.wait()
+        else:
+            srv.terminate()
+
+
+def delivery(sub, out, answered):
+    """(device-to-subscriber latencies in ms, readings answered 2.xx that never arrived,
+    readings that arrived more than once), once the subscriber has been quiet for 2 s."""
+    size, quiet = -1, time.monotonic()
+    while time.monotonic() - quiet < 2 and time.monotonic() - quiet < 60:
+        if out.stat().st_size != size:
+            size, quiet = out.stat().st_size, time.monotonic()
+        time.sleep(0.2)
+    sub.terminate()
+    sub.wait()
+    seen, lat, dup = set(), [], 0
+    for line in out.read_text().splitlines():
+        f = line.split()
+        if len(f) != 4:
+            continue
+        key = (f[1].split("/")[1], f[2])
+        if key in seen:
+            dup += 1
+            continue
+        seen.add(key)
+        lat.append((float(f[0]) - float(f[3])) * 1000)
+    lost = sum(1 for x in answered if (x["device"], x["seq"]) not in seen)
+    return lat, lost, dup
 
 
 def main():
@@ -230,78 +307,179 @@ def main():
     ap.add_argument("--window", type=int, default=4, help="CON requests in flight per device")
     ap.add_argument("--qos", default="0,1")
     ap.add_argument("--inflight", type=int, default=1000, help="mqtt.max_inflight")
-    ap.add_argument("--rate", default="2000,5000,10000",
+    ap.add_argument("--rate", default="half",
                     help="offered readings/s of the open-loop rows (latency), ',' for several; "
-                         "0 = none")
-    ap.add_argument("--plot", help="also draw readings/s and p99 per row into this SVG file")
+                         "half = half the closed-loop rate of the same row; 0 = none")
+    ap.add_argument("--stock", action="store_true",
+                    help="also libcoap's own coap-server (deps/stock, scripts/bootstrap --stock) "
+                         "at each session count, closed loop")
+    ap.add_argument("--markdown", help="also write the run as a page (BENCHMARKS.md) to this file")
+    ap.add_argument("--png", help="also plot readings/s, CPU per reading and KiB per session "
+                                  "against sessions into this PNG file (gnuplot)")
     a = ap.parse_args()
+    rows = []
     with tempfile.TemporaryDirectory(prefix="c2m-bench-") as tmp:
         pki = h.PKI(Path(tmp))
         broker = h.Broker(Path(tmp) / "broker", pki)
         broker.start()
-        rows = []
         try:
-            for qos in (int(q) for q in a.qos.split(",")):
-                for n in (int(s) for s in a.sessions.split(",")):
+            for n in (int(s) for s in a.sessions.split(",")):
+                for qos in (int(q) for q in a.qos.split(",")):
                     rows.append(run(tmp, pki, broker, n, a.readings, a.window, qos, a.inflight))
                     print(f"bench: sessions={n} qos={qos} done", file=sys.stderr, flush=True)
-                    for rate in (int(x) for x in a.rate.split(",") if int(x) > 0):
+                    for x in a.rate.split(","):
+                        rate = int(rows[-1]["rate"] // 2) if x == "half" else int(x)
+                        if rate <= 0:
+                            continue
                         rows.append(run(tmp, pki, broker, n, a.readings, a.window, qos,
                                         a.inflight, rate))
                         print(f"bench: sessions={n} qos={qos} rate={rate} done",
                               file=sys.stderr, flush=True)
+                if a.stock:
+                    rows.append(run(tmp, pki, broker, n, a.readings, a.window, 0, a.inflight,
+                                    stock=True))
+                    print(f"bench: sessions={n} stock done", file=sys.stderr, flush=True)
         finally:
             broker.stop()
-    print(f"{'sessions':>8} {'mode':>10} {'load':>7} {'readings':>13} {'2.04/s':>8} {'gw cpu/reading':>15} "
-          f"{'setup':>7} {'KiB/sess':>8} "
-          f"{'peak RSS':>10} {'p50':>8} {'p99':>8} {'fsyncs/s':>9} {'per commit':>10} "
-          f"{'UDP drops':>9} {'fsync p99':>9} {'sim cpu':>7} {'idle':>5}  gw cpu us/reading by thread")
+    text = table(rows)
+    print(text)
+    if a.png:
+        png_plot(rows, a.png)
+        print(f"plot: {a.png}")
+    if a.markdown:
+        Path(a.markdown).write_text(page(rows, text, a))
+        print(f"page: {a.markdown}")
+
+
+NOTE = ("every row starts once all its sessions are up: 'setup' is how long their handshakes "
+        "took, 'KiB/sess' what the server's resident memory grew by per session; max: closed "
+        "loop; R/s: open loop; p50/p99: request to 2.04 as the simulated devices see it, "
+        "retransmissions and the simulators' own delays included; e2e: from the device building "
+        "the request to a subscriber receiving it from the broker; lost: answered 2.xx and never "
+        "received; dup: received more than once; UDP drops: datagrams the kernel dropped for a "
+        "full socket buffer, machine-wide, each costing a 2 s retransmission; idle: CPU time of "
+        "the machine that no process used during the row; stock: libcoap 4.3.5's coap-server, "
+        "unpatched, same wolfSSL, answering PUTs to example_data and publishing nothing (its "
+        "socket keeps the kernel's default receive buffer); the gateway's coap.receive_buffer "
+        "is 4 MiB or more, net.core.rmem_max is "
+        f"{Path('/proc/sys/net/core/rmem_max').read_text().strip()}")
+
+
+def mode(r):
+    return "coap-server" if r["server"] == "stock" else (
+        "qos0" if r["qos"] == 0 else f"qos{r['qos']} sync")
+
+
+def table(rows):
+    head = (f"{'sessions':>8} {'mode':>11} {'load':>8} {'readings':>13} {'2.04/s':>8} "
+            f"{'cpu/reading':>12} {'setup':>7} {'KiB/sess':>8} {'peak RSS':>10} {'p50':>8} "
+            f"{'p99':>8} {'e2e p50':>8} {'e2e p99':>8} {'lost':>5} {'dup':>4} {'fsyncs/s':>9} "
+            f"{'per commit':>10} {'UDP drops':>9} {'fsync p99':>9} {'sim cpu':>7} {'idle':>5}"
+            "  cpu us/reading by thread")
+    out = [head]
     for r in rows:
-        mode = "qos0" if r["qos"] == 0 else f"qos{r['qos']} sync"
-        print(f"{r['sessions']:>8} {mode:>10} {r['load']:>7} {r['ok']:>6}/{r['sent']:<6} {r['rate']:>8.0f} "
-              f"{r['cpu_us']:>12.1f} us "
-              + f"{r['setup']:>5.1f} s {r['kib_session']:>8.1f} "
-              + f"{r['rss']:>6.1f} MiB {r['p50']:>5.1f} ms {r['p99']:>5.1f} ms "
-              f"{r['fsyncs']:>9.0f} {r['per_commit']:>10.1f} {r['drops']:>9} {r['fsync_p99']:>6.1f} ms "
-              f"{r['sim_cpu']:>6.0f}% {r['idle']:>4.0f}%  "
-              + " ".join(f"{k}={v:.0f}" for k, v in sorted(r["threads"].items())))
-    print("(every row starts once all its sessions are up: 'setup' is how long their handshakes "
-          "took, 'KiB/sess' what the gateway's resident memory grew by per session; max: closed loop; "
-          "R/s: open loop; p50/p99: request to 2.04 as the "
-          "simulated devices see it, retransmissions and the simulators' own delays included; UDP "
-          "drops: datagrams the kernel dropped for a full socket buffer, machine-wide, each costing "
-          "a 2 s retransmission; idle: CPU time of the machine that no process used during the "
-          "row; coap.receive_buffer is 4 MiB, net.core.rmem_max is "
-          f"{Path('/proc/sys/net/core/rmem_max').read_text().strip()})")
-    if a.plot:
-        svg_plot(rows, a.plot)
-        print(f"plot: {a.plot}")
+        e2e = (f"{r['e2e50']:>5.1f} ms {r['e2e99']:>5.1f} ms {r['lost']:>5} {r['dup']:>4}"
+               if r["lost"] is not None else f"{'-':>8} {'-':>8} {'-':>5} {'-':>4}")
+        out.append(
+            f"{r['sessions']:>8} {mode(r):>11} {r['load']:>8} {r['ok']:>6}/{r['sent']:<6} "
+            f"{r['rate']:>8.0f} {r['cpu_us']:>9.1f} us {r['setup']:>5.1f} s "
+            f"{r['kib_session']:>8.1f} {r['rss']:>6.1f} MiB {r['p50']:>5.1f} ms "
+            f"{r['p99']:>5.1f} ms {e2e} {r['fsyncs']:>9.0f} {r['per_commit']:>10.1f} "
+            f"{r['drops']:>9} {r['fsync_p99']:>6.1f} ms {r['sim_cpu']:>6.0f}% {r['idle']:>4.0f}%  "
+            + " ".join(f"{k}={v:.0f}" for k, v in sorted(r["threads"].items())))
+    out.append(f"({NOTE})")
+    lines = ratios(rows)
+    return "\n".join(out + lines)
 
 
-def svg_plot(rows, path):
-    """Two bar charts side by side: readings/s and p99 ms per (sessions, mode). Plain SVG."""
-    w, h_, pad, bw = 360, 240, 40, 28
-    parts = []
-    for panel, (key, title) in enumerate((("rate", "readings/s answered 2.04"),
-                                          ("p99", "p99 request to 2.04 (ms)"))):
-        x0 = panel * (w + 20)
-        top = max([r[key] for r in rows] + [1])
-        parts.append(f'<text x="{x0 + pad}" y="16" font-size="13">{title}</text>')
-        parts.append(f'<line x1="{x0 + pad}" y1="{h_ - pad}" x2="{x0 + w}" y2="{h_ - pad}" '
-                     'stroke="black"/>')
-        for i, r in enumerate(rows):
-            bh = (h_ - 2 * pad) * r[key] / top
-            x = x0 + pad + 10 + i * (bw + 12)
-            color = "#4878cf" if r["qos"] == 0 else "#d65f5f"
-            parts.append(f'<rect x="{x}" y="{h_ - pad - bh:.1f}" width="{bw}" height="{bh:.1f}" '
-                         f'fill="{color}"/>')
-            parts.append(f'<text x="{x}" y="{h_ - pad - bh - 3:.1f}" font-size="9">'
-                         f'{r[key]:.0f}</text>')
-            parts.append(f'<text x="{x}" y="{h_ - pad + 12}" font-size="9">{r["sessions"]}</text>')
-            parts.append(f'<text x="{x}" y="{h_ - pad + 24}" font-size="9">'
-                         f'{"q0" if r["qos"] == 0 else "sync"} {r["load"]}</text>')
-    Path(path).write_text(f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * w + 40}" '
-                          f'height="{h_}" font-family="sans-serif">{"".join(parts)}</svg>\n')
+def ratios(rows):
+    """The comparisons the targets are stated in."""
+    def find(server, qos, n):
+        return next((r for r in rows if r["server"] == server and r["qos"] == qos
+                     and r["sessions"] == n and r["load"] == "max"), None)
+    sizes = sorted({r["sessions"] for r in rows})
+    out = []
+    for n in sizes:
+        g, s, q1 = find("gateway", 0, n), find("stock", 0, n), find("gateway", 1, n)
+        if g and s and s["rate"]:
+            out.append(f"{n} sessions: gateway QoS 0 {g['rate']:.0f}/s = {g['rate'] / s['rate']:.1f} x "
+                       f"coap-server's {s['rate']:.0f}/s")
+        if g and q1 and g["rate"]:
+            out.append(f"{n} sessions: durable QoS 1 {q1['rate']:.0f}/s = "
+                       f"{q1['rate'] / g['rate']:.2f} x QoS 0")
+    if len(sizes) > 1:
+        lo, hi = find("gateway", 0, sizes[0]), find("gateway", 0, sizes[-1])
+        if lo and hi and lo["cpu_us"]:
+            out.append(f"gateway CPU per QoS 0 reading, {sizes[-1]} vs {sizes[0]} sessions: "
+                       f"{hi['cpu_us']:.1f} / {lo['cpu_us']:.1f} us = "
+                       f"{hi['cpu_us'] / lo['cpu_us']:.2f} x")
+    return out
+
+
+def machine():
+    model = next((l.split(":", 1)[1].strip() for l in
+                  Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")),
+                 "?")
+    mem = next((int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines()
+                if l.startswith("MemTotal:")), 0)
+    osr = next((l.split("=", 1)[1].strip('"') for l in
+                Path("/etc/os-release").read_text().splitlines() if l.startswith("PRETTY_NAME=")),
+               "?")
+    return (f"{os.cpu_count()} x {model}, {mem / 1048576:.0f} GiB, {osr}, "
+            f"Linux {os.uname().release}")
+
+
+def page(rows, text, a):
+    rev = subprocess.run(["git", "-C", str(TOP), "describe", "--always", "--dirty"],
+                         capture_output=True, text=True).stdout.strip() or "?"
+    notes = TOP / "tests" / "bench" / "notes.md"
+    return "\n".join([
+        "# coap2mqtt benchmarks",
+        "",
+        "Written by `scripts/bench` (tests/bench/bench.py); do not edit by hand: run it again.",
+        "",
+        f"- run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {rev}",
+        f"- machine: {machine()}; the simulators, mosquitto and the subscriber run on it too",
+        f"- command: `tests/bench/bench.py --sessions {a.sessions} --qos {a.qos} "
+        f"--rate {a.rate} --readings {a.readings}{' --stock' if a.stock else ''}`",
+        "",
+        f"![readings/s, CPU per reading and KiB per session against sessions]"
+        f"({Path(a.png).name if a.png else 'bench.png'})",
+        "",
+        "```",
+        text,
+        "```",
+        "",
+        notes.read_text() if notes.exists() else "",
+    ])
+
+
+def png_plot(rows, path):
+    """Three panels against sessions: readings/s, CPU us per reading, KiB per session; one line
+    each for the gateway (QoS 0 and QoS 1 sync, closed loop) and libcoap's coap-server."""
+    with tempfile.TemporaryDirectory(prefix="c2m-plot-") as tmp:
+        series = [("gateway QoS 0", "gateway", 0), ("gateway QoS 1 sync", "gateway", 1),
+                  ("libcoap coap-server", "stock", 0)]
+        files = []
+        for i, (title, server, qos) in enumerate(series):
+            pts = sorted((r["sessions"], r["rate"], r["cpu_us"], r["kib_session"]) for r in rows
+                         if r["server"] == server and r["qos"] == qos and r["load"] == "max")
+            if pts:
+                f = Path(tmp) / f"s{i}.dat"
+                f.write_text("".join(" ".join(f"{v:.2f}" for v in p) + "\n" for p in pts))
+                files.append((f, title))
+        panels = []
+        for col, ylabel in ((2, "readings/s"), (3, "CPU us per reading"), (4, "KiB per session")):
+            plots = ", ".join(f"'{f}' using 1:{col} with linespoints lw 2 title '{t}'"
+                              for f, t in files)
+            panels.append(f"set ylabel '{ylabel}'\nplot {plots}")
+        script = "\n".join([
+            "set terminal pngcairo size 1500,450 font 'sans,10'",
+            f"set output '{path}'",
+            "set multiplot layout 1,3",
+            "set xlabel 'sessions'", "set grid", "set key top left", "set yrange [0:*]",
+            *panels, "unset multiplot"])
+        subprocess.run(["gnuplot"], input=script, text=True, check=True)
 
 
 if __name__ == "__main__":

@@ -335,7 +335,8 @@ usage(FILE *f)
 "  --method post|put    request method, default post\n"
 "  --path PATH          Uri-Path split on '/', default sensors/temperature; {id} and {seq}\n"
 "                       are replaced and %XX decoded to raw bytes within each segment\n"
-"  --payload TEXT       {id}, {seq}, {value} replaced, default\n"
+"  --payload TEXT       {id}, {seq}, {value} replaced, {time} by the wall-clock time it\n"
+"                       was sent (seconds.microseconds), default\n"
 "                       " SIM_DEFAULT_PAYLOAD "\n"
 "  --payload-file FILE  send the file's bytes verbatim (at most 1 MiB, block-wise if large)\n"
 "  --content-format N   Content-Format, default 50 (application/json); -1 = none\n"
@@ -389,7 +390,7 @@ usage(FILE *f)
 "  device=ID event=dtls-failed                        handshake failed or not done by the\n"
 "                                                     handshake timeout or at exit\n"
 "  device=ID event=dtls-closed                        an up session ended; it reconnects\n"
-"  device=ID event=dtls-connected cipher=C            (--verbose) handshake done\n"
+"  device=ID event=dtls-connected cipher=C            (--verbose, --hold) handshake done\n"
 "  sent=N answered=N ok=N errors=N timeouts=N         on exit; ok = 2.xx responses,\n"
 "                                                     errors = other responses and\n"
 "                                                     failed requests (--serve adds\n"
@@ -950,10 +951,11 @@ put_bytes(uint8_t *out, size_t cap, size_t at, const void *p, size_t n)
 }
 
 /* Expands a template into out and returns its length (may exceed cap; out may be NULL):
- * {id}, {seq}, and {value} when value is given (payloads); %XX escapes when pct (path segments). */
+ * {id}, {seq}, and {value} and {time} when given (payloads); %XX escapes when pct (path
+ * segments). */
 static size_t
-tmpl_expand(const char *t, const char *id, uint32_t seq, const char *value, bool pct,
-    uint8_t *out, size_t cap)
+tmpl_expand(const char *t, const char *id, uint32_t seq, const char *value, const char *now,
+    bool pct, uint8_t *out, size_t cap)
 {
 	char num[16];
 	size_t n = 0;
@@ -969,6 +971,9 @@ tmpl_expand(const char *t, const char *id, uint32_t seq, const char *value, bool
 		} else if (value && strncmp(t, "{value}", 7) == 0) {
 			n = put_bytes(out, cap, n, value, strlen(value));
 			t += 7;
+		} else if (now && strncmp(t, "{time}", 6) == 0) {
+			n = put_bytes(out, cap, n, now, strlen(now));
+			t += 6;
 		} else if (pct && t[0] == '%' && hex_val(t[1]) >= 0 && hex_val(t[2]) >= 0) {
 			uint8_t b = (uint8_t)(hex_val(t[1]) << 4 | hex_val(t[2]));
 
@@ -995,7 +1000,7 @@ path_seg_check(const char *seg, size_t longest_id)
 	}
 	memset(id, 'x', longest_id);
 	id[longest_id] = '\0';
-	if (tmpl_expand(seg, id, UINT32_MAX, NULL, true, NULL, 0) > SIM_MAX_SEGMENT) {
+	if (tmpl_expand(seg, id, UINT32_MAX, NULL, NULL, true, NULL, 0) > SIM_MAX_SEGMENT) {
 		fprintf(stderr, "coap2mqtt-sim: --path: segment '%s' can exceed %d bytes\n", seg,
 		    SIM_MAX_SEGMENT);
 		return false;
@@ -2026,7 +2031,7 @@ dev_connected(struct sim *s, struct device *d)
 	d->backoff_us = SIM_BACKOFF_MIN_US;
 	if (ssl && lib == COAP_TLS_LIBRARY_OPENSSL && SSL_get_current_cipher(ssl))
 		cipher = SSL_CIPHER_get_name(SSL_get_current_cipher(ssl));
-	if (s->o.verbosity >= 2)
+	if (s->o.verbosity >= 2 || s->o.hold)
 		printf("device=%s event=dtls-connected cipher=%s\n", dev_name(d), cipher);
 }
 
@@ -2163,7 +2168,8 @@ pdu_add_path(struct sim *s, struct device *d, coap_pdu_t *pdu, uint32_t seq)
 	uint8_t seg[SIM_MAX_SEGMENT];
 
 	for (size_t i = 0; i < s->path.n; i++) {
-		size_t n = tmpl_expand(s->path.seg[i], d->identity, seq, NULL, true, seg, sizeof(seg));
+		size_t n = tmpl_expand(s->path.seg[i], d->identity, seq, NULL, NULL, true, seg,
+		    sizeof(seg));
 
 		if (n > sizeof(seg) || !coap_add_option(pdu, COAP_OPTION_URI_PATH, n, seg))
 			return false;
@@ -2174,7 +2180,8 @@ pdu_add_path(struct sim *s, struct device *d, coap_pdu_t *pdu, uint32_t seq)
 static bool
 pdu_add_payload(struct sim *s, struct device *d, coap_pdu_t *pdu, uint32_t seq)
 {
-	char value[32];
+	char value[32], now[32];
+	struct timespec ts;
 	uint8_t *buf;
 	size_t n;
 
@@ -2182,12 +2189,14 @@ pdu_add_payload(struct sim *s, struct device *d, coap_pdu_t *pdu, uint32_t seq)
 		return s->file_len == 0 || coap_add_data_large_request(d->session, pdu, s->file_len,
 		    s->file_payload, NULL, NULL);
 	snprintf(value, sizeof(value), "%.2f", reading_value(d, seq));
-	n = tmpl_expand(s->o.payload, d->identity, seq, value, false, NULL, 0);
+	clock_gettime(CLOCK_REALTIME, &ts);
+	snprintf(now, sizeof(now), "%lld.%06ld", (long long)ts.tv_sec, ts.tv_nsec / 1000);
+	n = tmpl_expand(s->o.payload, d->identity, seq, value, now, false, NULL, 0);
 	if (n == 0)
 		return true;
 	if (n > SIM_MAX_PAYLOAD || (buf = malloc(n)) == NULL)
 		return false;
-	tmpl_expand(s->o.payload, d->identity, seq, value, false, buf, n);
+	tmpl_expand(s->o.payload, d->identity, seq, value, now, false, buf, n);
 	return coap_add_data_large_request(d->session, pdu, n, buf, payload_release, buf);
 }
 
