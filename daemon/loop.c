@@ -171,11 +171,25 @@ static const coap_bin_const_t *on_psk_identity(coap_bin_const_t *identity, coap_
 	return &L.psk_out;
 }
 
+/* libcoap bounds a server's DTLS handshake by the session's MAX_RETRANSMIT: with CoAP's 4 it
+ * gave up 31 s after the session was made (its flight resent at 1, 2, 4, 8 and 16 s), whatever
+ * the device did meanwhile, and on a lossy radio link a handshake legitimately takes longer (RFC
+ * 6347 4.2.4: the device's timers double from 1 s too). During the handshake the session may
+ * resend its flight 7 times (127 s); CoAP's own retransmissions are back to 4 once it is up. A
+ * session that stays silent meanwhile is what coap.max_handshakes makes room from first. */
+#define LOOP_HANDSHAKE_RETRANSMIT 7
+
 static int on_coap_event(coap_session_t *s, const coap_event_t ev)
 {
 	char peer[64], id[KEYS_MAX_IDENTITY * 4 + 8];
 
 	switch (ev) {
+	case COAP_EVENT_SERVER_SESSION_NEW:
+		coap_session_set_max_retransmit(s, LOOP_HANDSHAKE_RETRANSMIT);
+		break;
+	case COAP_EVENT_DTLS_CONNECTED:
+		coap_session_set_max_retransmit(s, COAP_DEFAULT_MAX_RETRANSMIT);
+		break;
 	case COAP_EVENT_DTLS_ERROR: {
 		const coap_bin_const_t *bid = coap_session_get_psk_identity(s);
 

@@ -201,6 +201,7 @@ def run(tmp, pki, broker, sessions, readings, window, qos, inflight, rate=0, sec
             readings = -(-seconds * 1000 // interval)
             window = 1
         rss0 = proc_rss(pid)
+        heap0 = {} if stock else scrape(mport)
         sims = start_sims(d, uri, keys, sessions, readings, interval, window,
                           interval if rate else RAMP_MS, method, path)
         t_setup = time.monotonic()
@@ -210,6 +211,10 @@ def run(tmp, pki, broker, sessions, readings, window, qos, inflight, rate=0, sec
         setup = time.monotonic() - t_setup
         time.sleep(0.5)  # the server's last handshakes end after the device's
         rss_up = proc_rss(pid) - rss0
+        heap1 = {} if stock else scrape(mport)
+        heap = {p: (heap1.get(f'heap_bytes{{part="{p}"}}', 0)
+                    - heap0.get(f'heap_bytes{{part="{p}"}}', 0)) / 1024 / sessions
+                for p in ("all", "dtls")}
         if not stock:
             sub, sub_out = subscriber(d, broker, pki)
         cpu0, _ = proc_stat(pid)
@@ -255,6 +260,7 @@ def run(tmp, pki, broker, sessions, readings, window, qos, inflight, rate=0, sec
                 "load": f"{rate}/s" if rate else "max",
                 "wall": wall, "rate": ok / wall if wall else 0,
                 "setup": setup, "kib_session": rss_up * 1024 / sessions,
+                "heap_session": heap["all"], "dtls_session": heap["dtls"],
                 "cpu_us": (cpu1 - cpu0) * 1e6 / ok if ok else 0, "rss": hwm,
                 "p50": pct(rtts, 0.5), "p99": pct(rtts, 0.99),
                 "e2e50": pct(e2e, 0.5), "e2e99": pct(e2e, 0.99), "lost": lost, "dup": dup,
@@ -352,7 +358,9 @@ def main():
 
 
 NOTE = ("every row starts once all its sessions are up: 'setup' is how long their handshakes "
-        "took, 'KiB/sess' what the server's resident memory grew by per session; max: closed "
+        "took, 'KiB/sess' what the server's resident memory grew by per session, 'heap' and "
+        "'wolfSSL' what its heap in use and wolfSSL's share of it grew by per session (the "
+        "gateway's heap_bytes metric); max: closed "
         "loop; R/s: open loop; p50/p99: request to 2.04 as the simulated devices see it, "
         "retransmissions and the simulators' own delays included; e2e: from the device building "
         "the request to a subscriber receiving it from the broker; lost: answered 2.xx and never "
@@ -372,7 +380,8 @@ def mode(r):
 
 def table(rows):
     head = (f"{'sessions':>8} {'mode':>11} {'load':>8} {'readings':>13} {'2.04/s':>8} "
-            f"{'cpu/reading':>12} {'setup':>7} {'KiB/sess':>8} {'peak RSS':>10} {'p50':>8} "
+            f"{'cpu/reading':>12} {'setup':>7} {'KiB/sess':>8} {'heap':>6} {'wolfSSL':>7} "
+            f"{'peak RSS':>10} {'p50':>8} "
             f"{'p99':>8} {'e2e p50':>8} {'e2e p99':>8} {'lost':>5} {'dup':>4} {'fsyncs/s':>9} "
             f"{'per commit':>10} {'UDP drops':>9} {'fsync p99':>9} {'sim cpu':>7} {'idle':>5}"
             "  cpu us/reading by thread")
@@ -383,7 +392,8 @@ def table(rows):
         out.append(
             f"{r['sessions']:>8} {mode(r):>11} {r['load']:>8} {r['ok']:>6}/{r['sent']:<6} "
             f"{r['rate']:>8.0f} {r['cpu_us']:>9.1f} us {r['setup']:>5.1f} s "
-            f"{r['kib_session']:>8.1f} {r['rss']:>6.1f} MiB {r['p50']:>5.1f} ms "
+            f"{r['kib_session']:>8.1f} {r['heap_session']:>6.1f} {r['dtls_session']:>7.1f} "
+            f"{r['rss']:>6.1f} MiB {r['p50']:>5.1f} ms "
             f"{r['p99']:>5.1f} ms {e2e} {r['fsyncs']:>9.0f} {r['per_commit']:>10.1f} "
             f"{r['drops']:>9} {r['fsync_p99']:>6.1f} ms {r['sim_cpu']:>6.0f}% {r['idle']:>4.0f}%  "
             + " ".join(f"{k}={v:.0f}" for k, v in sorted(r["threads"].items())))
@@ -404,6 +414,13 @@ def ratios(rows):
         if g and s and s["rate"]:
             out.append(f"{n} sessions: gateway QoS 0 {g['rate']:.0f}/s = {g['rate'] / s['rate']:.1f} x "
                        f"coap-server's {s['rate']:.0f}/s")
+        if g:
+            stock_rss = f"; coap-server (libcoap and wolfSSL alone): {s['kib_session']:.1f} KiB" \
+                if s else ""
+            out.append(f"{n} sessions, bytes per session: resident {g['kib_session']:.1f} KiB, "
+                       f"heap {g['heap_session']:.1f} KiB = wolfSSL {g['dtls_session']:.1f} + "
+                       f"libcoap and the gateway {g['heap_session'] - g['dtls_session']:.1f}"
+                       f"{stock_rss}")
         if g and q1 and g["rate"]:
             out.append(f"{n} sessions: durable QoS 1 {q1['rate']:.0f}/s = "
                        f"{q1['rate'] / g['rate']:.2f} x QoS 0")
