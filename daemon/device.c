@@ -320,6 +320,9 @@ static void on_handshake_deadline(evutil_socket_t fd, short what, void *arg)
 		log_src(dev_sess_log(d), LOG_LVL_WARNING, "peer=%s identity=%s handshake=failed "
 			"reason=\"the device's Finished did not decrypt\" "
 			"hint=\"the device's key is probably wrong\"", d->peer, d->identity);
+		/* it cannot complete: its place goes back now, not after libcoap's retries */
+		sess_detach(d);
+		coap_session_disconnected(d->session, COAP_NACK_TLS_FAILED);
 		return;
 	}
 	if (!d->hs_slow) {
