@@ -5,12 +5,15 @@
  * the events from that queue, connect, publish, subscribe, stop. */
 #include <errno.h>
 #include <inttypes.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -404,6 +407,46 @@ static void status_publish(const char *state)
 		log_warn("mqtt: status %s on %s not published", state, M.conf->status_topic);
 }
 
+/* Paho sets no TCP_NODELAY on the broker connection, so Nagle's algorithm holds each small
+ * publish until the broker has acknowledged the previous segment, and a broker that delays its
+ * ACKs (Linux: up to 40 ms) delays QoS 0 readings that long: 26 ms p50 from device to subscriber
+ * at half load in tests/bench/bench.py (QoS 1 traffic hides it: PUBACKs carry the ACKs). Paho
+ * does not hand out its socket; the connection is the process's TCP socket whose peer is the
+ * broker's port (the loop's own sockets are UDP, and the metrics listener accepts). Read from
+ * /proc/self/fd: a few dozen descriptors, once per connect. */
+static void broker_nodelay(void)
+{
+	DIR *d = opendir("/proc/self/fd");
+	struct dirent *e;
+	int one = 1, n = 0;
+
+	if (!d)
+		return;
+	while ((e = readdir(d)) != NULL) {
+		struct sockaddr_storage peer;
+		socklen_t len = sizeof(peer);
+		int fd, type = 0, proto = 0;
+		socklen_t tl = sizeof(type), pl = sizeof(proto);
+		unsigned port;
+
+		if (e->d_name[0] < '0' || e->d_name[0] > '9' || (fd = atoi(e->d_name)) == dirfd(d))
+			continue;
+		if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tl) < 0 || type != SOCK_STREAM ||
+		    getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &proto, &pl) < 0 ||
+		    proto != IPPROTO_TCP || getpeername(fd, (struct sockaddr *)&peer, &len) < 0)
+			continue;
+		port = peer.ss_family == AF_INET6 ?
+			       ntohs(((struct sockaddr_in6 *)&peer)->sin6_port) :
+			       ntohs(((struct sockaddr_in *)&peer)->sin_port);
+		if (port == (unsigned)M.conf->port &&
+		    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) == 0)
+			n++;
+	}
+	closedir(d);
+	if (n == 0)
+		log_debug("mqtt: broker=%s connection not found to set TCP_NODELAY", M.uri);
+}
+
 static void set_state(int up, const char *why)
 {
 	int was = atomic_exchange(&M.connected, up);
@@ -414,6 +457,7 @@ static void set_state(int up, const char *why)
 			trace_verbose(0);
 			if (stats_get(STAT_BROKER_LOST))
 				stats_inc(STAT_BROKER_RECONNECTS);
+			broker_nodelay();
 			log_info("mqtt: broker=%s connected buffered=%zu window=%zu", M.uri,
 				 mqtt_outstanding(), mqtt_window());
 			status_publish("online");

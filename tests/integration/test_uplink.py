@@ -391,3 +391,44 @@ def test_pending_broker_acks_are_capped_and_other_routes_stay_fast(broker_factor
         relay.holding.clear()
         g.finish()
         relay.stop()
+
+
+def _peer_fds(pid, port):
+    """Descriptors of process pid that are TCP sockets connected to port (from /proc)."""
+    inodes = set()
+    for name in ("tcp", "tcp6"):
+        for line in open(f"/proc/{pid}/net/{name}").read().splitlines()[1:]:
+            f = line.split()
+            if int(f[2].rsplit(":", 1)[1], 16) == port and f[3] == "01":  # ESTABLISHED
+                inodes.add(f[9])
+    fds = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in {f"socket:[{i}]" for i in inodes}:
+                fds.append(int(fd))
+        except OSError:
+            pass
+    return fds
+
+
+def test_broker_connection_sends_without_nagle_delay(world):
+    """Paho leaves Nagle's algorithm on; the gateway turns it off on the broker connection, or a
+    QoS 0 publish waits for the broker's delayed ACK of the previous one (up to 40 ms). The test
+    takes a copy of the gateway's socket (pidfd_getfd, as root) and reads TCP_NODELAY."""
+    import ctypes
+    if os.geteuid() != 0:
+        pytest.skip("pidfd_getfd needs root here")
+    gw = world.gw
+    fds = _peer_fds(gw.proc.pid, world.broker.port)
+    assert len(fds) == 1, fds
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(gw.proc.pid)
+    try:
+        fd = libc.syscall(438, pidfd, fds[0], 0)  # SYS_pidfd_getfd on x86-64
+        assert fd >= 0, os.strerror(ctypes.get_errno())
+        with socket.socket(fileno=fd) as s:
+            assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            s.detach()
+        os.close(fd)
+    finally:
+        os.close(pidfd)
