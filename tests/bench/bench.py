@@ -486,15 +486,19 @@ def png_plot(rows, path):
                 f.write_text("".join(" ".join(f"{v:.2f}" for v in p) + "\n" for p in pts))
                 files.append((f, title))
         panels = []
-        for col, ylabel in ((2, "readings/s"), (3, "CPU us per reading"), (4, "KiB per session")):
+        # CPU on a log scale: coap-server's walks of every session dwarf the rest
+        for col, ylabel, opts in ((2, "readings/s", "unset logscale y; set yrange [0:*]"),
+                                  (3, "CPU us per reading (log)", "set logscale y; "
+                                   "set yrange [*:*]"),
+                                  (4, "KiB per session", "unset logscale y; set yrange [0:*]")):
             plots = ", ".join(f"'{f}' using 1:{col} with linespoints lw 2 title '{t}'"
                               for f, t in files)
-            panels.append(f"set ylabel '{ylabel}'\nplot {plots}")
+            panels.append(f"{opts}\nset ylabel '{ylabel}'\nplot {plots}")
         script = "\n".join([
             "set terminal pngcairo size 1500,450 font 'sans,10'",
             f"set output '{path}'",
             "set multiplot layout 1,3",
-            "set xlabel 'sessions'", "set grid", "set key top left", "set yrange [0:*]",
+            "set xlabel 'sessions'", "set grid", "set key bottom left", "set xtics rotate by -30",
             *panels, "unset multiplot"])
         subprocess.run(["gnuplot"], input=script, text=True, check=True)
 

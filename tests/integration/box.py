@@ -19,7 +19,7 @@ BOX_CACHE = Path(os.environ.get("COAP2MQTT_BOX_CACHE", "/var/tmp/coap2mqtt-box")
 # packages depend on, so that installing them needs no network
 BASE_PACKAGES = ["systemd", "systemd-sysv", "dbus", "ca-certificates", "procps", "adduser",
                  "mosquitto", "mosquitto-clients", "libpaho-mqtt1.3", "libevent-core-2.1-7",
-                 "libevent-pthreads-2.1-7", "libyaml-0-2", "libsystemd0"]
+                 "libevent-pthreads-2.1-7", "libyaml-0-2", "libsystemd0", "libjemalloc2"]
 BASE = BOX_CACHE / ("bookworm-" + hashlib.sha256(" ".join(BASE_PACKAGES).encode()).hexdigest()[:12]
                     + ".tar")
 
