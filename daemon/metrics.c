@@ -63,16 +63,6 @@ static size_t log_suppressed(void)
 	return (size_t)log_suppressed_total();
 }
 
-static size_t heap_all(void)
-{
-	return heap_all_bytes();
-}
-
-static size_t heap_dtls(void)
-{
-	return heap_dtls_bytes();
-}
-
 static size_t broker_connected(void)
 {
 	return mqtt_connected() ? 1 : 0;
@@ -127,7 +117,7 @@ static const struct family families[] = {
 	  dev_online, NULL, 0, { { NULL, 0, NULL } } },
 	{ "heap_bytes", "heap_bytes", GAUGE, "Heap in use, bytes: all = what the allocator has "
 	  "handed out, dtls = what wolfSSL holds of it (DTLS sessions, handshakes, contexts)",
-	  NULL, "part", 2, { { "all", 0, heap_all }, { "dtls", 0, heap_dtls } } },
+	  NULL, "part", 2, { { "all", 0, heap_all_bytes }, { "dtls", 0, heap_dtls_bytes } } },
 	{ "handshakes_total", "handshakes_ok", COUNTER, "DTLS handshakes completed",
 	  NULL, NULL, 1, { { NULL, STAT_HANDSHAKE_OK, NULL } } },
 	{ "handshake_failures_total", "handshakes_failed", COUNTER,
