@@ -239,7 +239,7 @@ def pki(tmp_path_factory):
 # mosquitto with a TLS listener on 127.0.0.1
 
 class Broker:
-    def __init__(self, d, pki, wrong_host=False, persistence=False, port=None):
+    def __init__(self, d, pki, wrong_host=False, persistence=False, port=None, extra=()):
         self.dir = Path(d)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.pki = pki
@@ -265,6 +265,7 @@ class Broker:
             f"cafile {pki.ca}",
             f"certfile {crt}",
             f"keyfile {key}",
+            *extra,
         ]
         if os.geteuid() == 0:
             lines.insert(0, "user root")  # keep access to the temp dir's key files

@@ -165,6 +165,9 @@ struct device {
 	struct extra_notify unknown;	/* --unknown-every: a token the gateway never gave */
 	bool unknown_live;		/* waiting for the answer to it */
 	int64_t open_after_us;		/* --serve: reopen the session from then on */
+	int64_t wake_us;		/* when dev_tick() next wants to run */
+	size_t heap_at;			/* 1 + its index in sim.due; 0 = not there */
+	bool hs_queued;			/* in sim.hs_wait */
 };
 
 struct path_tmpl {
@@ -199,6 +202,13 @@ struct sim {
 	int64_t next_notify_us;
 	uint64_t notifies, puts;
 	bool holding;			/* --hold, until SIGUSR1 */
+	/* Which devices to tick: a heap by wake_us, plus a full sweep when set */
+	struct device **due;
+	size_t ndue;
+	bool sweep;
+	/* devices waiting for a handshake slot (--max-handshakes), first come first served */
+	struct device **hs_wait;
+	size_t hs_head, hs_len;
 };
 
 static volatile sig_atomic_t sim_signals, sim_release;
@@ -212,6 +222,94 @@ now_us(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/*
+ * The devices' wake-up times, in a binary heap: each loop turn ticks only the devices that are
+ * due, so the simulator's cost per reading does not grow with its number of devices. Anything
+ * that changes a device outside dev_tick() (an answer, a session event) makes it due at once
+ * (dev_poke), as does the end of a handshake for the first device waiting for a slot; a full
+ * sweep runs at the start, after housekeeping and on a signal.
+ */
+static bool
+due_before(const struct device *a, const struct device *b)
+{
+	return a->wake_us < b->wake_us;
+}
+
+static void
+due_set(struct sim *s, size_t i, struct device *d)
+{
+	s->due[i] = d;
+	d->heap_at = i + 1;
+}
+
+static void
+due_up(struct sim *s, size_t i)
+{
+	struct device *d = s->due[i];
+
+	while (i > 0 && due_before(d, s->due[(i - 1) / 2])) {
+		due_set(s, i, s->due[(i - 1) / 2]);
+		i = (i - 1) / 2;
+	}
+	due_set(s, i, d);
+}
+
+static void
+due_down(struct sim *s, size_t i)
+{
+	struct device *d = s->due[i];
+
+	for (;;) {
+		size_t c = 2 * i + 1;
+
+		if (c >= s->ndue)
+			break;
+		if (c + 1 < s->ndue && due_before(s->due[c + 1], s->due[c]))
+			c++;
+		if (!due_before(s->due[c], d))
+			break;
+		due_set(s, i, s->due[c]);
+		i = c;
+	}
+	due_set(s, i, d);
+}
+
+/* d next wants to run at t (SIM_NEVER: only when poked). */
+static void
+dev_want(struct sim *s, struct device *d, int64_t t)
+{
+	if (d->heap_at) {
+		size_t i = d->heap_at - 1;
+
+		if (t == SIM_NEVER) {
+			struct device *last = s->due[--s->ndue];
+
+			d->heap_at = 0;
+			if (i < s->ndue) {
+				due_set(s, i, last);
+				due_up(s, i);
+				due_down(s, last->heap_at - 1);
+			}
+			return;
+		}
+		d->wake_us = t;
+		due_up(s, i);
+		due_down(s, d->heap_at - 1);
+		return;
+	}
+	if (t == SIM_NEVER || !s->due)
+		return;
+	d->wake_us = t;
+	due_set(s, s->ndue++, d);
+	due_up(s, s->ndue - 1);
+}
+
+static void
+dev_poke(struct sim *s, struct device *d)
+{
+	dev_want(s, d, 0);
 }
 
 static uint64_t
@@ -1153,6 +1251,7 @@ slot_free(struct sim *s, struct device *d, struct slot *sl)
 		return;
 	sl->seq = 0;
 	d->outstanding--;
+	dev_poke(s, d);
 	if (s->o.type == COAP_MESSAGE_CON)
 		s->con_pending--;
 	else
@@ -1934,6 +2033,15 @@ dev_hs_end(struct sim *s, struct device *d)
 		return;
 	d->hs_counted = false;
 	s->handshaking--;
+	if (s->hs_len) {
+		/* the first device waiting for a slot */
+		struct device *w = s->hs_wait[s->hs_head];
+
+		s->hs_head = (s->hs_head + 1) % s->ndev;
+		s->hs_len--;
+		w->hs_queued = false;
+		dev_poke(s, w);
+	}
 }
 
 static bool
@@ -2017,6 +2125,7 @@ dev_lost(struct sim *s, struct device *d, const char *why)
 			slot_free(s, d, &d->slots[i]);
 	}
 	d->state = DEV_DEAD;
+	dev_poke(s, d);
 }
 
 static void
@@ -2028,6 +2137,7 @@ dev_connected(struct sim *s, struct device *d)
 
 	d->up = true;
 	dev_hs_end(s, d);
+	dev_poke(s, d);
 	d->backoff_us = SIM_BACKOFF_MIN_US;
 	if (ssl && lib == COAP_TLS_LIBRARY_OPENSSL && SSL_get_current_cipher(ssl))
 		cipher = SSL_CIPHER_get_name(SSL_get_current_cipher(ssl));
@@ -2284,12 +2394,18 @@ dev_drop_oldest_non(struct sim *s, struct device *d)
 		slot_free(s, d, old);
 }
 
-/* Every handshake slot is taken (--max-handshakes): a device waits until a handshake ends. */
+/* Every handshake slot is taken (--max-handshakes): d waits in line until a handshake ends. */
 static bool
-handshakes_full(const struct sim *s)
+handshakes_full(struct sim *s, struct device *d)
 {
-	return s->o.max_handshakes && s->proto != COAP_PROTO_UDP &&
-	    s->handshaking >= s->o.max_handshakes;
+	if (!s->o.max_handshakes || s->proto == COAP_PROTO_UDP ||
+	    s->handshaking < s->o.max_handshakes)
+		return false;
+	if (!d->hs_queued && s->hs_wait) {
+		s->hs_wait[(s->hs_head + s->hs_len++) % s->ndev] = d;
+		d->hs_queued = true;
+	}
+	return true;
 }
 
 /* Opens d's session; when none can be created, d is lost as a failed session and false comes
@@ -2316,7 +2432,7 @@ dev_serve(struct sim *s, struct device *d, int64_t now)
 	if (d->state == DEV_IDLE) {
 		if (now < d->open_after_us)
 			return d->open_after_us;
-		if (handshakes_full(s))
+		if (handshakes_full(s, d))
 			return SIM_NEVER;	/* woken when a handshake ends */
 		if (!dev_open_or_lose(s, d))
 			return now;
@@ -2362,7 +2478,7 @@ dev_tick_readings(struct sim *s, struct device *d, int64_t now)
 	}
 	if (s->holding && !s->stop_us) {
 		/* --hold: only the session, as many handshakes at once as allowed */
-		if (d->state == DEV_IDLE && !handshakes_full(s) && !dev_open_or_lose(s, d))
+		if (d->state == DEV_IDLE && !handshakes_full(s, d) && !dev_open_or_lose(s, d))
 			return now;
 		return hs_wake;
 	}
@@ -2374,7 +2490,7 @@ dev_tick_readings(struct sim *s, struct device *d, int64_t now)
 			dev_drop_oldest_non(s, d);
 		if (d->outstanding >= (unsigned)s->o.window)
 			return hs_wake;
-		if (d->state == DEV_IDLE && handshakes_full(s))
+		if (d->state == DEV_IDLE && handshakes_full(s, d))
 			return hs_wake;		/* woken when a handshake ends */
 		if (d->state == DEV_IDLE && !dev_open_or_lose(s, d))
 			return now;
@@ -2476,8 +2592,65 @@ sim_io(struct sim *s, int efd, int64_t wake, int64_t *next_prepare)
 	return 0;
 }
 
+/* Runs one device's due work; it next wants to run at the time it returns, or at once if
+ * something happened to it meanwhile. */
+static void
+sim_tick_one(struct sim *s, struct device *d, int64_t now)
+{
+	int64_t w;
+
+	dev_want(s, d, SIM_NEVER);
+	w = dev_tick(s, d, now);
+	if (d->heap_at && w > now)
+		w = now + 1;	/* poked while it ran: again next turn */
+	else if (w <= now)
+		w = now + 1;	/* not in this turn again */
+	dev_want(s, d, w);
+}
+
+/* Ticks the devices that are due (all of them on a sweep). */
+static void
+sim_tick(struct sim *s, int64_t now)
+{
+	if (s->sweep || s->o.serve) {
+		s->sweep = false;
+		for (size_t i = 0; i < s->ndev; i++)
+			sim_tick_one(s, &s->dev[i], now);
+		return;
+	}
+	while (s->ndue && s->due[0]->wake_us <= now)
+		sim_tick_one(s, s->due[0], now);
+}
+
+static int sim_run(struct sim *s);
+
 static int
 sim_loop(struct sim *s)
+{
+	int r;
+
+	s->due = calloc(s->ndev, sizeof(*s->due));
+	s->hs_wait = calloc(s->ndev, sizeof(*s->hs_wait));
+	if (!s->due || !s->hs_wait) {
+		free(s->due);
+		free(s->hs_wait);
+		fprintf(stderr, "coap2mqtt-sim: out of memory\n");
+		return -1;
+	}
+	s->ndue = 0;
+	s->sweep = true;
+	r = sim_run(s);
+	free(s->due);
+	free(s->hs_wait);
+	s->due = NULL;
+	s->hs_wait = NULL;
+	s->hs_len = 0;
+	s->ndue = 0;
+	return r;
+}
+
+static int
+sim_run(struct sim *s)
 {
 	int64_t start = now_us(), next_house = start, next_prepare = 0;
 	int efd = coap_context_get_coap_fd(s->ctx);
@@ -2496,17 +2669,21 @@ sim_loop(struct sim *s)
 
 		if (ferror(stdout))
 			return -1;	/* the reader went away */
-		if (sim_signals && !s->stop_us)
+		if (sim_signals && !s->stop_us) {
 			s->stop_us = now;
+			s->sweep = true;
+		}
 		if (s->holding && sim_release) {
 			/* the readings' schedule starts now */
 			s->holding = false;
 			for (size_t i = 0; i < s->ndev; i++)
 				s->dev[i].next_due_us += now - start;
+			s->sweep = true;
 		}
 		if (now >= next_house) {
 			sim_housekeep(s, now);
 			next_house = now + SIM_HOUSEKEEP_US;
+			s->sweep = true;
 		}
 		if (s->o.serve && !s->stop_us && now >= s->next_notify_us) {
 			serve_tick(s);
@@ -2517,11 +2694,9 @@ sim_loop(struct sim *s)
 		wake = next_house;
 		if (s->o.serve && s->next_notify_us < wake)
 			wake = s->next_notify_us;
-		for (size_t i = 0; i < s->ndev; i++) {
-			int64_t w = dev_tick(s, &s->dev[i], now);
-
-			wake = w < wake ? w : wake;
-		}
+		sim_tick(s, now);
+		if (s->ndue && s->due[0]->wake_us < wake)
+			wake = s->due[0]->wake_us;
 		if (sim_done(s, now, &wake))
 			return 0;
 		if (s->deadline_us && s->deadline_us < wake)
