@@ -280,6 +280,8 @@ due_down(struct sim *s, size_t i)
 static void
 dev_want(struct sim *s, struct device *d, int64_t t)
 {
+	if (!s->due)
+		return;		/* outside sim_loop() */
 	if (d->heap_at) {
 		size_t i = d->heap_at - 1;
 
@@ -299,7 +301,7 @@ dev_want(struct sim *s, struct device *d, int64_t t)
 		due_down(s, d->heap_at - 1);
 		return;
 	}
-	if (t == SIM_NEVER || !s->due)
+	if (t == SIM_NEVER)
 		return;
 	d->wake_us = t;
 	due_set(s, s->ndue++, d);
@@ -2640,6 +2642,10 @@ sim_loop(struct sim *s)
 	s->ndue = 0;
 	s->sweep = true;
 	r = sim_run(s);
+	for (size_t i = 0; i < s->ndev; i++) {
+		s->dev[i].heap_at = 0;
+		s->dev[i].hs_queued = false;
+	}
 	free(s->due);
 	free(s->hs_wait);
 	s->due = NULL;
