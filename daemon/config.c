@@ -35,7 +35,7 @@ struct cctx {
 	const struct cnode *here;	/* position for messages from the keys file parser */
 	struct config *c;
 	const struct cnode **dev_node;	/* identity node per config device */
-	size_t dev_cap;
+	size_t dev_cap, n_dev_nodes;
 	const struct cnode **route_node;	/* path node per route */
 	size_t route_cap;
 };
@@ -184,7 +184,7 @@ static void coap_ciphers(struct cctx *x, const struct cnode *n)
 /* The keys of coap:, in the order of v[]. */
 enum {
 	C_LISTEN, C_IDLE_TIMEOUT, C_MAX_SESSIONS, C_MAX_PAYLOAD, C_CIPHERS, C_PSK_HINT,
-	C_BLOCK_SIZE, C_RECEIVE_BUFFER, C_MAX_HANDSHAKES, C_MAX_HANDSHAKES_PER_IP,
+	C_BLOCK_SIZE, C_RECEIVE_BUFFER, C_MAX_HANDSHAKES, C_MAX_HANDSHAKES_PER_IP, C_RPK,
 	C_KEYS
 };
 
@@ -199,7 +199,46 @@ static const char *const coap_keys[C_KEYS + 1] = {
 	[C_RECEIVE_BUFFER] = "receive_buffer",
 	[C_MAX_HANDSHAKES] = "max_handshakes",
 	[C_MAX_HANDSHAKES_PER_IP] = "max_handshakes_per_ip",
+	[C_RPK] = "rpk",
 };
+
+/* The keys of coap.rpk:, in the order of v[]. */
+enum {
+	RPK_KEY_FILE,
+	RPK_KEYS
+};
+
+static const char *const rpk_keys[RPK_KEYS + 1] = {
+	[RPK_KEY_FILE] = "key_file",
+};
+
+/* Messages from the key loader, kept at the position of the key_file value. */
+static void rpk_sink(void *arg, const char *msg)
+{
+	struct cctx *x = arg;
+
+	if (x->t.errs != NULL)
+		ct_keep(&x->t, x->here->line, x->here->col, strdup(msg));
+	x->t.nerr++;
+}
+
+/* coap.rpk: the gateway's own key pair for raw public key (RFC 7250) handshakes. */
+static void coap_rpk(struct cctx *x, const struct cnode *n)
+{
+	const struct cnode *v[RPK_KEYS];
+	struct conf_coap *cc = &x->c->coap;
+
+	if (!ct_want(&x->t, n, CN_MAP) || !ct_fields(&x->t, n, rpk_keys, v))
+		return;
+	if (v[RPK_KEY_FILE] == NULL) {
+		conf_err(&x->t, n, "key_file is required (a PEM EC P-256 private key)");
+		return;
+	}
+	if (!ct_file(&x->t, v[RPK_KEY_FILE], &cc->rpk_key_file))
+		return;
+	x->here = v[RPK_KEY_FILE];
+	keys_load_rpk_key(cc->rpk_key_file, &cc->rpk, rpk_sink, x);
+}
 
 static void coap_numbers(struct cctx *x, const struct cnode **v)
 {
@@ -248,6 +287,8 @@ static void conf_coap(struct cctx *x, const struct cnode *n)
 		coap_ciphers(x, v[C_CIPHERS]);
 	if (v[C_PSK_HINT] && !ct_is_null(v[C_PSK_HINT]))
 		ct_str(&x->t, v[C_PSK_HINT], 128, &cc->psk_hint);
+	if (v[C_RPK] && !ct_is_null(v[C_RPK]))
+		coap_rpk(x, v[C_RPK]);
 	if (cc->n_listen == 0 && v[C_LISTEN] == NULL) {
 		free(cc->listen);
 		cc->listen = ct_calloc(&x->t, 1, sizeof(*cc->listen));
@@ -278,6 +319,7 @@ static int dev_append(struct cctx *x, struct key_entry *e, const struct cnode *i
 	}
 	x->dev_node[c->n_devices] = idnode;
 	c->devices[c->n_devices++] = *e;
+	x->n_dev_nodes = c->n_devices;
 	return 0;
 }
 
@@ -345,7 +387,7 @@ static char *origin_of(const struct cctx *x, int line)
 
 /* The keys of a device mapping, in the order of v[]. */
 enum {
-	D_IDENTITY, D_KEY, D_KEY_HEX,
+	D_IDENTITY, D_KEY, D_KEY_HEX, D_RPK,
 	D_KEYS
 };
 
@@ -353,7 +395,23 @@ static const char *const device_keys[D_KEYS + 1] = {
 	[D_IDENTITY] = "identity",
 	[D_KEY] = "key",
 	[D_KEY_HEX] = "key_hex",
+	[D_RPK] = "rpk",
 };
+
+/* Fills e->rpk from "sha256:HEX". */
+static bool dev_rpk(struct cctx *x, const struct cnode *n, struct key_entry *e)
+{
+	const char *s = ct_scalar(&x->t, n, "sha256: and 64 hex digits"), *why;
+
+	if (s == NULL)
+		return false;
+	if ((why = keys_decode_rpk(s, e->rpk)) != NULL) {
+		conf_err(&x->t, n, "raw public key %s", why);
+		return false;
+	}
+	e->has_rpk = 1;
+	return true;
+}
 
 static void conf_device(struct cctx *x, const struct cnode *n)
 {
@@ -363,15 +421,18 @@ static void conf_device(struct cctx *x, const struct cnode *n)
 
 	if (!ct_want(&x->t, n, CN_MAP) || !ct_fields(&x->t, n, device_keys, v))
 		return;
+	int creds = (v[D_KEY] != NULL) + (v[D_KEY_HEX] != NULL) + (v[D_RPK] != NULL);
+
 	if (v[D_IDENTITY] == NULL)
 		conf_err(&x->t, n, "identity is required");
-	if (v[D_KEY] && v[D_KEY_HEX])
-		conf_err(&x->t, v[D_KEY_HEX], "give key or key_hex, not both");
-	else if (!v[D_KEY] && !v[D_KEY_HEX])
-		conf_err(&x->t, n, "key or key_hex is required");
+	if (creds > 1)
+		conf_err(&x->t, v[D_RPK] ? v[D_RPK] : v[D_KEY_HEX],
+			 "give one of key, key_hex or rpk");
+	else if (creds == 0)
+		conf_err(&x->t, n, "key, key_hex or rpk is required");
 	ok = v[D_IDENTITY] && dev_identity(x, v[D_IDENTITY], &e);
-	ok = (v[D_KEY] || v[D_KEY_HEX]) && !(v[D_KEY] && v[D_KEY_HEX]) &&
-	     dev_key(x, v[D_KEY], v[D_KEY_HEX], &e) && ok;
+	ok = creds == 1 && (v[D_RPK] ? dev_rpk(x, v[D_RPK], &e) :
+			    dev_key(x, v[D_KEY], v[D_KEY_HEX], &e)) && ok;
 	if (ok && (e.origin = origin_of(x, v[D_IDENTITY]->line)) != NULL &&
 	    dev_append(x, &e, v[D_IDENTITY]) == 0)
 		return;
@@ -398,6 +459,44 @@ static void device_dups(struct cctx *x)
 				 ct_show(f->identity, strlen(f->identity)).s, x->dev_node[f - c->devices]->line);
 	}
 	keys_free(k);
+}
+
+/* A fingerprint names one device: listed twice, which identity would it be? Also says when
+ * devices use raw public keys but the gateway has no key pair of its own for them. */
+static void rpk_dups(struct cctx *x, const struct cnode *file_node)
+{
+	struct config *c = x->c;
+	struct keys *k;
+	size_t i, nrpk = 0;
+
+	for (i = 0; i < c->n_devices; i++)
+		nrpk += c->devices[i].has_rpk != 0;
+	if (nrpk == 0)
+		return;
+	if ((k = keys_new(c->devices, c->n_devices)) == NULL) {
+		conf_oom(&x->t);
+		return;
+	}
+	for (i = 0; i < c->n_devices; i++) {
+		const struct key_entry *e = &c->devices[i], *f;
+		char fp[KEYS_RPK_TEXT];
+
+		if (!e->has_rpk || (f = keys_find_rpk(k, e->rpk)) == NULL || f == e)
+			continue;
+		keys_format_rpk(e->rpk, fp);
+		if (i < x->n_dev_nodes)
+			conf_err(&x->t, x->dev_node[i], "raw public key %s is also device %s's (%s)",
+				 fp, f->identity, f->origin ? f->origin : "?");
+		else
+			conf_err(&x->t, file_node, "%s: raw public key %s is also device %s's (%s)",
+				 e->origin ? e->origin : "?", fp, f->identity,
+				 f->origin ? f->origin : "?");
+	}
+	keys_free(k);
+	if (c->coap.rpk_key_file == NULL)
+		conf_err(&x->t, file_node ? file_node : &x->t.node[0], "%zu device(s) use a raw "
+			 "public key but coap.rpk.key_file is not set (the gateway's own key pair)",
+			 nrpk);
 }
 
 static void conf_devices(struct cctx *x, const struct cnode *n)
@@ -1294,6 +1393,7 @@ static void conf_top(struct cctx *x)
 	conf_coap(x, v[TOP_COAP]);
 	conf_devices(x, v[TOP_DEVICES]);
 	conf_devices_file(x, v[TOP_DEVICES_FILE]);
+	rpk_dups(x, v[TOP_DEVICES_FILE]);
 	conf_mqtt(x, v[TOP_MQTT], root);
 	conf_routes(x, v[TOP_ROUTES]);
 	conf_observes(x, v[TOP_OBSERVE]);
@@ -1387,6 +1487,8 @@ size_t conf_restart_needed(const struct config *old, const struct config *c, con
 		{ "mqtt.max_inflight", o->max_inflight != m->max_inflight },
 		{ "mqtt.session_expiry", o->session_expiry != m->session_expiry },
 		{ "mqtt.status_topic", !same_str(o->status_topic, m->status_topic) },
+		{ "coap.rpk.key_file", !same_str(old->coap.rpk_key_file, c->coap.rpk_key_file) ||
+				       memcmp(old->coap.rpk.fp, c->coap.rpk.fp, KEYS_RPK_LEN) != 0 },
 	};
 
 	_Static_assert(sizeof(keys) / sizeof(keys[0]) == CONF_RESTART_KEYS, "CONF_RESTART_KEYS");
@@ -1405,6 +1507,8 @@ void conf_free(struct config *c)
 	free_strv(c->coap.listen, c->coap.n_listen);
 	free_strv(c->coap.ciphers, c->coap.n_ciphers);
 	free(c->coap.psk_hint);
+	free(c->coap.rpk_key_file);
+	keys_rpk_key_clear(&c->coap.rpk);
 	for (i = 0; i < c->n_devices; i++)
 		key_entry_clear(&c->devices[i]);
 	free(c->devices);

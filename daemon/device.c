@@ -25,6 +25,8 @@ struct dev_sess {
 	coap_session_t *session;
 	struct device *dev;		/* set once established */
 	char identity[KEYS_MAX_IDENTITY + 1];
+	uint8_t rpk[KEYS_RPK_LEN];	/* the raw public key it authenticated with (has_rpk) */
+	int has_rpk;
 	char peer[64];
 	coap_address_t addr;		/* the peer's address as peer shows it */
 	int closed;			/* DTLS_CLOSED seen */
@@ -247,6 +249,8 @@ static void sess_fill_identity(struct dev_sess *d)
 {
 	const coap_bin_const_t *id = coap_session_get_psk_identity(d->session);
 
+	if (d->has_rpk)
+		return;		/* the identity its raw public key is listed under */
 	if (!id || id->length == 0 || id->length > KEYS_MAX_IDENTITY) {
 		/* coap:// (NoSec) sessions carry no identity */
 		snprintf(d->identity, sizeof(d->identity), "anonymous");
@@ -334,14 +338,17 @@ static void on_handshake_deadline(evutil_socket_t fd, short what, void *arg)
 	evtimer_add(d->hs_timer, &tv);
 }
 
-void dev_handshake_start(coap_session_t *s, const char *identity)
+void dev_handshake_start(coap_session_t *s, const struct key_entry *e)
 {
 	struct dev_sess *d = dev_sess_get(s);
 	struct timeval tv = { DEV_HANDSHAKE_S, 0 };
 
 	if (!d)
 		return;
-	snprintf(d->identity, sizeof(d->identity), "%s", identity);
+	snprintf(d->identity, sizeof(d->identity), "%s", e->identity);
+	d->has_rpk = e->has_rpk;
+	if (e->has_rpk)
+		memcpy(d->rpk, e->rpk, sizeof(d->rpk));
 	sess_attach(d);
 	if (!d->hs_timer)
 		d->hs_timer = evtimer_new(loop_base(), on_handshake_deadline, d);
@@ -368,12 +375,14 @@ static void sess_free(coap_session_t *s)
 	free(d);
 }
 
-/* The peer sent an identity the key store does not hold (the PSK callback refused it). */
+/* The peer sent an identity or raw public key the key store does not hold (the PSK or raw
+ * public key callback refused it). */
 static int identity_unknown(coap_session_t *s)
 {
 	const coap_bin_const_t *id = coap_session_get_psk_identity(s);
 
-	return id && id->length && !keys_find(loop_keys(), (const char *)id->s, id->length);
+	return loop_handshake_refused(s) ||
+	       (id && id->length && !keys_find(loop_keys(), (const char *)id->s, id->length));
 }
 
 void dev_session_event(coap_session_t *s, coap_event_t ev)
@@ -451,6 +460,9 @@ static const char *revoked(const struct dev_sess *d, const struct keys *k)
 
 	if (!e)
 		return "device removed";
+	if (d->has_rpk)
+		return e->has_rpk && memcmp(e->rpk, d->rpk, sizeof(d->rpk)) == 0 ? NULL :
+		       "raw public key changed";
 	if (key && (key->length != e->key_len || memcmp(key->s, e->key, e->key_len) != 0))
 		return "key changed";
 	return NULL;

@@ -11,6 +11,7 @@ struct config;
 struct keys;
 struct log_budget;
 struct dev_sess;		/* one DTLS (or NoSec) session */
+struct key_entry;
 struct device;			/* one identity; outlives its sessions */
 
 /* What observe.c and command.c do when a device comes online or goes offline (wired by main). */
@@ -32,8 +33,9 @@ const char *dev_sess_peer(const struct dev_sess *d);
  * request is to be refused, and the session is closed once the answer is out. */
 const char *dev_sess_refused(struct dev_sess *d);
 
-/* The PSK callback accepted identity for s: the handshake must now complete in time. */
-void dev_handshake_start(coap_session_t *s, const char *identity);
+/* The PSK or raw public key callback accepted device e for s: the handshake must now complete
+ * in time. */
+void dev_handshake_start(coap_session_t *s, const struct key_entry *e);
 /* libcoap session events for server sessions. */
 void dev_session_event(coap_session_t *s, coap_event_t ev);
 

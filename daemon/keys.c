@@ -1,4 +1,5 @@
-/* keys.c: the PSK store — keys file parsing with permission checks, and an O(1) identity lookup. */
+/* keys.c: the device credentials — keys file parsing with permission checks, and O(1) lookups by
+ * identity (PSK) and by raw public key fingerprint (RPK). */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE	/* explicit_bzero */
 #endif
@@ -12,10 +13,16 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include <wolfssl/options.h>
+#include <wolfssl/wolfcrypt/asn_public.h>
+#include <wolfssl/wolfcrypt/ecc.h>
+#include <wolfssl/wolfcrypt/sha256.h>
+
 #include "route.h"
 
 #define KEYS_LINE_MAX 1024	/* bytes in one keys file line */
 #define KEYS_HEX_PREFIX "hex:"
+#define KEYS_RPK_TOKEN "rpk:"
 
 /* Open-addressing table of entry indices (+1; 0 = empty slot) over a base array that may move. */
 struct ktab {
@@ -27,6 +34,8 @@ struct ktab {
 struct keys {
 	const struct key_entry *v;
 	struct ktab tab;
+	uint32_t *rslot;	/* fingerprint → entry index + 1, open addressing */
+	size_t rmask;
 	size_t n;
 };
 
@@ -102,6 +111,8 @@ static int ktab_add(struct ktab *t, const struct key_entry *base, size_t idx)
 	return 0;
 }
 
+static int rtab_build(struct keys *k, const struct key_entry *v, size_t n);
+
 struct keys *keys_new(const struct key_entry *v, size_t n)
 {
 	struct keys *k = calloc(1, sizeof(*k));
@@ -118,7 +129,57 @@ struct keys *keys_new(const struct key_entry *v, size_t n)
 		ktab_place(&k->tab, v, (uint32_t)i);
 		k->n++;
 	}
+	if (rtab_build(k, v, n) < 0) {
+		keys_free(k);
+		return NULL;
+	}
 	return k;
+}
+
+/* A fingerprint is a SHA-256 output: its first bytes are as good as any hash of it. */
+static size_t rpk_hash(const uint8_t *fp)
+{
+	uint64_t h;
+
+	memcpy(&h, fp, sizeof(h));
+	return (size_t)h;
+}
+
+/* The fingerprint table over the entries with one; the first of a repeated fingerprint wins. */
+static int rtab_build(struct keys *k, const struct key_entry *v, size_t n)
+{
+	size_t cap = 16, i, j, nrpk = 0;
+
+	for (i = 0; i < n; i++)
+		nrpk += v[i].has_rpk != 0;
+	if (nrpk == 0)
+		return 0;
+	while (cap < 2 * nrpk)
+		cap *= 2;
+	if ((k->rslot = calloc(cap, sizeof(*k->rslot))) == NULL)
+		return -1;
+	k->rmask = cap - 1;
+	for (i = 0; i < n; i++) {
+		if (!v[i].has_rpk || keys_find_rpk(k, v[i].rpk) != NULL)
+			continue;
+		for (j = rpk_hash(v[i].rpk) & k->rmask; k->rslot[j] != 0; j = (j + 1) & k->rmask)
+			;
+		k->rslot[j] = (uint32_t)i + 1;
+	}
+	return 0;
+}
+
+const struct key_entry *keys_find_rpk(const struct keys *k, const uint8_t fp[KEYS_RPK_LEN])
+{
+	if (k == NULL || k->rslot == NULL || fp == NULL)
+		return NULL;
+	for (size_t j = rpk_hash(fp) & k->rmask; k->rslot[j] != 0; j = (j + 1) & k->rmask) {
+		const struct key_entry *e = &k->v[k->rslot[j] - 1];
+
+		if (memcmp(e->rpk, fp, KEYS_RPK_LEN) == 0)
+			return e;
+	}
+	return NULL;
 }
 
 void keys_free(struct keys *k)
@@ -126,6 +187,7 @@ void keys_free(struct keys *k)
 	if (k == NULL)
 		return;
 	free(k->tab.slot);
+	free(k->rslot);
 	free(k);
 }
 
@@ -155,6 +217,7 @@ void key_entry_clear(struct key_entry *e)
 	e->identity = NULL;
 	e->origin = NULL;
 	e->key_len = 0;
+	e->has_rpk = 0;
 }
 
 static int hex_val(char c)
@@ -205,6 +268,34 @@ int keys_decode_hex(const char *hex, uint8_t *out, size_t outlen, const char **w
 		out[i / 2] = (uint8_t)(hi << 4 | lo);
 	}
 	return (int)(len / 2);
+}
+
+const char *keys_decode_rpk(const char *text, uint8_t fp[KEYS_RPK_LEN])
+{
+	const char *why;
+
+	if (text == NULL || strncmp(text, KEYS_RPK_PREFIX, strlen(KEYS_RPK_PREFIX)) != 0)
+		return "must start with sha256: (the SHA-256 of the device's public key, "
+		       "as coap2mqtt --show-rpk or openssl prints it)";
+	text += strlen(KEYS_RPK_PREFIX);
+	if (strlen(text) != 2 * KEYS_RPK_LEN)
+		return "must have 64 hex digits after sha256:";
+	if (keys_decode_hex(text, fp, KEYS_RPK_LEN, &why) != KEYS_RPK_LEN)
+		return why;
+	return NULL;
+}
+
+void keys_format_rpk(const uint8_t fp[KEYS_RPK_LEN], char out[KEYS_RPK_TEXT])
+{
+	static const char hex[] = "0123456789abcdef";
+	size_t o = strlen(KEYS_RPK_PREFIX);
+
+	memcpy(out, KEYS_RPK_PREFIX, o);
+	for (size_t i = 0; i < KEYS_RPK_LEN; i++) {
+		out[o++] = hex[fp[i] >> 4];
+		out[o++] = hex[fp[i] & 15];
+	}
+	out[o] = '\0';
 }
 
 /* ---- keys file ---- */
@@ -288,12 +379,21 @@ static int split_tokens(char *s, char **tok)
 	}
 }
 
-/* Decodes a text or "hex:" key into e; 0 or -1 after reporting. Never echoes the key. */
+/* Decodes a text or "hex:" key, or an "rpk:sha256:" fingerprint, into e; 0 or -1 after reporting.
+ * Never echoes the key. */
 static int kp_key(struct kparse *p, size_t line, const char *key, struct key_entry *e)
 {
 	const char *why;
 	int len;
 
+	if (strncmp(key, KEYS_RPK_TOKEN, strlen(KEYS_RPK_TOKEN)) == 0) {
+		if ((why = keys_decode_rpk(key + strlen(KEYS_RPK_TOKEN), e->rpk)) != NULL) {
+			kp_error(p, line, "raw public key: %s", why);
+			return -1;
+		}
+		e->has_rpk = 1;
+		return 0;
+	}
 	if (strncmp(key, KEYS_HEX_PREFIX, strlen(KEYS_HEX_PREFIX)) == 0) {
 		len = keys_decode_hex(key, e->key, sizeof(e->key), &why);
 		if (len < 0) {
@@ -377,7 +477,8 @@ static int kp_line(struct kparse *p, size_t line, char *buf)
 	if (n == 0 || tok[0][0] == '#')
 		return 0;
 	if (n == 1) {
-		kp_error(p, line, "identity without a key (write \"identity key\" or \"identity hex:...\")");
+		kp_error(p, line, "identity without a key (write \"identity key\", \"identity hex:...\" "
+			 "or \"identity rpk:sha256:...\")");
 		return 0;
 	}
 	if (n == 3) {
@@ -487,4 +588,108 @@ int keys_parse_file(const char *path, struct key_entry **v, size_t *n, keys_erro
 	fclose(f);
 	free(p.tab.slot);
 	return p.nerr;
+}
+
+/* ---- the gateway's own raw public key ---- */
+
+#define RPK_FILE_MAX 16384	/* bytes: a PEM EC key is a few hundred */
+#define RPK_DER_MAX 2048
+
+int keys_spki_fingerprint(const uint8_t *spki, size_t len, uint8_t fp[KEYS_RPK_LEN])
+{
+	if (spki == NULL || len == 0 || len > UINT32_MAX)
+		return -1;
+	return wc_Sha256Hash(spki, (word32)len, fp) == 0 ? 0 : -1;
+}
+
+void keys_rpk_key_clear(struct rpk_key *k)
+{
+	if (k == NULL)
+		return;
+	if (k->key_pem != NULL)
+		explicit_bzero(k->key_pem, k->key_pem_len);
+	free(k->key_pem);
+	free(k->pub_pem);
+	memset(k, 0, sizeof(*k));
+}
+
+/* From the private key in PEM: the public key as DER SubjectPublicKeyInfo (P-256 only). */
+static const char *rpk_spki(const char *pem, size_t len, uint8_t *spki, word32 *spki_len)
+{
+	uint8_t der[RPK_DER_MAX];
+	const char *why = NULL;
+	ecc_key key;
+	word32 idx = 0;
+	int n, r;
+
+	n = wc_KeyPemToDer((const unsigned char *)pem, (int)len, der, (int)sizeof(der), NULL);
+	if (n <= 0)
+		return "holds no PEM private key (expected -----BEGIN EC PRIVATE KEY----- or "
+		       "-----BEGIN PRIVATE KEY-----; make one with: openssl ecparam -name prime256v1 "
+		       "-genkey -noout -out FILE)";
+	if (wc_ecc_init(&key) != 0)
+		return "cannot be decoded (out of memory)";
+	if (wc_EccPrivateKeyDecode(der, &idx, &key, (word32)n) != 0)
+		why = "is not an EC private key (RFC 7252 raw public keys are EC P-256)";
+	else if (wc_ecc_get_curve_id(key.idx) != ECC_SECP256R1)
+		why = "is an EC key on another curve than P-256 (prime256v1, secp256r1)";
+	else if (key.type == ECC_PRIVATEKEY_ONLY && wc_ecc_make_pub(&key, NULL) != 0)
+		why = "has no usable public key";
+	else if ((r = wc_EccPublicKeyToDer(&key, spki, *spki_len, 1)) <= 0)
+		why = "has no usable public key";
+	else
+		*spki_len = (word32)r;
+	wc_ecc_free(&key);
+	explicit_bzero(der, sizeof(der));
+	return why;
+}
+
+int keys_load_rpk_key(const char *path, struct rpk_key *k, keys_error_fn err, void *arg)
+{
+	struct kparse p = { .path = path, .err = err, .arg = arg };
+	uint8_t spki[RPK_DER_MAX];
+	word32 spki_len = sizeof(spki);
+	char pub[RPK_DER_MAX];
+	const char *why;
+	size_t n;
+	int pn;
+	FILE *f;
+
+	memset(k, 0, sizeof(*k));
+	if ((f = kp_open(&p)) == NULL)
+		return p.nerr;
+	k->key_pem = malloc(RPK_FILE_MAX + 1);
+	if (k->key_pem == NULL) {
+		kp_error(&p, 0, "out of memory");
+		fclose(f);
+		return p.nerr;
+	}
+	n = fread(k->key_pem, 1, RPK_FILE_MAX + 1, f);
+	k->key_pem_len = n;
+	if (ferror(f))
+		kp_error(&p, 0, "read error: %s", strerror(errno));
+	else if (n > RPK_FILE_MAX)
+		kp_error(&p, 0, "larger than %d bytes: not a key file", RPK_FILE_MAX);
+	fclose(f);
+	if (p.nerr) {
+		keys_rpk_key_clear(k);
+		return p.nerr;
+	}
+	k->key_pem[n] = '\0';
+	if ((why = rpk_spki(k->key_pem, n, spki, &spki_len)) != NULL) {
+		kp_error(&p, 0, "%s", why);
+		keys_rpk_key_clear(k);
+		return p.nerr;
+	}
+	pn = wc_DerToPem(spki, spki_len, (byte *)pub, (word32)sizeof(pub) - 1, PUBLICKEY_TYPE);
+	if (pn <= 0 || keys_spki_fingerprint(spki, spki_len, k->fp) < 0 ||
+	    (k->pub_pem = malloc((size_t)pn + 1)) == NULL) {
+		kp_error(&p, 0, "cannot encode its public key");
+		keys_rpk_key_clear(k);
+		return p.nerr;
+	}
+	memcpy(k->pub_pem, pub, (size_t)pn);
+	k->pub_pem[pn] = '\0';
+	k->pub_pem_len = (size_t)pn;
+	return 0;
 }

@@ -1,4 +1,5 @@
-/* keys.h: the PSK store (identity → key) and the keys file format. */
+/* keys.h: the device credentials (identity → PSK, or → raw public key fingerprint, and back) and
+ * the keys file format. */
 #ifndef C2M_KEYS_H
 #define C2M_KEYS_H
 
@@ -9,20 +10,27 @@
 #define KEYS_MAX_KEY 64		/* bytes */
 #define KEYS_MAX_IDENTITY 128	/* bytes */
 #define KEYS_MAX_ENTRIES 100000	/* devices in one configuration (config + keys file) */
+#define KEYS_RPK_LEN 32		/* SHA-256 of a SubjectPublicKeyInfo (RFC 7250 raw public key) */
+#define KEYS_RPK_PREFIX "sha256:"
+#define KEYS_RPK_TEXT (sizeof(KEYS_RPK_PREFIX) - 1 + 2 * KEYS_RPK_LEN + 1)
 
+/* One device: a PSK (key_len > 0) or the fingerprint of its raw public key (has_rpk). */
 struct key_entry {
 	char *identity;		/* NUL-ended, 1..KEYS_MAX_IDENTITY bytes, valid topic value */
 	uint8_t key[KEYS_MAX_KEY];
 	size_t key_len;
+	uint8_t rpk[KEYS_RPK_LEN];
+	int has_rpk;
 	char *origin;		/* "file:line" where it was defined, for messages */
 };
 
-struct keys;			/* opaque: hash table identity → entry */
+struct keys;			/* opaque: hash tables identity → entry, fingerprint → entry */
 
 /* Error sink: called once per problem with a "file:line[:col]: what" message. */
 typedef void (*keys_error_fn)(void *arg, const char *msg);
 
-/* Parses a keys file: one "identity key" or "identity hex:HEX" per line, '#' comments, blank lines.
+/* Parses a keys file: one "identity key", "identity hex:HEX" or "identity rpk:sha256:HEX" per line,
+ * '#' comments, blank lines.
  * Refuses files readable by "other" (mode & 007). Appends entries to *v, *n (realloc'ed). An
  * identity already in *v (earlier line, or an entry the caller put there) is reported with both places.
  * Returns the number of errors reported (0 = ok). */
@@ -32,12 +40,35 @@ int keys_parse_file(const char *path, struct key_entry **v, size_t *n, keys_erro
  * why, e.g. "has an odd number of hex digits"). Length limits beyond outlen are the caller's. */
 int keys_decode_hex(const char *hex, uint8_t *out, size_t outlen, const char **why);
 
+/* Parses "sha256:" and 64 hex digits into fp; NULL, or why not. */
+const char *keys_decode_rpk(const char *text, uint8_t fp[KEYS_RPK_LEN]);
+/* "sha256:" and 64 lower-case hex digits of fp into out (KEYS_RPK_TEXT bytes). */
+void keys_format_rpk(const uint8_t fp[KEYS_RPK_LEN], char out[KEYS_RPK_TEXT]);
+
 /* Builds a lookup table over entries (borrowed, must outlive the table). NULL on OOM. */
 struct keys *keys_new(const struct key_entry *v, size_t n);
 void keys_free(struct keys *k);
 const struct key_entry *keys_find(const struct keys *k, const char *identity, size_t len);
+/* The entry whose raw public key has this fingerprint (the first one listed), or NULL. */
+const struct key_entry *keys_find_rpk(const struct keys *k, const uint8_t fp[KEYS_RPK_LEN]);
 size_t keys_count(const struct keys *k);
 
 void key_entry_clear(struct key_entry *e);	/* frees strings, wipes the key */
+
+/* The gateway's own raw public key (coap.rpk.key_file): an EC P-256 private key in PEM. */
+struct rpk_key {
+	char *key_pem;			/* the private key as read, NUL-ended (wiped on clear) */
+	size_t key_pem_len;
+	char *pub_pem;			/* its public key, "-----BEGIN PUBLIC KEY-----" PEM */
+	size_t pub_pem_len;
+	uint8_t fp[KEYS_RPK_LEN];	/* SHA-256 of its SubjectPublicKeyInfo */
+};
+
+/* Reads and checks path (a regular file nobody else may read, holding one EC P-256 private key
+ * in PEM). Returns the number of errors reported through err (0 = ok, k filled). */
+int keys_load_rpk_key(const char *path, struct rpk_key *k, keys_error_fn err, void *arg);
+void keys_rpk_key_clear(struct rpk_key *k);
+/* The fingerprint of a DER SubjectPublicKeyInfo; 0, or -1 when it cannot be hashed. */
+int keys_spki_fingerprint(const uint8_t *spki, size_t len, uint8_t fp[KEYS_RPK_LEN]);
 
 #endif

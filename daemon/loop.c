@@ -35,6 +35,7 @@ static struct {
 	unsigned ticks;
 	unsigned receive_buffer;	/* coap.receive_buffer */
 	struct log_budget hs_log;	/* handshake failures logged here (peers cause them) */
+	coap_session_t *refused;	/* the handshake a callback just refused, logged there */
 	struct { int fd; char name[64]; } ep[LOOP_MAX_ENDPOINTS];	/* listening sockets */
 	size_t n_ep;
 } L;
@@ -165,10 +166,86 @@ static const coap_bin_const_t *on_psk_identity(coap_bin_const_t *identity, coap_
 			pdu_peer(s, peer, sizeof(peer)), id);
 		return NULL;
 	}
-	L.h.handshake_start(s, e->identity);
+	if (e->has_rpk) {
+		log_src(&L.hs_log, LOG_LVL_WARNING, "peer=%s identity=\"%s\" handshake=refused "
+			"reason=\"the device is listed with a raw public key, not a PSK\"",
+			pdu_peer(s, peer, sizeof(peer)), e->identity);
+		L.refused = s;
+		return NULL;
+	}
+	L.h.handshake_start(s, e);
 	L.psk_out.s = e->key;
 	L.psk_out.length = e->key_len;
 	return &L.psk_out;
+}
+
+/* A device's raw public key (RFC 7250), as wolfSSL received it in the handshake: a DER
+ * SubjectPublicKeyInfo. Accepted when its SHA-256 is listed; else refused, and the log names the
+ * fingerprint it presented, for the operator to add. */
+static int on_rpk(const char *cn, const uint8_t *spki, size_t len, coap_session_t *s,
+		  unsigned depth, int validated, void *arg)
+{
+	uint8_t fp[KEYS_RPK_LEN];
+	char peer[64], text[KEYS_RPK_TEXT];
+	const struct key_entry *e;
+
+	(void)cn;
+	(void)validated;
+	(void)arg;
+	if (depth != 0)
+		return 0;	/* a raw public key has no chain */
+	if (keys_spki_fingerprint(spki, len, fp) < 0) {
+		log_src(&L.hs_log, LOG_LVL_WARNING, "peer=%s identity=- handshake=refused "
+			"reason=\"unreadable raw public key\"", pdu_peer(s, peer, sizeof(peer)));
+		L.refused = s;
+		return 0;
+	}
+	keys_format_rpk(fp, text);
+	e = keys_find_rpk(L.keys, fp);
+	if (!e) {
+		log_src(&L.hs_log, LOG_LVL_WARNING, "peer=%s identity=- rpk=%s handshake=refused "
+			"reason=\"unknown raw public key\" hint=\"add it to devices or devices_file "
+			"as rpk: %s\"", pdu_peer(s, peer, sizeof(peer)), text, text);
+		L.refused = s;
+		return 0;
+	}
+	L.h.handshake_start(s, e);
+	return 1;
+}
+
+/* The gateway's own key pair for raw public key handshakes, beside PSK on the same endpoints:
+ * each handshake takes what the device offers. The PEM buffers are the start-up
+ * configuration's, which lives as long as the context (libcoap reads them for each session). */
+static int rpk_setup(const struct config *c)
+{
+	coap_dtls_pki_t pki;
+	coap_pki_key_define_t *d = &pki.pki_key.key.define;
+
+	if (!c->coap.rpk_key_file)
+		return 0;
+	if (!coap_dtls_rpk_is_supported()) {
+		log_error("loop: coap.rpk is set but this libcoap/wolfSSL build has no raw public keys");
+		return -1;
+	}
+	memset(&pki, 0, sizeof(pki));
+	pki.version = COAP_DTLS_PKI_SETUP_VERSION;
+	pki.verify_peer_cert = 1;
+	pki.is_rpk_not_cert = 1;
+	pki.validate_cn_call_back = on_rpk;
+	pki.pki_key.key_type = COAP_PKI_KEY_DEFINE;
+	d->public_cert.s_byte = c->coap.rpk.pub_pem;
+	d->public_cert_len = c->coap.rpk.pub_pem_len;
+	d->public_cert_def = COAP_PKI_KEY_DEF_RPK_BUF;
+	d->private_key.s_byte = c->coap.rpk.key_pem;
+	d->private_key_len = c->coap.rpk.key_pem_len;
+	d->private_key_def = COAP_PKI_KEY_DEF_RPK_BUF;
+	d->ca_def = COAP_PKI_KEY_DEF_PEM;
+	if (!coap_context_set_pki(L.coap, &pki)) {
+		log_error("loop: the DTLS library refused the raw public key setup (%s)",
+			  c->coap.rpk_key_file);
+		return -1;
+	}
+	return 0;
 }
 
 /* libcoap bounds a server's DTLS handshake by the session's MAX_RETRANSMIT: with CoAP's 4 it
@@ -194,8 +271,10 @@ static int on_coap_event(coap_session_t *s, const coap_event_t ev)
 		const coap_bin_const_t *bid = coap_session_get_psk_identity(s);
 
 		identity_str(bid, id, sizeof(id));
-		/* an unknown identity was logged by the PSK callback already */
-		if (bid && bid->length && keys_find(L.keys, (const char *)bid->s, bid->length))
+		/* a refusal was logged by the PSK or raw public key callback already */
+		if (s == L.refused)
+			;
+		else if (bid && bid->length && keys_find(L.keys, (const char *)bid->s, bid->length))
 			log_src(&L.hs_log, LOG_LVL_WARNING, "peer=%s identity=\"%s\" "
 				"handshake=failed reason=\"wrong key or no common cipher suite\" "
 				"hint=\"check the device's key\"", pdu_peer(s, peer, sizeof(peer)), id);
@@ -208,7 +287,14 @@ static int on_coap_event(coap_session_t *s, const coap_event_t ev)
 		break;
 	}
 	L.h.session_event(s, ev);
+	if (ev == COAP_EVENT_DTLS_ERROR && s == L.refused)
+		L.refused = NULL;
 	return 0;
+}
+
+int loop_handshake_refused(const coap_session_t *s)
+{
+	return s == L.refused;
 }
 
 /* Responses and notifications to the gateway's own requests (observe, commands). */
@@ -402,6 +488,8 @@ static int coap_setup(const struct config *c)
 		log_error("loop: the DTLS library refused the PSK setup");
 		return -1;
 	}
+	if (rpk_setup(c) < 0)
+		return -1;
 	apply_coap_limits(c);
 	coap_context_set_block_mode(L.coap, COAP_BLOCK_USE_LIBCOAP | COAP_BLOCK_SINGLE_BODY);
 	coap_register_event_handler(L.coap, on_coap_event);

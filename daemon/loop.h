@@ -13,12 +13,15 @@ struct keys;
 #define LOOP_MAX_RESPONSE_BODY (256 * 1024)
 #define LOOP_MAX_RESPONSE_BODIES (512 * 1024)
 
+struct key_entry;
+
 /* What the loop hands to the bridge; main.c fills it in (the loop includes no bridge header). */
 struct loop_handlers {
 	/* the resource that takes every device request */
 	coap_resource_t *(*resource)(const struct config *c);
-	/* the PSK callback accepted identity for s: its handshake must now complete in time */
-	void (*handshake_start)(coap_session_t *s, const char *identity);
+	/* the PSK or raw public key callback accepted the device e for s: its handshake must now
+	 * complete in time */
+	void (*handshake_start)(coap_session_t *s, const struct key_entry *e);
 	/* libcoap session events of server sessions */
 	void (*session_event)(coap_session_t *s, coap_event_t ev);
 	/* a response to one of the gateway's own requests: nonzero when it was taken */
@@ -37,6 +40,9 @@ coap_context_t *loop_coap(void);
  * settings that can change at run time (reload). */
 void loop_set_config(const struct config *c, const struct keys *k);
 const struct keys *loop_keys(void);
+/* During its DTLS_ERROR event: whether the PSK or raw public key callback refused s (an unknown
+ * identity or key, logged already). */
+int loop_handshake_refused(const coap_session_t *s);
 int loop_run(void);
 void loop_stop(void);
 /* Closes the listeners: no new datagrams are read; timers keep running. */

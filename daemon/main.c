@@ -45,10 +45,12 @@ static struct {
 static void usage(FILE *f)
 {
 	fprintf(f,
-		"usage: coap2mqtt [-c FILE] [--check] [--version] [--help]\n"
+		"usage: coap2mqtt [-c FILE] [--check] [--show-rpk] [--version] [--help]\n"
 		"  -c, --config FILE  configuration (default " CONF_DEFAULT_PATH ")\n"
 		"  -t, --check        validate the configuration and its files, print every error,\n"
 		"                     exit 0 when valid, 1 otherwise\n"
+		"      --show-rpk     print the gateway's raw public key (coap.rpk.key_file): its\n"
+		"                     fingerprint and PEM, for devices that pin it\n"
 		"  -V, --version      print versions of coap2mqtt, libcoap and wolfSSL\n"
 		"  -h, --help         this text\n"
 		"Signals: SIGTERM/SIGINT stop (readings in flight are persisted), SIGHUP reloads.\n");
@@ -174,11 +176,15 @@ static void signals_shutdown(void)
 		event_free(G.health);
 }
 
-static int parse_args(int argc, char **argv, int *check)
+enum { OPT_SHOW_RPK = 256 };
+
+/* *mode: 1 --check, 2 --show-rpk */
+static int parse_args(int argc, char **argv, int *mode)
 {
 	static const struct option opts[] = {
 		{ "config", required_argument, NULL, 'c' },
 		{ "check", no_argument, NULL, 't' },
+		{ "show-rpk", no_argument, NULL, OPT_SHOW_RPK },
 		{ "version", no_argument, NULL, 'V' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
@@ -189,7 +195,8 @@ static int parse_args(int argc, char **argv, int *check)
 	while ((ch = getopt_long(argc, argv, "c:tVh", opts, NULL)) != -1) {
 		switch (ch) {
 		case 'c': G.conf_path = optarg; break;
-		case 't': *check = 1; break;
+		case 't': *mode = 1; break;
+		case OPT_SHOW_RPK: *mode = 2; break;
 		case 'V': print_version(); exit(0);
 		case 'h': usage(stdout); exit(0);
 		default: usage(stderr); return -1;
@@ -273,6 +280,24 @@ static int run(void)
 	return rc < 0 ? 1 : 0;
 }
 
+/* --show-rpk: what a device pins to know it talks to this gateway. */
+static int show_rpk(void)
+{
+	char fp[KEYS_RPK_TEXT];
+	int rc = 0;
+
+	if (!G.conf->coap.rpk_key_file) {
+		fprintf(stderr, "coap2mqtt: %s: coap.rpk.key_file is not set\n", G.conf_path);
+		rc = 1;
+	} else {
+		keys_format_rpk(G.conf->coap.rpk.fp, fp);
+		printf("rpk: %s\nkey_file: %s\n%s", fp, G.conf->coap.rpk_key_file,
+		       G.conf->coap.rpk.pub_pem);
+	}
+	conf_free(G.conf);
+	return rc;
+}
+
 int main(int argc, char **argv)
 {
 	int check = 0, rc;
@@ -286,12 +311,14 @@ int main(int argc, char **argv)
 		fprintf(stderr, "coap2mqtt: %s: configuration invalid\n", G.conf_path);
 		return 1;
 	}
-	if (check) {
+	if (check == 1) {
 		printf("%s: configuration OK (%zu devices, %zu routes)\n", G.conf_path,
 		       G.conf->n_devices, G.conf->n_routes);
 		conf_free(G.conf);
 		return 0;
 	}
+	if (check == 2)
+		return show_rpk();
 	G.boot = G.conf;
 	log_set_level(G.conf->log_level);
 	rc = run();

@@ -122,7 +122,8 @@ static const struct family families[] = {
 	  NULL, NULL, 1, { { NULL, STAT_HANDSHAKE_OK, NULL } } },
 	{ "handshake_failures_total", "handshakes_failed", COUNTER,
 	  "DTLS handshakes failed: wrong_key = the device's Finished did not decrypt (seen 10 s "
-	  "after the identity was accepted), unknown_identity = not in the key store, dtls_error = "
+	  "after the identity was accepted), unknown_identity = an identity or raw public key not in "
+	  "the key store, dtls_error = "
 	  "any other DTLS failure",
 	  NULL, "reason", 3, { { "wrong_key", STAT_HS_WRONG_KEY, NULL },
 			       { "unknown_identity", STAT_HS_UNKNOWN_IDENTITY, NULL },

@@ -259,8 +259,55 @@ static void test_lookup(void)
 	free_entries(v, N);
 }
 
+/* Raw public key devices: "rpk:sha256:HEX" lines, the fingerprint table, its text form. */
+static void test_rpk(void)
+{
+	static const char fp1[] = "sha256:00112233445566778899aabbccddeeff"
+				  "00112233445566778899aabbccddeeff";
+	char path[64], want[256], text[KEYS_RPK_TEXT], content[512];
+	struct key_entry *v = NULL;
+	size_t n = 0;
+	struct msgs m = { .n = 0 };
+	uint8_t fp[KEYS_RPK_LEN];
+	struct keys *k;
+	int rc;
+
+	snprintf(content, sizeof(content),
+		 "meter-1 rpk:%s\n"			/* 1: ok */
+		 "meter-2 rpk:sha256:0011\n"		/* 2: too short */
+		 "meter-3 rpk:md5:0011\n"		/* 3: not sha256 */
+		 "meter-4 rpk:sha256:%.62szz\n"	/* 4: not hex */
+		 "psk-1 longenoughkey\n",		/* 5: a PSK device beside them */
+		 fp1, fp1 + 7);
+	rc = parse(content, 0600, &v, &n, &m, path, sizeof(path));
+	CHECK(rc == 3);
+	CHECK(n == 2);
+	snprintf(want, sizeof(want), "%s:2: raw public key: must have 64 hex digits", path);
+	CHECK(has_msg(&m, want));
+	snprintf(want, sizeof(want), "%s:3: raw public key: must start with sha256:", path);
+	CHECK(has_msg(&m, want));
+	snprintf(want, sizeof(want), "%s:4: raw public key: has a character that is not a hex", path);
+	CHECK(has_msg(&m, want));
+	CHECK_STR(v[0].identity, "meter-1");
+	CHECK(v[0].has_rpk && v[0].key_len == 0 && v[0].rpk[0] == 0x00 && v[0].rpk[31] == 0xff);
+	CHECK(!v[1].has_rpk && v[1].key_len == 13);
+	keys_format_rpk(v[0].rpk, text);
+	CHECK_STR(text, fp1);
+	k = keys_new(v, n);
+	CHECK(k != NULL);
+	CHECK(keys_find_rpk(k, v[0].rpk) == &v[0]);
+	CHECK(keys_find(k, "meter-1", 7) == &v[0]);
+	memcpy(fp, v[0].rpk, sizeof(fp));
+	fp[31] ^= 1;
+	CHECK(keys_find_rpk(k, fp) == NULL);
+	CHECK(keys_decode_rpk(fp1, fp) == NULL && memcmp(fp, v[0].rpk, sizeof(fp)) == 0);
+	keys_free(k);
+	free_entries(v, n);
+}
+
 int main(void)
 {
+	test_rpk();
 	test_valid();
 	test_errors();
 	test_permissions();
