@@ -31,7 +31,10 @@ static void check_entry(const struct key_entry *e)
 
 	if (len == 0 || len > KEYS_MAX_IDENTITY || !route_value_ok(e->identity, len))
 		abort();
-	if (e->key_len < KEYS_MIN_KEY || e->key_len > KEYS_MAX_KEY || e->origin == NULL)
+	if (e->origin == NULL)
+		abort();
+	/* a PSK of a valid length, or a raw public key fingerprint and no PSK */
+	if (e->has_rpk ? e->key_len != 0 : e->key_len < KEYS_MIN_KEY || e->key_len > KEYS_MAX_KEY)
 		abort();
 }
 
@@ -50,9 +53,15 @@ static void check_lookup(const struct key_entry *v, size_t n, const uint8_t *dat
 
 		if (e == NULL || strcmp(e->identity, v[i].identity) != 0)
 			abort();
+		/* a fingerprint finds a device with that very fingerprint */
+		if (v[i].has_rpk && ((e = keys_find_rpk(k, v[i].rpk)) == NULL ||
+				     memcmp(e->rpk, v[i].rpk, KEYS_RPK_LEN) != 0))
+			abort();
 	}
-	/* arbitrary bytes, NUL and all, as an identity from a handshake */
+	/* arbitrary bytes, NUL and all, as an identity from a handshake; as a key's fingerprint */
 	keys_find(k, (const char *)data, size);
+	if (size >= KEYS_RPK_LEN)
+		keys_find_rpk(k, data);
 	if (size > 1)
 		keys_find(k, (const char *)data + 1, size - 1);
 	keys_free(k);
