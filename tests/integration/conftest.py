@@ -1065,13 +1065,17 @@ CLIENT_PDU_RE = re.compile(r"^v:1 t:(CON|NON|ACK|RST) c:(\d\.\d\d) i:([0-9a-f]{4
 
 
 def coap_client(flavour, gw, path, payload, identity="sensor-01", key=None, method="post",
-                content_format=50, timeout=30):
-    """Run coap-client-<flavour> once; returns (response code or None, stdout+stderr text)."""
+                content_format=50, timeout=30, rpk=None):
+    """Run coap-client-<flavour> once, with identity's PSK or (rpk: a PEM key file) a raw public
+    key; returns (response code or None, stdout+stderr text)."""
     exe = shutil.which(f"coap-client-{flavour}")
     if exe is None:
         pytest.fail(f"coap-client-{flavour} is not installed (Debian package libcoap3-bin)")
-    key = key if key is not None else gw.devices[identity]
-    a = [exe, "-v", "7", "-B", "10", "-m", method, "-u", identity, "-k", key, "-e", payload]
+    if rpk is not None:
+        cred = ["-M", str(rpk)]
+    else:
+        cred = ["-u", identity, "-k", key if key is not None else gw.devices[identity]]
+    a = [exe, "-v", "7", "-B", "10", "-m", method, *cred, "-e", payload]
     if content_format is not None:
         a += ["-t", str(content_format)]
     a.append(f"{gw.uri}/{path}")

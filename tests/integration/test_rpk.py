@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import (CLIENT_PDU_RE, DEVICES, GW_BIN, SimBackground, free_port, spawn, tail,
+from conftest import (DEVICES, GW_BIN, SimBackground, coap_client, free_port, tail,
                       wait_mqtt_connected, wait_until)
 from test_metrics import scrape, val
 
@@ -34,19 +34,8 @@ def fingerprint(path):
 
 
 def rpk_client(gw, key_file, path, payload, timeout=30):
-    """coap-client-gnutls with a raw public key: (response code or None, its output)."""
-    p = spawn(["coap-client-gnutls", "-v", "7", "-B", "10", "-m", "post", "-M", str(key_file),
-               "-t", "50", "-e", payload, f"{gw.uri}/{path}"],
-              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        out, _ = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        out, _ = p.communicate(timeout=10)
-    text = out.decode(errors="replace")
-    codes = [m.group(2) for m in CLIENT_PDU_RE.finditer(text)
-             if m.group(1) in ("ACK", "CON", "NON") and not m.group(2).startswith("0.")]
-    return (codes[-1] if codes else None), text
+    """GnuTLS's coap-client with a raw public key: (response code or None, its output)."""
+    return coap_client("gnutls", gw, path, payload, rpk=key_file, timeout=timeout)
 
 
 @pytest.fixture
