@@ -14,7 +14,7 @@ they are silent, as idle devices are, and use no CPU). Then
 The last columns compare each row with the first (0 established).
 
     tests/bench/front_door.py [--established 0,1000,20000] [--new 2000] [--spoofed 40000]
-                              [--plot front_door.svg]
+                              [--rpk] [--plot front_door.svg]
 
 Needs root (the raw socket) and a build (build/coap2mqtt, build/tests/coap2mqtt-sim; or
 COAP2MQTT_BIN/COAP2MQTT_SIM). Bounded: every wait has a deadline and all processes are stopped
@@ -92,7 +92,7 @@ def spoof(gw, mport, count):
     return last, sent_s
 
 
-def row(tmp, pki, broker, established, new, spoofed):
+def row(tmp, pki, broker, established, new, spoofed, rpk_key=None):
     d = Path(tempfile.mkdtemp(dir=tmp, prefix=f"e{established}-"))
     total = established + new
     keys = d / "devices.keys"
@@ -102,7 +102,8 @@ def row(tmp, pki, broker, established, new, spoofed):
     gw = h.Gateway(d / "gw", pki, broker.url, devices={},
                    # every simulated device is on 127.0.0.1: one address for all
                    coap={"max_sessions": total + 100, "idle_timeout": 900,
-                         "receive_buffer": 8 << 20, "max_handshakes_per_ip": 100000},
+                         "receive_buffer": 8 << 20, "max_handshakes_per_ip": 100000,
+                         **({"rpk": {"key_file": str(rpk_key)}} if rpk_key else {})},
                    routes=[{"path": "sensors/{name}", "topic": "bench/{identity}/{name}",
                             "qos": 0}],
                    extra={"devices_file": str(keys), "metrics": {"listen": f"127.0.0.1:{mport}"}})
@@ -156,6 +157,9 @@ def main():
     ap.add_argument("--new", type=int, default=2000, help="devices that handshake in each row")
     ap.add_argument("--spoofed", type=int, default=40000, help="spoofed datagrams in each row")
     ap.add_argument("--plot", help="also draw handshakes/s and CPU per spoofed datagram (SVG)")
+    ap.add_argument("--rpk", action="store_true",
+                    help="the gateway also serves raw public keys (coap.rpk.key_file): what that "
+                         "costs the PSK devices' handshakes")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("front_door.py: needs root for the raw socket that spoofs source addresses")
@@ -164,9 +168,15 @@ def main():
         pki = h.PKI(Path(tmp))
         broker = h.Broker(Path(tmp) / "broker", pki)
         broker.start()
+        rpk_key = None
+        if a.rpk:
+            rpk_key = Path(tmp) / "rpk.pem"
+            subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout",
+                            "-out", str(rpk_key)], check=True, capture_output=True)
+            os.chmod(rpk_key, 0o600)
         try:
             for e in (int(x) for x in a.established.split(",")):
-                rows.append(row(Path(tmp), pki, broker, e, a.new, a.spoofed))
+                rows.append(row(Path(tmp), pki, broker, e, a.new, a.spoofed, rpk_key))
                 print(f"front_door: established={e} done", file=sys.stderr, flush=True)
         finally:
             broker.stop()
