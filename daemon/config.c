@@ -212,14 +212,14 @@ static const char *const rpk_keys[RPK_KEYS + 1] = {
 	[RPK_KEY_FILE] = "key_file",
 };
 
-/* Messages from the key loader, kept at the position of the key_file value. */
-static void rpk_sink(void *arg, const char *msg)
+/* Messages from the keys file parser and the key loader, kept at the position of the value
+ * that named the file (devices_file, coap.rpk.key_file). */
+static void keys_sink(void *arg, const char *msg)
 {
 	struct cctx *x = arg;
 
 	if (x->t.errs != NULL)
 		ct_keep(&x->t, x->here->line, x->here->col, strdup(msg));
-	x->t.nerr++;
 }
 
 /* coap.rpk: the gateway's own key pair for raw public key (RFC 7250) handshakes. */
@@ -237,7 +237,7 @@ static void coap_rpk(struct cctx *x, const struct cnode *n)
 	if (!ct_file(&x->t, v[RPK_KEY_FILE], &cc->rpk_key_file))
 		return;
 	x->here = v[RPK_KEY_FILE];
-	keys_load_rpk_key(cc->rpk_key_file, &cc->rpk, rpk_sink, x);
+	x->t.nerr += keys_load_rpk_key(cc->rpk_key_file, &cc->rpk, keys_sink, x);
 }
 
 static void coap_numbers(struct cctx *x, const struct cnode **v)
@@ -508,15 +508,6 @@ static void conf_devices(struct cctx *x, const struct cnode *n)
 	for (it = ct_kid(&x->t, n); it; it = ct_sib(&x->t, it))
 		conf_device(x, it);
 	device_dups(x);
-}
-
-/* Messages from the keys file parser, kept at the position of devices_file. */
-static void keys_sink(void *arg, const char *msg)
-{
-	struct cctx *x = arg;
-
-	if (x->t.errs != NULL)
-		ct_keep(&x->t, x->here->line, x->here->col, strdup(msg));
 }
 
 static void conf_devices_file(struct cctx *x, const struct cnode *n)

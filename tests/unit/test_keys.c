@@ -73,6 +73,15 @@ static int has_msg(const struct msgs *m, const char *want)
 	return 0;
 }
 
+/* A message about line `line` of the keys file at path. */
+static int has_line_msg(const struct msgs *m, const char *path, int line, const char *text)
+{
+	char want[256];
+
+	snprintf(want, sizeof(want), "%s:%d: %s", path, line, text);
+	return has_msg(m, want);
+}
+
 static void test_valid(void)
 {
 	char path[64], origin[80];
@@ -129,24 +138,16 @@ static void test_errors(void)
 	CHECK(rc == 9);
 	CHECK(m.n == 9);
 	CHECK(n == 2);
-	snprintf(want, sizeof(want), "%s:2: key shorter than 8 bytes", path);
-	CHECK(has_msg(&m, want));
-	snprintf(want, sizeof(want), "%s:3: key shorter than 8 bytes", path);
-	CHECK(has_msg(&m, want));
-	snprintf(want, sizeof(want), "%s:4: hex key has an odd number of hex digits", path);
-	CHECK(has_msg(&m, want));
-	snprintf(want, sizeof(want), "%s:5: hex key has a character that is not a hex digit", path);
-	CHECK(has_msg(&m, want));
+	CHECK(has_line_msg(&m, path, 2, "key shorter than 8 bytes"));
+	CHECK(has_line_msg(&m, path, 3, "key shorter than 8 bytes"));
+	CHECK(has_line_msg(&m, path, 4, "hex key has an odd number of hex digits"));
+	CHECK(has_line_msg(&m, path, 5, "hex key has a character that is not a hex digit"));
 	snprintf(want, sizeof(want), "%s:6: duplicate identity \"a\" (first defined at %s:1)", path, path);
 	CHECK(has_msg(&m, want));
-	snprintf(want, sizeof(want), "%s:7: identity without a key", path);
-	CHECK(has_msg(&m, want));
-	snprintf(want, sizeof(want), "%s:8: text after the key", path);
-	CHECK(has_msg(&m, want));
-	snprintf(want, sizeof(want), "%s:9: identity is not valid", path);
-	CHECK(has_msg(&m, want));
-	snprintf(want, sizeof(want), "%s:10: key longer than 64 bytes", path);
-	CHECK(has_msg(&m, want));
+	CHECK(has_line_msg(&m, path, 7, "identity without a key"));
+	CHECK(has_line_msg(&m, path, 8, "text after the key"));
+	CHECK(has_line_msg(&m, path, 9, "identity is not valid"));
+	CHECK(has_line_msg(&m, path, 10, "key longer than 64 bytes"));
 	/* no message ever shows a key */
 	for (int i = 0; i < m.n && i < MSG_MAX; i++)
 		CHECK(strstr(m.text[i], "anotherkey") == NULL && strstr(m.text[i], "zz11") == NULL &&
@@ -264,7 +265,7 @@ static void test_rpk(void)
 {
 	static const char fp1[] = "sha256:00112233445566778899aabbccddeeff"
 				  "00112233445566778899aabbccddeeff";
-	char path[64], want[256], text[KEYS_RPK_TEXT], content[512];
+	char path[64], text[KEYS_RPK_TEXT], content[512];
 	struct key_entry *v = NULL;
 	size_t n = 0;
 	struct msgs m = { .n = 0 };
@@ -282,12 +283,9 @@ static void test_rpk(void)
 	rc = parse(content, 0600, &v, &n, &m, path, sizeof(path));
 	CHECK(rc == 3);
 	CHECK(n == 2);
-	snprintf(want, sizeof(want), "%s:2: raw public key: must have 64 hex digits", path);
-	CHECK(has_msg(&m, want));
-	snprintf(want, sizeof(want), "%s:3: raw public key: must start with sha256:", path);
-	CHECK(has_msg(&m, want));
-	snprintf(want, sizeof(want), "%s:4: raw public key: has a character that is not a hex", path);
-	CHECK(has_msg(&m, want));
+	CHECK(has_line_msg(&m, path, 2, "raw public key: must have 64 hex digits"));
+	CHECK(has_line_msg(&m, path, 3, "raw public key: must start with sha256:"));
+	CHECK(has_line_msg(&m, path, 4, "raw public key: has a character that is not a hex"));
 	CHECK_STR(v[0].identity, "meter-1");
 	CHECK(v[0].has_rpk && v[0].key_len == 0 && v[0].rpk[0] == 0x00 && v[0].rpk[31] == 0xff);
 	CHECK(!v[1].has_rpk && v[1].key_len == 13);
