@@ -184,7 +184,7 @@ static void coap_ciphers(struct cctx *x, const struct cnode *n)
 /* The keys of coap:, in the order of v[]. */
 enum {
 	C_LISTEN, C_IDLE_TIMEOUT, C_MAX_SESSIONS, C_MAX_PAYLOAD, C_CIPHERS, C_PSK_HINT,
-	C_BLOCK_SIZE, C_RECEIVE_BUFFER, C_MAX_HANDSHAKES, C_MAX_HANDSHAKES_PER_IP, C_RPK,
+	C_BLOCK_SIZE, C_RECEIVE_BUFFER, C_MAX_HANDSHAKES, C_MAX_HANDSHAKES_PER_IP, C_RPK, C_PKI,
 	C_KEYS
 };
 
@@ -200,6 +200,7 @@ static const char *const coap_keys[C_KEYS + 1] = {
 	[C_MAX_HANDSHAKES] = "max_handshakes",
 	[C_MAX_HANDSHAKES_PER_IP] = "max_handshakes_per_ip",
 	[C_RPK] = "rpk",
+	[C_PKI] = "pki",
 };
 
 /* The keys of coap.rpk:, in the order of v[]. */
@@ -220,6 +221,73 @@ static void keys_sink(void *arg, const char *msg)
 
 	if (x->t.errs != NULL)
 		ct_keep(&x->t, x->here->line, x->here->col, strdup(msg));
+}
+
+/* The keys of coap.pki:, in the order of v[]. */
+enum {
+	PKI_CERT_FILE, PKI_KEY_FILE, PKI_CA_FILE, PKI_CRL_FILE, PKI_IDENTITY, PKI_ALLOW_UNLISTED,
+	PKI_KEYS
+};
+
+static const char *const pki_keys[PKI_KEYS + 1] = {
+	[PKI_CERT_FILE] = "cert_file",
+	[PKI_KEY_FILE] = "key_file",
+	[PKI_CA_FILE] = "ca_file",
+	[PKI_CRL_FILE] = "crl_file",
+	[PKI_IDENTITY] = "identity",
+	[PKI_ALLOW_UNLISTED] = "allow_unlisted",
+};
+
+/* One file of coap.pki: its path resolved and its content read and checked. */
+static bool pki_file(struct cctx *x, const struct cnode *n, enum pki_part part, char **path,
+		     struct pki_buf *b)
+{
+	if (!ct_file(&x->t, n, path))
+		return false;
+	x->here = n;
+	if (pki_read(*path, part, b, keys_sink, x) != 0) {
+		x->t.nerr++;
+		return false;
+	}
+	return true;
+}
+
+/* coap.pki: the gateway's certificate for X.509 handshakes, and what device certificates are
+ * checked against. */
+static void coap_pki(struct cctx *x, const struct cnode *n)
+{
+	static const char *const ids[] = { "cn", "san_dns", "san_uri" };
+	const struct cnode *v[PKI_KEYS];
+	struct conf_pki *p = &x->c->coap.pki;
+	bool ok = true;
+	int i;
+
+	if (!ct_want(&x->t, n, CN_MAP) || !ct_fields(&x->t, n, pki_keys, v))
+		return;
+	for (i = PKI_CERT_FILE; i <= PKI_CA_FILE; i++)
+		if (v[i] == NULL) {
+			conf_err(&x->t, n, "%s is required", pki_keys[i]);
+			ok = false;
+		}
+	if (!ok)
+		return;
+	ok = pki_file(x, v[PKI_CERT_FILE], PKI_CERT, &p->cert_file, &p->cert);
+	ok = pki_file(x, v[PKI_KEY_FILE], PKI_KEY, &p->key_file, &p->key) && ok;
+	ok = pki_file(x, v[PKI_CA_FILE], PKI_CA, &p->ca_file, &p->ca) && ok;
+	if (v[PKI_CRL_FILE] && !ct_is_null(v[PKI_CRL_FILE]))
+		ok = pki_file(x, v[PKI_CRL_FILE], PKI_CRL, &p->crl_file, &p->crl) && ok;
+	if (v[PKI_IDENTITY] && ct_enum(&x->t, v[PKI_IDENTITY], "cn, san_dns or san_uri", ids, 3,
+				       false, &i))
+		p->identity = (enum pki_identity)i;
+	if (v[PKI_ALLOW_UNLISTED])
+		ct_bool(&x->t, v[PKI_ALLOW_UNLISTED], &p->allow_unlisted);
+	if (!ok)
+		return;
+	x->here = v[PKI_KEY_FILE];
+	x->t.nerr += pki_check_pair(&p->cert, &p->key, keys_sink, x);
+	x->here = v[PKI_CRL_FILE] ? v[PKI_CRL_FILE] : v[PKI_CA_FILE];
+	if ((p->verifier = pki_verifier_new(&p->ca, &p->crl, keys_sink, x)) == NULL)
+		x->t.nerr++;
 }
 
 /* coap.rpk: the gateway's own key pair for raw public key (RFC 7250) handshakes. */
@@ -289,6 +357,8 @@ static void conf_coap(struct cctx *x, const struct cnode *n)
 		ct_str(&x->t, v[C_PSK_HINT], 128, &cc->psk_hint);
 	if (v[C_RPK] && !ct_is_null(v[C_RPK]))
 		coap_rpk(x, v[C_RPK]);
+	if (v[C_PKI] && !ct_is_null(v[C_PKI]))
+		coap_pki(x, v[C_PKI]);
 	if (cc->n_listen == 0 && v[C_LISTEN] == NULL) {
 		free(cc->listen);
 		cc->listen = ct_calloc(&x->t, 1, sizeof(*cc->listen));
@@ -387,7 +457,7 @@ static char *origin_of(const struct cctx *x, int line)
 
 /* The keys of a device mapping, in the order of v[]. */
 enum {
-	D_IDENTITY, D_KEY, D_KEY_HEX, D_RPK,
+	D_IDENTITY, D_KEY, D_KEY_HEX, D_RPK, D_AUTH,
 	D_KEYS
 };
 
@@ -396,7 +466,21 @@ static const char *const device_keys[D_KEYS + 1] = {
 	[D_KEY] = "key",
 	[D_KEY_HEX] = "key_hex",
 	[D_RPK] = "rpk",
+	[D_AUTH] = "auth",
 };
+
+/* auth: certificate — the device authenticates with an X.509 certificate naming it. */
+static bool dev_auth(struct cctx *x, const struct cnode *n, struct key_entry *e)
+{
+	static const char *const kinds[] = { "certificate" };
+	int i;
+
+	if (!ct_enum(&x->t, n, "certificate (PSK and raw public key devices give key, key_hex "
+		     "or rpk instead)", kinds, 1, false, &i))
+		return false;
+	e->cert = 1;
+	return true;
+}
 
 /* Fills e->rpk from "sha256:HEX". */
 static bool dev_rpk(struct cctx *x, const struct cnode *n, struct key_entry *e)
@@ -421,17 +505,19 @@ static void conf_device(struct cctx *x, const struct cnode *n)
 
 	if (!ct_want(&x->t, n, CN_MAP) || !ct_fields(&x->t, n, device_keys, v))
 		return;
-	int creds = (v[D_KEY] != NULL) + (v[D_KEY_HEX] != NULL) + (v[D_RPK] != NULL);
+	int creds = (v[D_KEY] != NULL) + (v[D_KEY_HEX] != NULL) + (v[D_RPK] != NULL) +
+		    (v[D_AUTH] != NULL);
 
 	if (v[D_IDENTITY] == NULL)
 		conf_err(&x->t, n, "identity is required");
 	if (creds > 1)
-		conf_err(&x->t, v[D_RPK] ? v[D_RPK] : v[D_KEY_HEX],
-			 "give one of key, key_hex or rpk");
+		conf_err(&x->t, v[D_AUTH] ? v[D_AUTH] : v[D_RPK] ? v[D_RPK] : v[D_KEY_HEX],
+			 "give one of key, key_hex, rpk or auth: certificate");
 	else if (creds == 0)
-		conf_err(&x->t, n, "key, key_hex or rpk is required");
+		conf_err(&x->t, n, "key, key_hex, rpk or auth: certificate is required");
 	ok = v[D_IDENTITY] && dev_identity(x, v[D_IDENTITY], &e);
-	ok = creds == 1 && (v[D_RPK] ? dev_rpk(x, v[D_RPK], &e) :
+	ok = creds == 1 && (v[D_AUTH] ? dev_auth(x, v[D_AUTH], &e) :
+			    v[D_RPK] ? dev_rpk(x, v[D_RPK], &e) :
 			    dev_key(x, v[D_KEY], v[D_KEY_HEX], &e)) && ok;
 	if (ok && (e.origin = origin_of(x, v[D_IDENTITY]->line)) != NULL &&
 	    dev_append(x, &e, v[D_IDENTITY]) == 0)
@@ -497,6 +583,18 @@ static void rpk_dups(struct cctx *x, const struct cnode *file_node)
 		conf_err(&x->t, file_node ? file_node : &x->t.node[0], "%zu device(s) use a raw "
 			 "public key but coap.rpk.key_file is not set (the gateway's own key pair)",
 			 nrpk);
+}
+
+/* Certificate devices need the gateway's certificate setup. */
+static void cert_devices(struct cctx *x, const struct cnode *file_node)
+{
+	size_t i, n = 0;
+
+	for (i = 0; i < x->c->n_devices; i++)
+		n += x->c->devices[i].cert != 0;
+	if (n && x->c->coap.pki.cert_file == NULL)
+		conf_err(&x->t, file_node ? file_node : &x->t.node[0], "%zu device(s) use a "
+			 "certificate (auth: certificate) but coap.pki is not set", n);
 }
 
 static void conf_devices(struct cctx *x, const struct cnode *n)
@@ -1385,6 +1483,7 @@ static void conf_top(struct cctx *x)
 	conf_devices(x, v[TOP_DEVICES]);
 	conf_devices_file(x, v[TOP_DEVICES_FILE]);
 	rpk_dups(x, v[TOP_DEVICES_FILE]);
+	cert_devices(x, v[TOP_DEVICES_FILE]);
 	conf_mqtt(x, v[TOP_MQTT], root);
 	conf_routes(x, v[TOP_ROUTES]);
 	conf_observes(x, v[TOP_OBSERVE]);
@@ -1455,6 +1554,7 @@ size_t conf_restart_needed(const struct config *old, const struct config *c, con
 			   size_t max)
 {
 	const struct conf_mqtt *o = &old->mqtt, *m = &c->mqtt;
+	const struct conf_pki *op = &old->coap.pki, *np = &c->coap.pki;
 	int listen = old->coap.n_listen != c->coap.n_listen;
 	size_t n = 0;
 
@@ -1480,6 +1580,12 @@ size_t conf_restart_needed(const struct config *old, const struct config *c, con
 		{ "mqtt.status_topic", !same_str(o->status_topic, m->status_topic) },
 		{ "coap.rpk.key_file", !same_str(old->coap.rpk_key_file, c->coap.rpk_key_file) ||
 				       memcmp(old->coap.rpk.fp, c->coap.rpk.fp, KEYS_RPK_LEN) != 0 },
+		{ "coap.pki.cert_file", !same_str(op->cert_file, np->cert_file) ||
+					!same_str(op->cert.pem, np->cert.pem) },
+		{ "coap.pki.key_file", !same_str(op->key_file, np->key_file) ||
+				       !same_str(op->key.pem, np->key.pem) },
+		{ "coap.pki.ca_file", !same_str(op->ca_file, np->ca_file) ||
+				      !same_str(op->ca.pem, np->ca.pem) },
 	};
 
 	_Static_assert(sizeof(keys) / sizeof(keys[0]) == CONF_RESTART_KEYS, "CONF_RESTART_KEYS");
@@ -1500,6 +1606,15 @@ void conf_free(struct config *c)
 	free(c->coap.psk_hint);
 	free(c->coap.rpk_key_file);
 	keys_rpk_key_clear(&c->coap.rpk);
+	free(c->coap.pki.cert_file);
+	free(c->coap.pki.key_file);
+	free(c->coap.pki.ca_file);
+	free(c->coap.pki.crl_file);
+	pki_buf_clear(&c->coap.pki.cert, 0);
+	pki_buf_clear(&c->coap.pki.key, 1);
+	pki_buf_clear(&c->coap.pki.ca, 0);
+	pki_buf_clear(&c->coap.pki.crl, 0);
+	pki_verifier_free(c->coap.pki.verifier);
 	for (i = 0; i < c->n_devices; i++)
 		key_entry_clear(&c->devices[i]);
 	free(c->devices);

@@ -7,6 +7,7 @@
 #include <stdio.h>
 
 #include "keys.h"
+#include "pki.h"
 #include "route.h"
 
 #define CONF_DEFAULT_PATH "/etc/coap2mqtt/coap2mqtt.yaml"
@@ -43,6 +44,15 @@ struct conf_coap {
 					 * 1..100000, default 16 */
 	char *rpk_key_file;		/* coap.rpk.key_file: NULL = no raw public keys */
 	struct rpk_key rpk;		/* read from it */
+	struct conf_pki {		/* coap.pki: X.509 certificates; cert_file NULL = none */
+		char *cert_file, *key_file, *ca_file, *crl_file;	/* crl_file optional */
+		struct pki_buf cert, key, ca, crl;	/* read from them */
+		enum pki_identity identity;	/* where a device certificate names its identity:
+						 * cn (default), san_dns, san_uri */
+		bool allow_unlisted;	/* any identity a trusted certificate carries, listed
+					 * or not (default false: only auth: certificate ones) */
+		struct pki_verifier *verifier;	/* over ca and crl */
+	} pki;
 };
 
 struct conf_mqtt {
@@ -132,7 +142,7 @@ struct config *conf_load(const char *path, FILE *errs);
 void conf_free(struct config *c);
 /* A reload from old to c: the settings that changed but only a restart applies (coap.listen,
  * coap.psk_hint, mqtt.*), their names ("mqtt.url") into names[0..max); returns how many. */
-#define CONF_RESTART_KEYS 15
+#define CONF_RESTART_KEYS 18
 size_t conf_restart_needed(const struct config *old, const struct config *c, const char **names,
 			   size_t max);
 

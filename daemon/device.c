@@ -27,6 +27,9 @@ struct dev_sess {
 	char identity[KEYS_MAX_IDENTITY + 1];
 	uint8_t rpk[KEYS_RPK_LEN];	/* the raw public key it authenticated with (has_rpk) */
 	int has_rpk;
+	int is_cert;			/* authenticated with a certificate */
+	uint8_t *cert;			/* the certificate it authenticated with (DER), or NULL */
+	size_t cert_len;
 	char peer[64];
 	coap_address_t addr;		/* the peer's address as peer shows it */
 	int closed;			/* DTLS_CLOSED seen */
@@ -249,8 +252,8 @@ static void sess_fill_identity(struct dev_sess *d)
 {
 	const coap_bin_const_t *id = coap_session_get_psk_identity(d->session);
 
-	if (d->has_rpk)
-		return;		/* the identity its raw public key is listed under */
+	if (d->has_rpk || d->is_cert)
+		return;		/* the identity its raw public key or certificate gave */
 	if (!id || id->length == 0 || id->length > KEYS_MAX_IDENTITY) {
 		/* coap:// (NoSec) sessions carry no identity */
 		snprintf(d->identity, sizeof(d->identity), "anonymous");
@@ -338,7 +341,8 @@ static void on_handshake_deadline(evutil_socket_t fd, short what, void *arg)
 	evtimer_add(d->hs_timer, &tv);
 }
 
-void dev_handshake_start(coap_session_t *s, const struct key_entry *e)
+void dev_handshake_start(coap_session_t *s, const struct key_entry *e, const uint8_t *cert,
+			 size_t len)
 {
 	struct dev_sess *d = dev_sess_get(s);
 	struct timeval tv = { DEV_HANDSHAKE_S, 0 };
@@ -349,6 +353,16 @@ void dev_handshake_start(coap_session_t *s, const struct key_entry *e)
 	d->has_rpk = e->has_rpk;
 	if (e->has_rpk)
 		memcpy(d->rpk, e->rpk, sizeof(d->rpk));
+	free(d->cert);
+	d->cert = NULL;
+	d->cert_len = 0;
+	/* kept to check against a CRL that a reload brings; without memory, the identity is
+	 * still the certificate's (not a PSK one) */
+	if (cert && (d->cert = malloc(len ? len : 1)) != NULL) {
+		memcpy(d->cert, cert, len);
+		d->cert_len = len;
+	}
+	d->is_cert = cert != NULL;
 	sess_attach(d);
 	if (!d->hs_timer)
 		d->hs_timer = evtimer_new(loop_base(), on_handshake_deadline, d);
@@ -372,11 +386,12 @@ static void sess_free(coap_session_t *s)
 	if (d->close_ev)
 		event_free(d->close_ev);
 	D.n_sess--;
+	free(d->cert);
 	free(d);
 }
 
-/* The peer sent an identity or raw public key the key store does not hold (the PSK or raw
- * public key callback refused it). */
+/* The peer sent an identity, raw public key or certificate identity the key store does not
+ * hold (a callback refused it). */
 static int identity_unknown(coap_session_t *s)
 {
 	const coap_bin_const_t *id = coap_session_get_psk_identity(s);
@@ -409,7 +424,9 @@ void dev_session_event(coap_session_t *s, coap_event_t ev)
 		 * already) or at the handshake's end, and an error after it is no handshake failure */
 		if (d && d->hs_timer && !evtimer_pending(d->hs_timer, NULL))
 			break;
-		stats_inc(!d && identity_unknown(s) ? STAT_HS_UNKNOWN_IDENTITY : STAT_HS_DTLS_ERROR);
+		stats_inc(d ? STAT_HS_DTLS_ERROR :
+			  loop_handshake_refused(s) == LOOP_REFUSED_CERT ? STAT_HS_BAD_CERT :
+			  identity_unknown(s) ? STAT_HS_UNKNOWN_IDENTITY : STAT_HS_DTLS_ERROR);
 		break;
 	case COAP_EVENT_DTLS_CLOSED:
 		d = coap_session_get_app_data(s);
@@ -458,6 +475,13 @@ static const char *revoked(const struct dev_sess *d, const struct keys *k)
 	const struct key_entry *e = keys_find(k, d->identity, strlen(d->identity));
 	const coap_bin_const_t *key = coap_session_get_psk_key(d->session);
 
+	if (d->is_cert) {
+		if (d->cert && pki_revoked(loop_pki(), d->cert, d->cert_len))
+			return "certificate revoked";
+		if (e ? e->cert : D.conf->coap.pki.allow_unlisted)
+			return NULL;
+		return e ? "listed with a PSK or raw public key now" : "device removed";
+	}
 	if (!e)
 		return "device removed";
 	if (d->has_rpk)

@@ -35,7 +35,8 @@ const char *dev_sess_refused(struct dev_sess *d);
 
 /* The PSK or raw public key callback accepted device e for s: the handshake must now complete
  * in time. */
-void dev_handshake_start(coap_session_t *s, const struct key_entry *e);
+void dev_handshake_start(coap_session_t *s, const struct key_entry *e, const uint8_t *cert,
+			 size_t len);
 /* libcoap session events for server sessions. */
 void dev_session_event(coap_session_t *s, coap_event_t ev);
 

@@ -23,6 +23,7 @@
 #define KEYS_LINE_MAX 1024	/* bytes in one keys file line */
 #define KEYS_HEX_PREFIX "hex:"
 #define KEYS_RPK_TOKEN "rpk:"
+#define KEYS_CERT_TOKEN "certificate"
 
 /* Open-addressing table of entry indices (+1; 0 = empty slot) over a base array that may move. */
 struct ktab {
@@ -379,13 +380,18 @@ static int split_tokens(char *s, char **tok)
 	}
 }
 
-/* Decodes a text or "hex:" key, or an "rpk:sha256:" fingerprint, into e; 0 or -1 after reporting.
+/* Decodes a text or "hex:" key, an "rpk:sha256:" fingerprint or "certificate" into e; 0 or -1
+ * after reporting.
  * Never echoes the key. */
 static int kp_key(struct kparse *p, size_t line, const char *key, struct key_entry *e)
 {
 	const char *why;
 	int len;
 
+	if (strcmp(key, KEYS_CERT_TOKEN) == 0) {
+		e->cert = 1;	/* the identity comes from its certificate (coap.pki) */
+		return 0;
+	}
 	if (strncmp(key, KEYS_RPK_TOKEN, strlen(KEYS_RPK_TOKEN)) == 0) {
 		if ((why = keys_decode_rpk(key + strlen(KEYS_RPK_TOKEN), e->rpk)) != NULL) {
 			kp_error(p, line, "raw public key: %s", why);
@@ -477,8 +483,8 @@ static int kp_line(struct kparse *p, size_t line, char *buf)
 	if (n == 0 || tok[0][0] == '#')
 		return 0;
 	if (n == 1) {
-		kp_error(p, line, "identity without a key (write \"identity key\", \"identity hex:...\" "
-			 "or \"identity rpk:sha256:...\")");
+		kp_error(p, line, "identity without a key (write \"identity key\", \"identity hex:...\", "
+			 "\"identity rpk:sha256:...\" or \"identity certificate\")");
 		return 0;
 	}
 	if (n == 3) {
@@ -524,8 +530,9 @@ static void kp_lines(struct kparse *p, FILE *f)
 	explicit_bzero(buf, sizeof(buf));
 }
 
-/* Opens path and checks it is a regular file nobody else may read; NULL after reporting. */
-static FILE *kp_open(struct kparse *p)
+/* Opens path and checks it is a regular file (that nobody else may read, when secret); NULL
+ * after reporting. */
+static FILE *kp_open_as(struct kparse *p, int secret)
 {
 	FILE *f = fopen(p->path, "re");
 	struct stat st;
@@ -538,7 +545,7 @@ static FILE *kp_open(struct kparse *p)
 		kp_error(p, 0, "cannot stat: %s", strerror(errno));
 	} else if (!S_ISREG(st.st_mode)) {
 		kp_error(p, 0, "not a regular file");
-	} else if ((st.st_mode & 007) != 0) {
+	} else if (secret && (st.st_mode & 007) != 0) {
 		kp_error(p, 0, "%s by others (mode %04o); chmod 640 it",
 			 (st.st_mode & 004) ? "readable" : "accessible", (unsigned)(st.st_mode & 07777));
 	} else {
@@ -546,6 +553,45 @@ static FILE *kp_open(struct kparse *p)
 	}
 	fclose(f);
 	return NULL;
+}
+
+static FILE *kp_open(struct kparse *p)
+{
+	return kp_open_as(p, 1);
+}
+
+char *keys_read_file(const char *path, size_t max, int secret, size_t *len, keys_error_fn err,
+		     void *arg)
+{
+	struct kparse p = { .path = path, .err = err, .arg = arg };
+	char *buf;
+	size_t n;
+	FILE *f;
+
+	if ((f = kp_open_as(&p, secret)) == NULL)
+		return NULL;
+	if ((buf = malloc(max + 1)) == NULL) {
+		kp_error(&p, 0, "out of memory");
+		fclose(f);
+		return NULL;
+	}
+	n = fread(buf, 1, max + 1, f);
+	if (ferror(f))
+		kp_error(&p, 0, "read error: %s", strerror(errno));
+	else if (n > max)
+		kp_error(&p, 0, "larger than %zu bytes", max);
+	else if (memchr(buf, '\0', n) != NULL)
+		kp_error(&p, 0, "contains a NUL byte: not a PEM file");
+	fclose(f);
+	if (p.nerr) {
+		if (secret)
+			explicit_bzero(buf, max + 1);
+		free(buf);
+		return NULL;
+	}
+	buf[n] = '\0';
+	*len = n;
+	return buf;
 }
 
 /* Sizes *v for doubling growth and indexes the entries already there. */
@@ -653,29 +699,11 @@ int keys_load_rpk_key(const char *path, struct rpk_key *k, keys_error_fn err, vo
 	const char *why;
 	size_t n;
 	int pn;
-	FILE *f;
 
 	memset(k, 0, sizeof(*k));
-	if ((f = kp_open(&p)) == NULL)
-		return p.nerr;
-	k->key_pem = malloc(RPK_FILE_MAX + 1);
-	if (k->key_pem == NULL) {
-		kp_error(&p, 0, "out of memory");
-		fclose(f);
-		return p.nerr;
-	}
-	n = fread(k->key_pem, 1, RPK_FILE_MAX + 1, f);
+	if ((k->key_pem = keys_read_file(path, RPK_FILE_MAX, 1, &n, err, arg)) == NULL)
+		return 1;
 	k->key_pem_len = n;
-	if (ferror(f))
-		kp_error(&p, 0, "read error: %s", strerror(errno));
-	else if (n > RPK_FILE_MAX)
-		kp_error(&p, 0, "larger than %d bytes: not a key file", RPK_FILE_MAX);
-	fclose(f);
-	if (p.nerr) {
-		keys_rpk_key_clear(k);
-		return p.nerr;
-	}
-	k->key_pem[n] = '\0';
 	if ((why = rpk_spki(k->key_pem, n, spki, &spki_len)) != NULL) {
 		kp_error(&p, 0, "%s", why);
 		keys_rpk_key_clear(k);

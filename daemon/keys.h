@@ -14,13 +14,15 @@
 #define KEYS_RPK_PREFIX "sha256:"
 #define KEYS_RPK_TEXT (sizeof(KEYS_RPK_PREFIX) - 1 + 2 * KEYS_RPK_LEN + 1)
 
-/* One device: a PSK (key_len > 0) or the fingerprint of its raw public key (has_rpk). */
+/* One device: a PSK (key_len > 0), the fingerprint of its raw public key (has_rpk), or a
+ * certificate whose identity is this one (cert). */
 struct key_entry {
 	char *identity;		/* NUL-ended, 1..KEYS_MAX_IDENTITY bytes, valid topic value */
 	uint8_t key[KEYS_MAX_KEY];
 	size_t key_len;
 	uint8_t rpk[KEYS_RPK_LEN];
 	int has_rpk;
+	int cert;		/* authenticates with an X.509 certificate (coap.pki) */
 	char *origin;		/* "file:line" where it was defined, for messages */
 };
 
@@ -29,7 +31,8 @@ struct keys;			/* opaque: hash tables identity → entry, fingerprint → entry 
 /* Error sink: called once per problem with a "file:line[:col]: what" message. */
 typedef void (*keys_error_fn)(void *arg, const char *msg);
 
-/* Parses a keys file: one "identity key", "identity hex:HEX" or "identity rpk:sha256:HEX" per line,
+/* Parses a keys file: one "identity key", "identity hex:HEX", "identity rpk:sha256:HEX" or
+ * "identity certificate" per line,
  * '#' comments, blank lines.
  * Refuses files readable by "other" (mode & 007). Appends entries to *v, *n (realloc'ed). An
  * identity already in *v (earlier line, or an entry the caller put there) is reported with both places.
@@ -44,6 +47,11 @@ int keys_decode_hex(const char *hex, uint8_t *out, size_t outlen, const char **w
 const char *keys_decode_rpk(const char *text, uint8_t fp[KEYS_RPK_LEN]);
 /* "sha256:" and 64 lower-case hex digits of fp into out (KEYS_RPK_TEXT bytes). */
 void keys_format_rpk(const uint8_t fp[KEYS_RPK_LEN], char out[KEYS_RPK_TEXT]);
+
+/* Reads a whole file of at most max bytes (a regular file; one nobody else may read when
+ * secret), NUL-ended, without NUL bytes inside; *len its length. NULL after reporting one error. */
+char *keys_read_file(const char *path, size_t max, int secret, size_t *len, keys_error_fn err,
+		     void *arg);
 
 /* Builds a lookup table over entries (borrowed, must outlive the table). NULL on OOM. */
 struct keys *keys_new(const struct key_entry *v, size_t n);

@@ -7,6 +7,8 @@
 #include <time.h>
 
 #include <event2/event.h>
+#include <wolfssl/options.h>
+#include <wolfssl/ssl.h>
 
 #include "config.h"
 #include "keys.h"
@@ -36,6 +38,8 @@ static struct {
 	unsigned receive_buffer;	/* coap.receive_buffer */
 	struct log_budget hs_log;	/* handshake failures logged here (peers cause them) */
 	coap_session_t *refused;	/* the handshake a callback just refused, logged there */
+	int refused_why;		/* LOOP_REFUSED_* */
+	const struct conf_pki *pki;	/* the current coap.pki (cert_file NULL: none) */
 	struct { int fd; char name[64]; } ep[LOOP_MAX_ENDPOINTS];	/* listening sockets */
 	size_t n_ep;
 } L;
@@ -114,6 +118,7 @@ void loop_set_config(const struct config *c, const struct keys *k)
 	L.block_size = c->coap.block_size;
 
 	L.keys = k;
+	L.pki = &c->coap.pki;
 	L.ciphers[0] = '\0';
 	/* wolfSSL takes IANA names in its cipher list */
 	for (size_t i = 0; i < c->coap.n_ciphers && n < sizeof(L.ciphers); i++)
@@ -132,6 +137,18 @@ void loop_set_config(const struct config *c, const struct keys *k)
 const struct keys *loop_keys(void)
 {
 	return L.keys;
+}
+
+const struct pki_verifier *loop_pki(void)
+{
+	return L.pki ? L.pki->verifier : NULL;
+}
+
+/* A callback refuses s: logged there, counted once, and its DTLS error not logged again. */
+static void refuse(coap_session_t *s, int why)
+{
+	L.refused = s;
+	L.refused_why = why;
 }
 
 static void identity_str(const coap_bin_const_t *id, char *buf, size_t len)
@@ -170,10 +187,17 @@ static const coap_bin_const_t *on_psk_identity(coap_bin_const_t *identity, coap_
 		log_src(&L.hs_log, LOG_LVL_WARNING, "peer=%s identity=\"%s\" handshake=refused "
 			"reason=\"the device is listed with a raw public key, not a PSK\"",
 			pdu_peer(s, peer, sizeof(peer)), e->identity);
-		L.refused = s;
+		refuse(s, LOOP_REFUSED_IDENTITY);
 		return NULL;
 	}
-	L.h.handshake_start(s, e);
+	if (e->cert) {
+		log_src(&L.hs_log, LOG_LVL_WARNING, "peer=%s identity=\"%s\" handshake=refused "
+			"reason=\"the device is listed with a certificate, not a PSK\"",
+			pdu_peer(s, peer, sizeof(peer)), e->identity);
+		refuse(s, LOOP_REFUSED_IDENTITY);
+		return NULL;
+	}
+	L.h.handshake_start(s, e, NULL, 0);
 	L.psk_out.s = e->key;
 	L.psk_out.length = e->key_len;
 	return &L.psk_out;
@@ -182,22 +206,18 @@ static const coap_bin_const_t *on_psk_identity(coap_bin_const_t *identity, coap_
 /* A device's raw public key (RFC 7250), as wolfSSL received it in the handshake: a DER
  * SubjectPublicKeyInfo. Accepted when its SHA-256 is listed; else refused, and the log names the
  * fingerprint it presented, for the operator to add. */
-static int on_rpk(const char *cn, const uint8_t *spki, size_t len, coap_session_t *s,
-		  unsigned depth, int validated, void *arg)
+static int on_rpk(const uint8_t *spki, size_t len, coap_session_t *s, unsigned depth)
 {
 	uint8_t fp[KEYS_RPK_LEN];
 	char peer[64], text[KEYS_RPK_TEXT];
 	const struct key_entry *e;
 
-	(void)cn;
-	(void)validated;
-	(void)arg;
 	if (depth != 0)
 		return 0;	/* a raw public key has no chain */
 	if (keys_spki_fingerprint(spki, len, fp) < 0) {
 		log_src(&L.hs_log, LOG_LVL_WARNING, "peer=%s identity=- handshake=refused "
 			"reason=\"unreadable raw public key\"", pdu_peer(s, peer, sizeof(peer)));
-		L.refused = s;
+		refuse(s, LOOP_REFUSED_IDENTITY);
 		return 0;
 	}
 	keys_format_rpk(fp, text);
@@ -206,11 +226,101 @@ static int on_rpk(const char *cn, const uint8_t *spki, size_t len, coap_session_
 		log_src(&L.hs_log, LOG_LVL_WARNING, "peer=%s identity=- rpk=%s handshake=refused "
 			"reason=\"unknown raw public key\" hint=\"add it to devices or devices_file "
 			"as rpk: %s\"", pdu_peer(s, peer, sizeof(peer)), text, text);
-		L.refused = s;
+		refuse(s, LOOP_REFUSED_IDENTITY);
 		return 0;
 	}
-	L.h.handshake_start(s, e);
+	L.h.handshake_start(s, e, NULL, 0);
 	return 1;
+}
+
+/* A device's X.509 certificate (depth 0; its CAs at 1 and up), after wolfSSL checked it against
+ * coap.pki.ca_file (validated) or found it wanting (deps-patches/libcoap/0023 tells of those
+ * too). Accepted when it verified, the CRL does not revoke it, and the identity it carries
+ * (coap.pki.identity) may be a topic level and is listed with auth: certificate (or
+ * coap.pki.allow_unlisted). Every refusal is logged with the peer, the identity and why. */
+static int on_cert(const uint8_t *der, size_t len, coap_session_t *s, unsigned depth,
+		   int validated)
+{
+	const struct conf_pki *p = L.pki;
+	char peer[64], id[KEYS_MAX_IDENTITY + 1], shown[KEYS_MAX_IDENTITY * 4 + 8];
+	const char *why = NULL, *hint = "";
+	const struct key_entry *e = NULL;
+	struct key_entry unlisted = { 0 };
+	int n, kind = LOOP_REFUSED_CERT;
+
+	if (L.refused == s)
+		return 0;	/* said already, for a certificate of its chain */
+	if (depth != 0 && validated)
+		return 1;	/* a CA of the device's chain, verified by wolfSSL */
+	n = pki_identity(der, len, p->identity, id);
+	if (n >= 0) {
+		coap_bin_const_t b = { (size_t)n, (const uint8_t *)id };
+
+		identity_str(&b, shown, sizeof(shown));
+	} else {
+		snprintf(shown, sizeof(shown), "-");
+	}
+	if (!validated) {
+		why = pki_refusal(p->verifier, der, len);
+		if (why == NULL)
+			why = depth ? "a CA certificate of its chain does not verify" :
+				      "certificate does not verify";
+	} else if (pki_revoked(p->verifier, der, len)) {
+		why = "certificate revoked (coap.pki.crl_file)";
+	} else if (n < 0) {
+		why = p->identity == PKI_ID_CN ? "certificate has no subject CN of 1..128 bytes" :
+		      p->identity == PKI_ID_SAN_DNS ? "certificate has no DNS subject alternative "
+						      "name of 1..128 bytes" :
+		      "certificate has no URI subject alternative name of 1..128 bytes";
+		kind = LOOP_REFUSED_IDENTITY;
+	} else if (!route_value_ok(id, (size_t)n)) {
+		why = "identity is not valid in an MQTT topic (UTF-8 without '/', '+', '#' or "
+		      "control characters)";
+		kind = LOOP_REFUSED_IDENTITY;
+	} else if ((e = keys_find(L.keys, id, (size_t)n)) != NULL && !e->cert) {
+		why = e->has_rpk ? "the device is listed with a raw public key, not a certificate" :
+				   "the device is listed with a PSK, not a certificate";
+		kind = LOOP_REFUSED_IDENTITY;
+	} else if (e == NULL && !p->allow_unlisted) {
+		why = "identity not listed";
+		hint = " hint=\"add it to devices with auth: certificate, or set "
+		       "coap.pki.allow_unlisted\"";
+		kind = LOOP_REFUSED_IDENTITY;
+	}
+	if (why) {
+		log_src(&L.hs_log, LOG_LVL_WARNING, "peer=%s identity=\"%s\" auth=certificate "
+			"handshake=refused reason=\"%s\"%s", pdu_peer(s, peer, sizeof(peer)), shown,
+			why, hint);
+		refuse(s, kind);
+		return 0;
+	}
+	if (e == NULL) {
+		unlisted.identity = id;
+		unlisted.cert = 1;
+		e = &unlisted;
+	}
+	L.h.handshake_start(s, e, der, len);
+	return 1;
+}
+
+/* Every peer key wolfSSL received: a raw public key or a certificate, by what the handshake
+ * negotiated (one endpoint serves both, deps-patches/libcoap/0022). */
+static int on_peer_key(const char *cn, const uint8_t *der, size_t len, coap_session_t *s,
+		       unsigned depth, int validated, void *arg)
+{
+	/* libcoap's wolfSSL backend hands out where the session's WOLFSSL pointer is */
+	WOLFSSL **pssl = coap_session_get_tls(s, NULL);
+	WOLFSSL *ssl = pssl ? *pssl : NULL;
+	int type = WOLFSSL_CERT_TYPE_UNKNOWN;
+
+	(void)cn;
+	(void)arg;
+	if (ssl && wolfSSL_get_negotiated_client_cert_type(ssl, &type) == WOLFSSL_SUCCESS &&
+	    type == WOLFSSL_CERT_TYPE_RPK)
+		return validated && on_rpk(der, len, s, depth);
+	if (L.pki == NULL || L.pki->cert_file == NULL)
+		return 0;
+	return on_cert(der, len, s, depth, validated);
 }
 
 /* The gateway's own key pair for raw public key handshakes, beside PSK on the same endpoints:
@@ -231,7 +341,7 @@ static int rpk_setup(const struct config *c)
 	pki.version = COAP_DTLS_PKI_SETUP_VERSION;
 	pki.verify_peer_cert = 1;
 	pki.is_rpk_not_cert = 1;
-	pki.validate_cn_call_back = on_rpk;
+	pki.validate_cn_call_back = on_peer_key;
 	pki.pki_key.key_type = COAP_PKI_KEY_DEFINE;
 	d->public_cert.s_byte = c->coap.rpk.pub_pem;
 	d->public_cert_len = c->coap.rpk.pub_pem_len;
@@ -243,6 +353,42 @@ static int rpk_setup(const struct config *c)
 	if (!coap_context_set_pki(L.coap, &pki)) {
 		log_error("loop: the DTLS library refused the raw public key setup (%s)",
 			  c->coap.rpk_key_file);
+		return -1;
+	}
+	return 0;
+}
+
+/* Intermediate CAs a device certificate's chain may have between it and coap.pki.ca_file. */
+#define LOOP_CERT_CHAIN_DEPTH 4
+
+/* The gateway's certificate for X.509 handshakes, beside PSK and raw public keys on the same
+ * endpoints (deps-patches/libcoap/0022). wolfSSL verifies device certificates against the CAs
+ * that coap_context_set_pki_root_cas() loaded (once, into the DTLS context); the CRL and the
+ * identity are checked in on_cert(). The PEM buffers are the start-up configuration's. */
+static int pki_setup(const struct config *c)
+{
+	const struct conf_pki *p = &c->coap.pki;
+	coap_dtls_pki_t pki;
+	coap_pki_key_define_t *d = &pki.pki_key.key.define;
+
+	if (!p->cert_file)
+		return 0;
+	memset(&pki, 0, sizeof(pki));
+	pki.version = COAP_DTLS_PKI_SETUP_VERSION;
+	pki.verify_peer_cert = 1;
+	pki.cert_chain_validation = 1;
+	pki.cert_chain_verify_depth = LOOP_CERT_CHAIN_DEPTH;
+	pki.validate_cn_call_back = on_peer_key;
+	pki.pki_key.key_type = COAP_PKI_KEY_DEFINE;
+	d->public_cert.s_byte = p->cert.pem;
+	d->public_cert_len = p->cert.len;
+	d->public_cert_def = COAP_PKI_KEY_DEF_PEM_BUF;
+	d->private_key.s_byte = p->key.pem;
+	d->private_key_len = p->key.len;
+	d->private_key_def = COAP_PKI_KEY_DEF_PEM_BUF;
+	d->ca_def = COAP_PKI_KEY_DEF_PEM;
+	if (!coap_context_set_pki(L.coap, &pki)) {
+		log_error("loop: the DTLS library refused the certificate setup (%s)", p->cert_file);
 		return -1;
 	}
 	return 0;
@@ -294,7 +440,7 @@ static int on_coap_event(coap_session_t *s, const coap_event_t ev)
 
 int loop_handshake_refused(const coap_session_t *s)
 {
-	return s == L.refused;
+	return s == L.refused ? L.refused_why : 0;
 }
 
 /* Responses and notifications to the gateway's own requests (observe, commands). */
@@ -477,6 +623,12 @@ static int coap_setup(const struct config *c)
 		log_error("loop: cannot create the CoAP context");
 		return -1;
 	}
+	/* before the DTLS context exists: it loads them once when it is made */
+	if (c->coap.pki.ca_file && !coap_context_set_pki_root_cas(L.coap, c->coap.pki.ca_file,
+								   NULL)) {
+		log_error("loop: the DTLS library refused the CAs of %s", c->coap.pki.ca_file);
+		return -1;
+	}
 	memset(&psk, 0, sizeof(psk));
 	psk.version = COAP_DTLS_SPSK_SETUP_VERSION;
 	psk.validate_id_call_back = on_psk_identity;
@@ -488,7 +640,7 @@ static int coap_setup(const struct config *c)
 		log_error("loop: the DTLS library refused the PSK setup");
 		return -1;
 	}
-	if (rpk_setup(c) < 0)
+	if (pki_setup(c) < 0 || rpk_setup(c) < 0)
 		return -1;
 	apply_coap_limits(c);
 	coap_context_set_block_mode(L.coap, COAP_BLOCK_USE_LIBCOAP | COAP_BLOCK_SINGLE_BODY);

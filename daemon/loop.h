@@ -14,14 +14,17 @@ struct keys;
 #define LOOP_MAX_RESPONSE_BODIES (512 * 1024)
 
 struct key_entry;
+struct pki_verifier;
 
 /* What the loop hands to the bridge; main.c fills it in (the loop includes no bridge header). */
 struct loop_handlers {
 	/* the resource that takes every device request */
 	coap_resource_t *(*resource)(const struct config *c);
-	/* the PSK or raw public key callback accepted the device e for s: its handshake must now
-	 * complete in time */
-	void (*handshake_start)(coap_session_t *s, const struct key_entry *e);
+	/* the PSK, raw public key or certificate callback accepted the device e for s: its
+	 * handshake must now complete in time; cert (DER, len bytes) is the device's certificate
+	 * when it authenticated with one, else NULL */
+	void (*handshake_start)(coap_session_t *s, const struct key_entry *e, const uint8_t *cert,
+				size_t len);
 	/* libcoap session events of server sessions */
 	void (*session_event)(coap_session_t *s, coap_event_t ev);
 	/* a response to one of the gateway's own requests: nonzero when it was taken */
@@ -40,9 +43,14 @@ coap_context_t *loop_coap(void);
  * settings that can change at run time (reload). */
 void loop_set_config(const struct config *c, const struct keys *k);
 const struct keys *loop_keys(void);
-/* During its DTLS_ERROR event: whether the PSK or raw public key callback refused s (an unknown
- * identity or key, logged already). */
+/* During its DTLS_ERROR event: whether a callback refused s (logged already): 0 = no,
+ * LOOP_REFUSED_IDENTITY = an unknown identity or key, LOOP_REFUSED_CERT = a device certificate
+ * that does not verify (expired, not yet valid, untrusted, revoked). */
+#define LOOP_REFUSED_IDENTITY 1
+#define LOOP_REFUSED_CERT 2
 int loop_handshake_refused(const coap_session_t *s);
+/* The verifier of the current coap.pki (CAs, CRL), or NULL. */
+const struct pki_verifier *loop_pki(void);
 int loop_run(void);
 void loop_stop(void);
 /* Closes the listeners: no new datagrams are read; timers keep running. */

@@ -123,10 +123,11 @@ static const struct family families[] = {
 	{ "handshake_failures_total", "handshakes_failed", COUNTER,
 	  "DTLS handshakes failed: wrong_key = the device's Finished did not decrypt (seen 10 s "
 	  "after the identity was accepted), unknown_identity = an identity or raw public key not in "
-	  "the key store, dtls_error = "
-	  "any other DTLS failure",
-	  NULL, "reason", 3, { { "wrong_key", STAT_HS_WRONG_KEY, NULL },
+	  "the key store, bad_certificate = a device certificate that does not verify (expired, "
+	  "not yet valid, untrusted, revoked), dtls_error = any other DTLS failure",
+	  NULL, "reason", 4, { { "wrong_key", STAT_HS_WRONG_KEY, NULL },
 			       { "unknown_identity", STAT_HS_UNKNOWN_IDENTITY, NULL },
+			       { "bad_certificate", STAT_HS_BAD_CERT, NULL },
 			       { "dtls_error", STAT_HS_DTLS_ERROR, NULL } } },
 	{ "hello_verify_total", "hello_verify", COUNTER,
 	  "ClientHellos from addresses without a session and without a valid cookie: answered "

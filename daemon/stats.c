@@ -22,6 +22,7 @@ static const char *const names[STAT__COUNT] = {
 	[STAT_HANDSHAKE_OK] = "handshakes_ok",
 	[STAT_HS_WRONG_KEY] = "handshakes_failed_wrong_key",
 	[STAT_HS_UNKNOWN_IDENTITY] = "handshakes_failed_unknown_identity",
+	[STAT_HS_BAD_CERT] = "handshakes_failed_bad_certificate",
 	[STAT_HS_DTLS_ERROR] = "handshakes_failed_dtls_error",
 	[STAT_NOTIFICATIONS] = "notifications",
 	[STAT_STALE_NOTIFICATIONS] = "stale_notifications",

@@ -23,6 +23,7 @@ enum stat_id {
 	STAT_HANDSHAKE_OK,
 	STAT_HS_WRONG_KEY,		/* handshake deadline expired after the identity was accepted */
 	STAT_HS_UNKNOWN_IDENTITY,	/* identity not in the key store */
+	STAT_HS_BAD_CERT,		/* a device certificate that does not verify */
 	STAT_HS_DTLS_ERROR,		/* any other DTLS failure during the handshake */
 	STAT_NOTIFICATIONS,
 	STAT_STALE_NOTIFICATIONS,

@@ -13,15 +13,15 @@ from pathlib import Path
 LAYERS = [
     ("base", ["log", "stats", "hmap", "route", "conftree", "heap"]),
     ("messages", ["pdu"]),
-    ("configuration", ["keys", "config"]),
+    ("configuration", ["keys", "pki", "config"]),
     ("transports", ["loop", "mqtt", "exchange", "notify"]),
     ("state", ["journal", "device"]),
     ("bridge", ["uplink", "observe", "command"]),
     ("reporting", ["metrics"]),
     ("wiring", ["main"]),
 ]
-# within "configuration", config.h builds on keys.h
-SAME_LAYER = {("config", "keys")}
+# within "configuration", config.h builds on keys.h and pki.h, pki.h on keys.h
+SAME_LAYER = {("config", "keys"), ("config", "pki"), ("pki", "keys")}
 __doc__ += "\n".join(f"    {i}. {name}: {', '.join(mods)}" for i, (name, mods) in enumerate(LAYERS))
 
 RANK = {m: i for i, (_, mods) in enumerate(LAYERS) for m in mods}

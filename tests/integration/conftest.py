@@ -564,7 +564,7 @@ def default_routes():
 
 class Gateway:
     def __init__(self, d, pki, broker_url, devices=None, routes=None, coap=None, mqtt_extra=None,
-                 extra=None, config_text=None, log_level="info"):
+                 extra=None, config_text=None, log_level=os.environ.get("C2M_LOG_LEVEL", "info")):
         self.dir = Path(d)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()

@@ -148,7 +148,7 @@ def test_show_rpk_prints_the_gateway_key(broker_factory, gateway_factory, keys):
      f"is also device {METER}'s"),
     (lambda c, fp: c["devices"].append({"identity": "m2", "rpk": fp["stranger"],
                                         "key": "0123456789abcdef"}),
-     "give one of key, key_hex or rpk"),
+     "give one of key, key_hex, rpk or auth: certificate"),
     (lambda c, fp: c["coap"].pop("rpk"), "coap.rpk.key_file is not set"),
 ])
 def test_check_refuses_bad_rpk_settings(broker_factory, gateway_factory, keys, change, message):

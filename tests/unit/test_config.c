@@ -395,12 +395,12 @@ static void test_errors_file(void)
 		"errors.yaml:8:15: block_size: 100 is not 16, 32, 64, 128, 256, 512 or 1024",
 		"errors.yaml:9:3: coap: unknown key \"colour\" (allowed: listen, idle_timeout, max_sessions, "
 		"max_payload, ciphers, psk_hint, block_size, receive_buffer, max_handshakes, "
-		"max_handshakes_per_ip, rpk)",
+		"max_handshakes_per_ip, rpk, pki)",
 		"errors.yaml:12:10: key: key shorter than 8 bytes (8..64)",
 		"errors.yaml:15:15: identity: duplicate identity \"dev2\" (first defined at line 13)",
 		"errors.yaml:17:15: identity: \"a/b\" is not valid in an MQTT topic (non-empty UTF-8 without "
 		"'/', '+', '#' or control characters)",
-		"errors.yaml:21:14: key_hex: give one of key, key_hex or rpk",
+		"errors.yaml:21:14: key_hex: give one of key, key_hex, rpk or auth: certificate",
 		"errors.yaml:23:14: key_hex: key has a character that is not a hex digit (8..64 bytes: "
 		"16..128 hex digits)",
 		"errors.yaml:25:8: url: mqtt:// sends without TLS (use mqtts://, or set insecure: true for a "
@@ -615,7 +615,7 @@ static void test_errors_inline(void)
 	expect("cid.yaml", "mqtt:\n  url: mqtt://b\n  insecure: true\n  client_id: a b\n",
 	       "4:14: client_id: \"a \" has a space or non-ASCII character (1..64 printable ASCII characters; "
 	       "[A-Za-z0-9_-], at most 23, is safest)");
-	expect("nokey.yaml", MQTT_OK "devices:\n  - identity: x\n", "5:5: devices: key, key_hex or rpk is required");
+	expect("nokey.yaml", MQTT_OK "devices:\n  - identity: x\n", "5:5: devices: key, key_hex, rpk or auth: certificate is required");
 	expect("noid.yaml", MQTT_OK "devices:\n  - key: 12345678\n", "5:5: devices: identity is required");
 	expect("hexshort.yaml", MQTT_OK "devices:\n  - {identity: x, key_hex: \"00112233\"}\n",
 	       "5:28: key_hex: key shorter than 8 bytes (8..64 bytes: 16..128 hex digits)");
