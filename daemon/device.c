@@ -104,7 +104,9 @@ static void presence(struct device *d, const char *state, const char *reason)
 
 /* ---- devices by identity ---- */
 
-struct device *dev_find(const char *identity, size_t len)
+/* The device of a configured identity (made on first use), or with unlisted, of any identity
+ * (a certificate that verified under coap.pki.allow_unlisted). */
+static struct device *dev_lookup(const char *identity, size_t len, int unlisted)
 {
 	struct device *d;
 
@@ -114,7 +116,7 @@ struct device *dev_find(const char *identity, size_t len)
 
 	if (d)
 		return d;
-	if (len > KEYS_MAX_IDENTITY || !keys_find(loop_keys(), identity, len))
+	if (len > KEYS_MAX_IDENTITY || (!unlisted && !keys_find(loop_keys(), identity, len)))
 		return NULL;
 	d = calloc(1, sizeof(*d));
 	if (!d)
@@ -128,13 +130,25 @@ struct device *dev_find(const char *identity, size_t len)
 	return d;
 }
 
+struct device *dev_find(const char *identity, size_t len)
+{
+	return dev_lookup(identity, len, 0);
+}
+
+/* Sessions of certificates that verified may be devices nobody listed. */
+static struct device *sess_device(const struct dev_sess *s)
+{
+	return dev_lookup(s->identity, strlen(s->identity),
+			  s->is_cert && D.conf->coap.pki.allow_unlisted);
+}
+
 /* Every session that claims a configured identity is on that device's list, from the PSK
  * callback on, so that revoking the identity reaches all of them (dev_apply_keys). */
 static void sess_attach(struct dev_sess *s)
 {
 	struct device *d;
 
-	if (s->owner || (d = dev_find(s->identity, strlen(s->identity))) == NULL)
+	if (s->owner || (d = sess_device(s)) == NULL)
 		return;
 	s->owner = d;
 	s->oprev = NULL;
@@ -206,7 +220,7 @@ static void close_later(struct dev_sess *d);
 
 static void dev_up(struct dev_sess *s)
 {
-	struct device *d = dev_find(s->identity, strlen(s->identity));
+	struct device *d = sess_device(s);
 
 	if (!d) {
 		/* no longer configured (dev_apply_keys closes such handshakes at the reload; this

@@ -14,7 +14,9 @@
 #include <wolfssl/error-ssl.h>
 #include <wolfssl/openssl/x509v3.h>	/* WOLFSSL_GEN_DNS, WOLFSSL_GEN_URI */
 #include <wolfssl/wolfcrypt/asn_public.h>
+#include <wolfssl/wolfcrypt/ecc.h>
 #include <wolfssl/wolfcrypt/error-crypt.h>
+#include <wolfssl/wolfcrypt/rsa.h>
 
 #define PKI_FILE_MAX (1u << 20)		/* certificates, keys, CA bundles */
 #define PKI_CRL_MAX (16u << 20)		/* a CRL of a large fleet */
@@ -104,11 +106,54 @@ int pki_read(const char *path, enum pki_part part, struct pki_buf *out, keys_err
 	return 0;
 }
 
+#define PKI_DER_MAX 8192
+
+/* The SubjectPublicKeyInfo of a PEM private key (EC or RSA) into spki; its length, or -1. */
+static int key_spki(const struct pki_buf *key, uint8_t *spki, word32 cap)
+{
+	uint8_t der[PKI_DER_MAX];
+	int n = wc_KeyPemToDer((const unsigned char *)key->pem, (int)key->len, der,
+			       (int)sizeof(der), NULL), r = -1;
+	word32 idx = 0;
+	ecc_key ec;
+	RsaKey rsa;
+
+	if (n <= 0)
+		return -1;
+	if (wc_ecc_init(&ec) == 0) {
+		if (wc_EccPrivateKeyDecode(der, &idx, &ec, (word32)n) == 0 &&
+		    (ec.type != ECC_PRIVATEKEY_ONLY || wc_ecc_make_pub(&ec, NULL) == 0))
+			r = wc_EccPublicKeyToDer(&ec, spki, cap, 1);
+		wc_ecc_free(&ec);
+	}
+	idx = 0;
+	if (r <= 0 && wc_InitRsaKey(&rsa, NULL) == 0) {
+		if (wc_RsaPrivateKeyDecode(der, &idx, &rsa, (word32)n) == 0)
+			r = wc_RsaKeyToPublicDer(&rsa, spki, cap);
+		wc_FreeRsaKey(&rsa);
+	}
+	explicit_bzero(der, sizeof(der));
+	return r > 0 ? r : -1;
+}
+
+/* The SubjectPublicKeyInfo of the first certificate of a PEM chain; its length, or -1. */
+static int cert_spki(const struct pki_buf *cert, uint8_t *spki, word32 cap)
+{
+	uint8_t der[PKI_DER_MAX];
+	int n = wc_CertPemToDer((const unsigned char *)cert->pem, (int)cert->len, der,
+				(int)sizeof(der), CERT_TYPE);
+
+	if (n <= 0 || wc_GetSubjectPubKeyInfoDerFromCert(der, (word32)n, spki, &cap) != 0)
+		return -1;
+	return (int)cap;
+}
+
 int pki_check_pair(const struct pki_buf *cert, const struct pki_buf *key, keys_error_fn err,
 		   void *arg)
 {
+	uint8_t a[PKI_DER_MAX], b[PKI_DER_MAX];
 	WOLFSSL_CTX *ctx;
-	int ok;
+	int ok, na, nb;
 
 	wolfSSL_Init();
 	ctx = wolfSSL_CTX_new(wolfDTLSv1_2_server_method());
@@ -119,6 +164,11 @@ int pki_check_pair(const struct pki_buf *cert, const struct pki_buf *key, keys_e
 	     wolfSSL_CTX_check_private_key(ctx) == WOLFSSL_SUCCESS;
 	wolfSSL_CTX_free(ctx);
 	wolfSSL_Cleanup();
+	/* wolfSSL's check above does not compare an EC key with the certificate's public key
+	 * (that needs WOLFSSL_VALIDATE_ECC_IMPORT): the public keys are compared here */
+	na = cert_spki(cert, a, sizeof(a));
+	nb = key_spki(key, b, sizeof(b));
+	ok = ok && na > 0 && na == nb && memcmp(a, b, (size_t)na) == 0;
 	if (!ok && err)
 		err(arg, "coap.pki: key_file is not the private key of cert_file's certificate");
 	return !ok;
@@ -190,6 +240,8 @@ const char *pki_refusal(const struct pki_verifier *v, const uint8_t *der, size_t
 		return "certificate not yet valid";
 	case ASN_NO_SIGNER_E:
 		return "certificate not signed by a CA of coap.pki.ca_file";
+	case ASN_VERSION_E:
+		return "certificate is not X.509 version 3";
 	case ASN_SIG_CONFIRM_E:
 		return "certificate signature does not verify";
 	case CRL_CERT_REVOKED:

@@ -1065,14 +1065,17 @@ CLIENT_PDU_RE = re.compile(r"^v:1 t:(CON|NON|ACK|RST) c:(\d\.\d\d) i:([0-9a-f]{4
 
 
 def coap_client(flavour, gw, path, payload, identity="sensor-01", key=None, method="post",
-                content_format=50, timeout=30, rpk=None):
-    """Run coap-client-<flavour> once, with identity's PSK or (rpk: a PEM key file) a raw public
-    key; returns (response code or None, stdout+stderr text)."""
+                content_format=50, timeout=30, rpk=None, cert=None):
+    """Run coap-client-<flavour> once, with identity's PSK, (rpk: a PEM key file) a raw public
+    key or (cert: PEM files (certificate, key, CA that signed the gateway's)) a certificate;
+    returns (response code or None, stdout+stderr text)."""
     exe = shutil.which(f"coap-client-{flavour}")
     if exe is None:
         pytest.fail(f"coap-client-{flavour} is not installed (Debian package libcoap3-bin)")
     if rpk is not None:
         cred = ["-M", str(rpk)]
+    elif cert is not None:
+        cred = ["-c", str(cert[0]), "-j", str(cert[1]), "-C", str(cert[2])]
     else:
         cred = ["-u", identity, "-k", key if key is not None else gw.devices[identity]]
     a = [exe, "-v", "7", "-B", "10", "-m", method, *cred, "-e", payload]
