@@ -33,8 +33,11 @@ static void check_entry(const struct key_entry *e)
 		abort();
 	if (e->origin == NULL)
 		abort();
-	/* a PSK of a valid length, or a raw public key fingerprint and no PSK */
-	if (e->has_rpk ? e->key_len != 0 : e->key_len < KEYS_MIN_KEY || e->key_len > KEYS_MAX_KEY)
+	/* a PSK of a valid length, or a raw public key fingerprint or a certificate and no PSK */
+	if (e->has_rpk + e->cert > 1)
+		abort();
+	if (e->has_rpk || e->cert ? e->key_len != 0 :
+	    e->key_len < KEYS_MIN_KEY || e->key_len > KEYS_MAX_KEY)
 		abort();
 }
 
