@@ -123,6 +123,7 @@ def test_counters_gauges_and_json_snapshot(metrics_world):
             ("handshakes_total", ()): 4,  # background + three sims with the right key
             ("handshake_failures_total", (("reason", "wrong_key"),)): 1,
             ("handshake_failures_total", (("reason", "unknown_identity"),)): 1,
+            ("handshake_failures_total", (("reason", "bad_certificate"),)): 0,
             ("handshake_failures_total", (("reason", "dtls_error"),)): 0,
             # each of the six clients (the four above, the wrong key, the unknown identity)
             # first got a HelloVerifyRequest, then echoed its cookie
@@ -190,7 +191,8 @@ def test_counters_gauges_and_json_snapshot(metrics_world):
             (0, 0, 0), jj
         assert j == {
             "sessions": 1, "online": 1, "handshakes_ok": 4,
-            "handshakes_failed": {"wrong_key": 1, "unknown_identity": 1, "dtls_error": 0},
+            "handshakes_failed": {"wrong_key": 1, "unknown_identity": 1, "bad_certificate": 0,
+                                  "dtls_error": 0},
             "hello_verify": 6, "cookies_verified": 6, "cookies_refused": 0,
             "stranger_dropped": 0,
             "reconnects": 0,
