@@ -114,6 +114,31 @@ static const char *parse_hostport(const char *s, bool need_port, char **host, in
 	return NULL;
 }
 
+/* "modes=" and a comma-separated list of psk, rpk and x509 into *out; NULL, or why not. */
+static const char *listen_modes(const char *q, unsigned *out)
+{
+	static const char *const names[] = { "psk", "rpk", "x509" };
+	const char *p;
+
+	if (strncmp(q, "modes=", 6) != 0)
+		return "the only query is ?modes=psk,rpk,x509";
+	*out = 0;
+	for (p = q + 6;; p++) {
+		size_t len = strcspn(p, ","), i;
+
+		for (i = 0; i < 3 && !(strlen(names[i]) == len && strncmp(p, names[i], len) == 0); i++)
+			;
+		if (i == 3)
+			return "modes are psk, rpk and x509, separated by commas";
+		if (*out & (1u << i))
+			return "a mode is named twice";
+		*out |= 1u << i;
+		p += len;
+		if (*p == '\0')
+			return NULL;
+	}
+}
+
 static void coap_listen(struct cctx *x, const struct cnode *n)
 {
 	struct conf_coap *cc = &x->c->coap;
@@ -127,20 +152,55 @@ static void coap_listen(struct cctx *x, const struct cnode *n)
 		return;
 	}
 	cc->listen = ct_calloc(&x->t, n->nkids, sizeof(*cc->listen));
-	if (cc->listen == NULL)
+	cc->listen_modes = ct_calloc(&x->t, n->nkids, sizeof(*cc->listen_modes));
+	if (cc->listen == NULL || cc->listen_modes == NULL)
 		return;
 	for (it = ct_kid(&x->t, n); it; it = ct_sib(&x->t, it)) {
+		char hostport[300];
+		const char *q;
+		unsigned modes = CONF_MODES_ALL;
+
 		if ((s = ct_scalar(&x->t, it, "a URI")) == NULL)
 			continue;
 		rest = strncmp(s, "coaps://", 8) == 0 ? s + 8 : strncmp(s, "coap://", 7) == 0 ? s + 7 : NULL;
-		why = rest ? parse_hostport(rest, true, NULL, NULL) : "the scheme is not coaps:// or coap://";
+		why = rest ? NULL : "the scheme is not coaps:// or coap://";
+		if (rest && (q = strchr(rest, '?')) != NULL) {
+			why = rest == s + 7 ? "?modes= is for coaps:// listeners" :
+			      listen_modes(q + 1, &modes);
+			if ((size_t)(q - rest) >= sizeof(hostport))
+				why = "the host is too long";
+			else if (why == NULL) {
+				memcpy(hostport, rest, (size_t)(q - rest));
+				hostport[q - rest] = '\0';
+				rest = hostport;
+			}
+		}
+		if (why == NULL)
+			why = parse_hostport(rest, true, NULL, NULL);
 		if (why != NULL) {
-			conf_err(&x->t, it, "%s is not coaps://HOST:PORT or coap://HOST:PORT (%s)",
-				 ct_show(s, it->len).s, why);
+			conf_err(&x->t, it, "%s is not coaps://HOST:PORT[?modes=psk,rpk,x509] or "
+				 "coap://HOST:PORT (%s)", ct_show(s, it->len).s, why);
 			continue;
 		}
+		cc->listen_modes[cc->n_listen] = modes;
 		if ((cc->listen[cc->n_listen] = ct_strdup(&x->t, s)) != NULL)
 			cc->n_listen++;
+	}
+}
+
+/* Each mode a listener names must be set up: rpk needs coap.rpk, x509 coap.pki. */
+static void listen_modes_set_up(struct cctx *x, const struct cnode *n)
+{
+	const struct conf_coap *cc = &x->c->coap;
+	const struct cnode *it = n ? ct_kid(&x->t, n) : NULL;
+
+	for (size_t i = 0; i < cc->n_listen && it; i++, it = ct_sib(&x->t, it)) {
+		if (strchr(cc->listen[i], '?') == NULL)
+			continue;	/* every mode set up */
+		if ((cc->listen_modes[i] & CONF_MODE_RPK) && cc->rpk_key_file == NULL)
+			conf_err(&x->t, it, "modes has rpk but coap.rpk is not set");
+		if ((cc->listen_modes[i] & CONF_MODE_X509) && cc->pki.cert_file == NULL)
+			conf_err(&x->t, it, "modes has x509 but coap.pki is not set");
 	}
 }
 
@@ -359,11 +419,18 @@ static void conf_coap(struct cctx *x, const struct cnode *n)
 		coap_rpk(x, v[C_RPK]);
 	if (v[C_PKI] && !ct_is_null(v[C_PKI]))
 		coap_pki(x, v[C_PKI]);
+	if (v[C_LISTEN])
+		listen_modes_set_up(x, v[C_LISTEN]);
 	if (cc->n_listen == 0 && v[C_LISTEN] == NULL) {
 		free(cc->listen);
+		free(cc->listen_modes);
 		cc->listen = ct_calloc(&x->t, 1, sizeof(*cc->listen));
-		if (cc->listen && (cc->listen[0] = ct_strdup(&x->t, DEFAULT_LISTEN)) != NULL)
+		cc->listen_modes = ct_calloc(&x->t, 1, sizeof(*cc->listen_modes));
+		if (cc->listen && cc->listen_modes &&
+		    (cc->listen[0] = ct_strdup(&x->t, DEFAULT_LISTEN)) != NULL) {
+			cc->listen_modes[0] = CONF_MODES_ALL;
 			cc->n_listen = 1;
+		}
 	}
 }
 
@@ -1602,6 +1669,7 @@ void conf_free(struct config *c)
 	if (c == NULL)
 		return;
 	free_strv(c->coap.listen, c->coap.n_listen);
+	free(c->coap.listen_modes);
 	free_strv(c->coap.ciphers, c->coap.n_ciphers);
 	free(c->coap.psk_hint);
 	free(c->coap.rpk_key_file);

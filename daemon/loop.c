@@ -40,7 +40,12 @@ static struct {
 	coap_session_t *refused;	/* the handshake a callback just refused, logged there */
 	int refused_why;		/* LOOP_REFUSED_* */
 	const struct conf_pki *pki;	/* the current coap.pki (cert_file NULL: none) */
-	struct { int fd; char name[64]; } ep[LOOP_MAX_ENDPOINTS];	/* listening sockets */
+	struct {
+		int fd;
+		char name[64];
+		coap_address_t addr;	/* bound to */
+		unsigned modes;		/* enum conf_mode: what its handshakes may use */
+	} ep[LOOP_MAX_ENDPOINTS];	/* listening sockets */
 	size_t n_ep;
 } L;
 
@@ -144,6 +149,44 @@ const struct pki_verifier *loop_pki(void)
 	return L.pki ? L.pki->verifier : NULL;
 }
 
+/* The modes of the listener s came in on: the one bound to its local port and address (or to
+ * any address). A walk of the listeners, a few at most; never of the sessions. */
+static unsigned session_modes(const coap_session_t *s)
+{
+	const coap_address_t *local = coap_session_get_addr_local(s);
+	unsigned any = 0;
+
+	if (local == NULL)
+		return 0;
+	for (size_t i = 0; i < L.n_ep; i++) {
+		const coap_address_t *a = &L.ep[i].addr;
+
+		if (coap_address_get_port(a) != coap_address_get_port(local))
+			continue;
+		if (coap_address_equals(a, local))
+			return L.ep[i].modes;
+		if (coap_address_isany(a))
+			any |= L.ep[i].modes;
+	}
+	return any;
+}
+
+/* Whether the listener of s takes this mode; logs the refusal when not. */
+static int mode_allowed(coap_session_t *s, unsigned mode, const char *identity)
+{
+	static const char *const names[] = { "", "PSK", "raw public keys", "", "certificates" };
+	char peer[64];
+
+	if (session_modes(s) & mode)
+		return 1;
+	log_src(&L.hs_log, LOG_LVL_WARNING, "peer=%s identity=\"%s\" handshake=refused "
+		"reason=\"this listener does not take %s\" hint=\"see ?modes= in coap.listen\"",
+		pdu_peer(s, peer, sizeof(peer)), identity, names[mode]);
+	L.refused = s;
+	L.refused_why = LOOP_REFUSED_IDENTITY;
+	return 0;
+}
+
 /* A callback refuses s: logged there, counted once, and its DTLS error not logged again. */
 static void refuse(coap_session_t *s, int why)
 {
@@ -174,10 +217,12 @@ static const coap_bin_const_t *on_psk_identity(coap_bin_const_t *identity, coap_
 	char peer[64], id[KEYS_MAX_IDENTITY * 4 + 8];
 
 	(void)arg;
+	identity_str(identity, id, sizeof(id));
+	if (!mode_allowed(s, CONF_MODE_PSK, id))
+		return NULL;
 	e = identity && identity->length <= KEYS_MAX_IDENTITY ?
 		keys_find(L.keys, (const char *)identity->s, identity->length) : NULL;
 	if (!e) {
-		identity_str(identity, id, sizeof(id));
 		log_src(&L.hs_log, LOG_LVL_WARNING, "peer=%s identity=\"%s\" handshake=refused "
 			"reason=\"unknown identity\" hint=\"add it to devices or devices_file\"",
 			pdu_peer(s, peer, sizeof(peer)), id);
@@ -315,12 +360,15 @@ static int on_peer_key(const char *cn, const uint8_t *der, size_t len, coap_sess
 
 	(void)cn;
 	(void)arg;
+	if (L.refused == s)
+		return 0;	/* said already, for a certificate of its chain */
 	if (ssl && wolfSSL_get_negotiated_client_cert_type(ssl, &type) == WOLFSSL_SUCCESS &&
 	    type == WOLFSSL_CERT_TYPE_RPK)
-		return validated && on_rpk(der, len, s, depth);
+		return mode_allowed(s, CONF_MODE_RPK, "-") && validated &&
+		       on_rpk(der, len, s, depth);
 	if (L.pki == NULL || L.pki->cert_file == NULL)
 		return 0;
-	return on_cert(der, len, s, depth, validated);
+	return mode_allowed(s, CONF_MODE_X509, "-") && on_cert(der, len, s, depth, validated);
 }
 
 /* The gateway's own key pair for raw public key handshakes, beside PSK on the same endpoints:
@@ -563,14 +611,15 @@ void loop_kick(void)
 	}
 }
 
-static int add_listener(const char *uri)
+static int add_listener(const char *uri, unsigned modes)
 {
 	coap_uri_t u;
 	coap_str_const_t host;
 	coap_addr_info_t *info, *ai;
 	int n = 0;
 
-	if (coap_split_uri((const uint8_t *)uri, strlen(uri), &u) < 0) {
+	/* ?modes= is the gateway's, not part of the address */
+	if (coap_split_uri((const uint8_t *)uri, strcspn(uri, "?"), &u) < 0) {
 		log_error("loop: listen %s: not a coap:// or coaps:// URI", uri);
 		return -1;
 	}
@@ -599,7 +648,10 @@ static int add_listener(const char *uri)
 		}
 		/* the socket stays libcoap's (deps-patches/libcoap/0008) */
 		L.ep[L.n_ep].fd = coap_endpoint_get_fd(ep);
-		snprintf(L.ep[L.n_ep].name, sizeof(L.ep[L.n_ep].name), "%s", uri);
+		L.ep[L.n_ep].addr = ai->addr;
+		L.ep[L.n_ep].modes = modes;
+		snprintf(L.ep[L.n_ep].name, sizeof(L.ep[L.n_ep].name), "%.*s",
+			 (int)strcspn(uri, "?"), uri);
 		if (L.ep[L.n_ep].fd >= 0)
 			set_receive_buffer(L.ep[L.n_ep++].fd, uri, L.receive_buffer);
 		n++;
@@ -658,7 +710,7 @@ static int coap_setup(const struct config *c)
 	}
 	coap_add_resource(L.coap, r);
 	for (size_t i = 0; i < c->coap.n_listen; i++)
-		if (add_listener(c->coap.listen[i]) < 0)
+		if (add_listener(c->coap.listen[i], c->coap.listen_modes[i]) < 0)
 			return -1;
 	return 0;
 }

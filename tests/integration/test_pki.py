@@ -7,6 +7,7 @@ import re
 import signal
 import socket
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 
@@ -347,3 +348,45 @@ def test_check_refuses_a_key_others_can_read(broker_factory, gateway_factory, ce
     os.chmod(certs["gateway"][1], 0o644)
     rc, out = check(gw)
     assert rc != 0 and "readable by others" in out, out
+
+
+def test_listeners_restricted_to_modes(broker_factory, subscriber_factory, gateway_factory,
+                                       certs, tmp_path):
+    """coap.listen entries with ?modes=: a PSK-only listener and a certificate and raw public
+    key listener; each refuses the other kind, and says so."""
+    gw_key, thermo_key = tmp_path / "gw-rpk.pem", tmp_path / "thermo.pem"
+    ec_key(gw_key)
+    thermo_fp = ec_key(thermo_key)
+    b = broker_factory()
+    sub = subscriber_factory(b)
+    gw = pki_gateway(gateway_factory, b, certs, start=False,
+                     coap={"rpk": {"key_file": str(gw_key)}})
+    other = free_port(socket.SOCK_DGRAM)
+    psk_uri, pki_uri = gw.uri, f"coaps://127.0.0.1:{other}"
+    gw.config["coap"]["listen"] = [f"{psk_uri}?modes=psk", f"{pki_uri}?modes=x509,rpk"]
+    gw.config["devices"].append({"identity": "thermo-3", "rpk": thermo_fp})
+    gw.write_config()
+    gw.start()
+    wait_mqtt_connected(gw)
+    at_pki = SimpleNamespace(uri=pki_uri, devices=gw.devices)
+
+    code, out = coap_client("openssl", gw, "sensors/t", "psk")
+    assert code == "2.04", out
+    code, out = cert_client(at_pki, certs, "meter", "sensors/t", "x509")
+    assert code == "2.04", out
+    code, out = rpk_client(at_pki, thermo_key, "sensors/t", "rpk")
+    assert code == "2.04", out
+    msgs = sub.wait_for(3, 20)
+    assert sorted(m.payload for m in msgs) == [b"psk", b"rpk", b"x509"]
+
+    code, out = cert_client(gw, certs, "meter", "sensors/t", "no", timeout=20)
+    assert code is None or not code.startswith("2."), out
+    gw.wait_for_log(r'handshake=refused reason="this listener does not take certificates"')
+    code, out = rpk_client(gw, thermo_key, "sensors/t", "no", timeout=20)
+    assert code is None or not code.startswith("2."), out
+    gw.wait_for_log(r'handshake=refused reason="this listener does not take raw public keys"')
+    code, out = coap_client("openssl", at_pki, "sensors/t", "no", timeout=20)
+    assert code is None or not code.startswith("2."), out
+    gw.wait_for_log(r'identity="sensor-01" handshake=refused reason="this listener does not '
+                    r'take PSK"')
+    sub.assert_none(window=1, already=3)
