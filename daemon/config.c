@@ -1500,6 +1500,118 @@ static void conf_metrics(struct cctx *x, const struct cnode *n)
 		mt->interval = (unsigned)ll;
 }
 
+/* ---- discovery ---- */
+
+enum {
+	DI_MULTICAST, DI_INTERFACES, DI_PORT, DI_LEISURE, DI_MAX_ANSWERS, DI_ADVERTISE,
+	DI_KEYS
+};
+
+static const char *const discovery_keys[DI_KEYS + 1] = {
+	[DI_MULTICAST] = "multicast",
+	[DI_INTERFACES] = "interfaces",
+	[DI_PORT] = "port",
+	[DI_LEISURE] = "leisure",
+	[DI_MAX_ANSWERS] = "max_answers",
+	[DI_ADVERTISE] = "advertise",
+};
+
+/* A list of strings, each checked by ok (NULL or why not). */
+static void str_list(struct cctx *x, const struct cnode *n, size_t max, char ***out, size_t *nout,
+		     const char *what, const char *(*ok)(const char *))
+{
+	const struct cnode *it;
+	const char *s, *why;
+
+	if (!ct_want(&x->t, n, CN_SEQ))
+		return;
+	if (n->nkids == 0 || n->nkids > max) {
+		conf_err(&x->t, n, "needs 1..%zu %s", max, what);
+		return;
+	}
+	if ((*out = ct_calloc(&x->t, n->nkids, sizeof(**out))) == NULL)
+		return;
+	for (it = ct_kid(&x->t, n); it; it = ct_sib(&x->t, it)) {
+		if ((s = ct_scalar(&x->t, it, what)) == NULL)
+			continue;
+		if ((why = ok(s)) != NULL) {
+			conf_err(&x->t, it, "%s %s", ct_show(s, it->len).s, why);
+			continue;
+		}
+		if (((*out)[*nout] = ct_strdup(&x->t, s)) != NULL)
+			(*nout)++;
+	}
+}
+
+static const char *interface_ok(const char *s)
+{
+	size_t len = strlen(s);
+
+	if (len == 0 || len >= 16)
+		return "is not an interface name (1..15 characters)";
+	for (size_t i = 0; i < len; i++)
+		if (s[i] <= ' ' || s[i] == '/' || s[i] == ':' || s[i] == 0x7f)
+			return "is not an interface name (no spaces, '/' or ':')";
+	return NULL;
+}
+
+static const char *advertise_ok(const char *s)
+{
+	static char why[160];
+	const char *e;
+
+	if (strncmp(s, "coaps://", 8) != 0)
+		return "is not a coaps:// URI";
+	if (strpbrk(s, " \t\"<>\\^`{|}") != NULL || strlen(s) > 255)
+		return "is not a URI (spaces, quotes or <> in it, or longer than 255)";
+	e = parse_hostport(s + 8, false, NULL, NULL);
+	if (e != NULL) {
+		snprintf(why, sizeof(why), "is not coaps://HOST[:PORT] (%s)", e);
+		return why;
+	}
+	return NULL;
+}
+
+static void conf_discovery(struct cctx *x, const struct cnode *n)
+{
+	const struct cnode *v[DI_KEYS];
+	struct conf_discovery *d = &x->c->discovery;
+	long long ll;
+
+	d->port = 5683;
+	d->leisure = 5;
+	d->max_answers = 10;
+	if (!ct_fields(&x->t, n, discovery_keys, v))
+		return;
+	if (v[DI_MULTICAST])
+		ct_bool(&x->t, v[DI_MULTICAST], &d->multicast);
+	if (v[DI_INTERFACES])
+		str_list(x, v[DI_INTERFACES], 64, &d->interfaces, &d->n_interfaces,
+			 "interface names", interface_ok);
+	else if (d->multicast)
+		conf_err(&x->t, n, "interfaces is required with multicast: true (the interfaces "
+			 "devices look for the gateway on, e.g. [eth0])");
+	if (v[DI_PORT] && ct_int(&x->t, v[DI_PORT], 1, 65535, &ll))
+		d->port = (unsigned)ll;
+	if (v[DI_LEISURE] && ct_int(&x->t, v[DI_LEISURE], 1, 60, &ll))
+		d->leisure = (unsigned)ll;
+	if (v[DI_MAX_ANSWERS] && ct_int(&x->t, v[DI_MAX_ANSWERS], 1, 1000, &ll))
+		d->max_answers = (unsigned)ll;
+	if (v[DI_ADVERTISE])
+		str_list(x, v[DI_ADVERTISE], 16, &d->advertise, &d->n_advertise, "coaps:// URIs",
+			 advertise_ok);
+	if (d->multicast && d->n_advertise == 0) {
+		size_t i;
+
+		for (i = 0; i < x->c->coap.n_listen && strncmp(x->c->coap.listen[i], "coaps://", 8);
+		     i++)
+			;
+		if (i == x->c->coap.n_listen)
+			conf_err(&x->t, n, "multicast: true but no coaps:// listener to name (and no "
+				 "advertise:)");
+	}
+}
+
 /* ---- top level ---- */
 
 static void conf_log_level(struct cctx *x, const struct cnode *n)
@@ -1516,7 +1628,7 @@ static void conf_log_level(struct cctx *x, const struct cnode *n)
 /* The keys of the top level, in the order of v[]. */
 enum {
 	TOP_LOG_LEVEL, TOP_COAP, TOP_DEVICES, TOP_DEVICES_FILE, TOP_MQTT, TOP_ROUTES,
-	TOP_OBSERVE, TOP_COMMANDS, TOP_PRESENCE_TOPIC, TOP_METRICS,
+	TOP_OBSERVE, TOP_COMMANDS, TOP_PRESENCE_TOPIC, TOP_METRICS, TOP_DISCOVERY,
 	TOP_KEYS
 };
 
@@ -1531,6 +1643,7 @@ static const char *const top_keys[TOP_KEYS + 1] = {
 	[TOP_COMMANDS] = "commands",
 	[TOP_PRESENCE_TOPIC] = "presence_topic",
 	[TOP_METRICS] = "metrics",
+	[TOP_DISCOVERY] = "discovery",
 };
 
 static void conf_top(struct cctx *x)
@@ -1557,6 +1670,7 @@ static void conf_top(struct cctx *x)
 	conf_commands(x, v[TOP_COMMANDS]);
 	conf_presence(x, v[TOP_PRESENCE_TOPIC]);
 	conf_metrics(x, v[TOP_METRICS]);
+	conf_discovery(x, v[TOP_DISCOVERY]);
 }
 
 static char *dir_of(const char *path)
@@ -1617,6 +1731,18 @@ static int same_str(const char *a, const char *b)
 	return (a == NULL && b == NULL) || (a && b && strcmp(a, b) == 0);
 }
 
+/* Everything of discovery: but what is read per answer (advertise, max_answers, leisure). */
+static int same_discovery(const struct conf_discovery *a, const struct conf_discovery *b)
+{
+	if (a->multicast != b->multicast || a->port != b->port ||
+	    a->n_interfaces != b->n_interfaces)
+		return 0;
+	for (size_t i = 0; i < a->n_interfaces; i++)
+		if (strcmp(a->interfaces[i], b->interfaces[i]) != 0)
+			return 0;
+	return 1;
+}
+
 size_t conf_restart_needed(const struct config *old, const struct config *c, const char **names,
 			   size_t max)
 {
@@ -1653,6 +1779,7 @@ size_t conf_restart_needed(const struct config *old, const struct config *c, con
 				       !same_str(op->key.pem, np->key.pem) },
 		{ "coap.pki.ca_file", !same_str(op->ca_file, np->ca_file) ||
 				      !same_str(op->ca.pem, np->ca.pem) },
+		{ "discovery", !same_discovery(&old->discovery, &c->discovery) },
 	};
 
 	_Static_assert(sizeof(keys) / sizeof(keys[0]) == CONF_RESTART_KEYS, "CONF_RESTART_KEYS");
@@ -1670,6 +1797,8 @@ void conf_free(struct config *c)
 		return;
 	free_strv(c->coap.listen, c->coap.n_listen);
 	free(c->coap.listen_modes);
+	free_strv(c->discovery.interfaces, c->discovery.n_interfaces);
+	free_strv(c->discovery.advertise, c->discovery.n_advertise);
 	free_strv(c->coap.ciphers, c->coap.n_ciphers);
 	free(c->coap.psk_hint);
 	free(c->coap.rpk_key_file);

@@ -121,6 +121,20 @@ struct conf_metrics {
 	unsigned interval;		/* s between JSON publishes, 1..86400, default 60 */
 };
 
+/* discovery: devices that find the gateway by multicast (RFC 7252 8, RFC 6690). */
+struct conf_discovery {
+	bool multicast;			/* join the All-CoAP-Nodes groups, answer GET
+					 * /.well-known/core (default false) */
+	char **interfaces;		/* where to join (required with multicast) */
+	size_t n_interfaces;
+	unsigned port;			/* UDP port of the groups, default 5683 */
+	unsigned leisure;		/* s: answers to a group are delayed by a random time below
+					 * it (RFC 7252 8.2 Leisure), 1..60, default 5 */
+	unsigned max_answers;		/* answers per second, 1..1000, default 10; beyond: none */
+	char **advertise;		/* coaps:// URIs to name instead of the listeners' */
+	size_t n_advertise;
+};
+
 struct config {
 	char *file;			/* path as given */
 	int log_level;			/* enum log_level, default info */
@@ -138,6 +152,7 @@ struct config {
 	char *presence_topic;		/* template with {identity}; NULL = no presence messages */
 	struct route *presence_route;	/* compiled: pattern "" (no segments) + presence_topic */
 	struct conf_metrics metrics;
+	struct conf_discovery discovery;
 };
 
 /* Loads and validates path. Every problem is printed to errs as "file:line:col: key: what"
@@ -146,7 +161,7 @@ struct config *conf_load(const char *path, FILE *errs);
 void conf_free(struct config *c);
 /* A reload from old to c: the settings that changed but only a restart applies (coap.listen,
  * coap.psk_hint, mqtt.*), their names ("mqtt.url") into names[0..max); returns how many. */
-#define CONF_RESTART_KEYS 18
+#define CONF_RESTART_KEYS 19
 size_t conf_restart_needed(const struct config *old, const struct config *c, const char **names,
 			   size_t max);
 

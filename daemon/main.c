@@ -14,6 +14,7 @@
 #include "command.h"
 #include "config.h"
 #include "device.h"
+#include "discovery.h"
 #include "exchange.h"
 #include "heap.h"
 #include "journal.h"
@@ -107,6 +108,7 @@ static void on_reload(evutil_socket_t sig, short what, void *arg)
 	observe_set_config(c);
 	command_set_config(c);
 	metrics_set_config(&c->metrics);
+	discovery_set_config(c);
 	log_set_level(c->log_level);
 	keys_free(G.keys);
 	if (G.conf != G.boot)
@@ -267,7 +269,8 @@ static int run(void)
 	    journal_open(loop_base(), G.conf->mqtt.persistence_dir, &jl) < 0 ||
 	    mqtt_init(loop_base(), &G.conf->mqtt, on_mqtt_state, command_on_message) < 0 ||
 	    dev_init(G.conf, &hooks) < 0 || observe_init(G.conf) < 0 || command_init(G.conf) < 0 ||
-	    metrics_init(loop_base(), &G.conf->metrics) < 0)
+	    metrics_init(loop_base(), &G.conf->metrics) < 0 ||
+	    discovery_init(loop_base(), G.conf) < 0)
 		return 1;
 	for (size_t i = 0; i < G.conf->coap.n_listen; i++)
 		snprintf(listen + strlen(listen), sizeof(listen) - strlen(listen), "%s%s", i ? "," : "",
@@ -326,6 +329,7 @@ int main(int argc, char **argv)
 	 * broker (persist or finish in-flight), pending answers, CoAP, loop */
 	journal_flush();	/* the last batch on disk: its devices get their 2.04 */
 	metrics_shutdown();
+	discovery_shutdown();
 	command_shutdown();
 	observe_shutdown();
 	dev_shutdown();

@@ -14,7 +14,7 @@ LAYERS = [
     ("base", ["log", "stats", "hmap", "route", "conftree", "heap"]),
     ("messages", ["pdu"]),
     ("configuration", ["keys", "pki", "config"]),
-    ("transports", ["loop", "mqtt", "exchange", "notify"]),
+    ("transports", ["loop", "discovery", "mqtt", "exchange", "notify"]),
     ("state", ["journal", "device"]),
     ("bridge", ["uplink", "observe", "command"]),
     ("reporting", ["metrics"]),
