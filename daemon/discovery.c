@@ -9,13 +9,12 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
-#include <ifaddrs.h>
-#include <net/if.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <coap3/coap.h>
 
@@ -191,43 +190,54 @@ static void add_base(struct body *b, const struct filter *f, const char *base)
 	}
 }
 
-/* An address of interface ifindex in the family of the group asked (IPv6: a global or unique
- * local one before a link-local one), as a URI host; 0, or -1 when it has none. */
-static int interface_host(int ifindex, int family, char *out, size_t cap)
+/* The address this host would use to reach the requester (the kernel's own source address
+ * selection, RFC 6724: an address of the interface the request came in on, in its family and
+ * scope), as a URI host into out, and its family. No netlink, no /proc: the service's sandbox
+ * allows neither. 0, or -1. */
+static int reach_host(const coap_session_t *s, char *out, size_t cap, int *family)
 {
-	struct ifaddrs *all, *a;
-	char ifname[IF_NAMESIZE], text[INET6_ADDRSTRLEN];
-	int found = 0;
+	const coap_address_t *r = coap_session_get_addr_remote(s);
+	struct sockaddr_storage ss;
+	socklen_t len = sizeof(ss);
+	char text[INET6_ADDRSTRLEN];
+	int fd, ok;
 
-	if (if_indextoname((unsigned)ifindex, ifname) == NULL || getifaddrs(&all) < 0)
+	if (r == NULL)
 		return -1;
-	for (a = all; a; a = a->ifa_next) {
-		if (!a->ifa_addr || a->ifa_addr->sa_family != family || strcmp(a->ifa_name, ifname))
-			continue;
-		if (family == AF_INET) {
-			inet_ntop(AF_INET, &((struct sockaddr_in *)a->ifa_addr)->sin_addr, text,
-				  sizeof(text));
-			snprintf(out, cap, "%s", text);
-			found = 2;
-			break;
-		}
-		const struct in6_addr *v6 = &((struct sockaddr_in6 *)a->ifa_addr)->sin6_addr;
-		int link_local = IN6_IS_ADDR_LINKLOCAL(v6);
-
-		if (found == 2 || (found == 1 && link_local))
-			continue;
-		inet_ntop(AF_INET6, v6, text, sizeof(text));
-		snprintf(out, cap, "[%s]", text);
-		found = link_local ? 1 : 2;
+	fd = socket(r->addr.sa.sa_family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -1;
+	/* a UDP connect sends nothing: it only picks the route and the source */
+	ok = connect(fd, &r->addr.sa, r->size) == 0 &&
+	     getsockname(fd, (struct sockaddr *)&ss, &len) == 0;
+	close(fd);
+	if (!ok)
+		return -1;
+	if (ss.ss_family == AF_INET) {
+		inet_ntop(AF_INET, &((struct sockaddr_in *)&ss)->sin_addr, text, sizeof(text));
+		*family = AF_INET;
+		snprintf(out, cap, "%s", text);
+		return 0;
 	}
-	freeifaddrs(all);
-	return found ? 0 : -1;
+	const struct in6_addr *v6 = &((struct sockaddr_in6 *)&ss)->sin6_addr;
+
+	if (IN6_IS_ADDR_V4MAPPED(v6)) {
+		inet_ntop(AF_INET, &v6->s6_addr[12], text, sizeof(text));
+		*family = AF_INET;
+		snprintf(out, cap, "%s", text);
+		return 0;
+	}
+	inet_ntop(AF_INET6, v6, text, sizeof(text));
+	*family = AF_INET6;
+	snprintf(out, cap, "[%s]", text);
+	return 0;
 }
 
-/* The links for a request that came in on ifindex for a group (or unicast address) of family. */
-static void build(struct body *b, const struct filter *f, int ifindex, int family)
+/* The links for a request of s. */
+static void build(struct body *b, const struct filter *f, const coap_session_t *s)
 {
 	char base[320], host[300], local[INET6_ADDRSTRLEN + 2];
+	int family = 0, have = 0;
 
 	if (D.conf->discovery.n_advertise) {
 		for (size_t i = 0; i < D.conf->discovery.n_advertise; i++)
@@ -249,11 +259,11 @@ static void build(struct body *b, const struct filter *f, int ifindex, int famil
 			continue;
 		memcpy(host, hp, (size_t)(colon - hp));
 		host[colon - hp] = '\0';
-		/* a listener on every address is named by an address of the interface asked */
+		/* a listener on every address is named by the address the requester reaches */
 		if (strcmp(host, "[::]") == 0 || strcmp(host, "0.0.0.0") == 0) {
-			if (strcmp(host, "0.0.0.0") == 0 && family != AF_INET)
-				continue;
-			if (interface_host(ifindex, family, local, sizeof(local)) < 0)
+			if (!have)
+				have = reach_host(s, local, sizeof(local), &family) == 0 ? 1 : -1;
+			if (have < 0 || (strcmp(host, "0.0.0.0") == 0 && family != AF_INET))
 				continue;
 			snprintf(host, sizeof(host), "%s", local);
 		}
@@ -293,7 +303,6 @@ static void on_wellknown(coap_resource_t *r, coap_session_t *s, const coap_pdu_t
 	uint8_t buf[4];
 	struct filter f;
 	struct body b = { .len = 0 };
-	int family = AF_INET6;
 
 	(void)r;
 	(void)req;
@@ -301,12 +310,7 @@ static void on_wellknown(coap_resource_t *r, coap_session_t *s, const coap_pdu_t
 	if (!may_answer())
 		return;
 	filter_parse(query, &f);
-	/* the IPv4 group arrives on the IPv6 socket as a mapped address */
-	if (local && (local->addr.sa.sa_family == AF_INET ||
-		      (local->addr.sa.sa_family == AF_INET6 &&
-		       IN6_IS_ADDR_V4MAPPED(&local->addr.sin6.sin6_addr))))
-		family = AF_INET;
-	build(&b, &f, coap_session_get_ifindex(s), family);
+	build(&b, &f, s);
 	log_debug("discovery: peer=%s group=%s links=%u", coap_session_str(s), group ? "yes" : "no",
 		  b.links);
 	if (group && b.links == 0)

@@ -353,9 +353,7 @@ static int on_cert(const uint8_t *der, size_t len, coap_session_t *s, unsigned d
 static int on_peer_key(const char *cn, const uint8_t *der, size_t len, coap_session_t *s,
 		       unsigned depth, int validated, void *arg)
 {
-	/* libcoap's wolfSSL backend hands out where the session's WOLFSSL pointer is */
-	WOLFSSL **pssl = coap_session_get_tls(s, NULL);
-	WOLFSSL *ssl = pssl ? *pssl : NULL;
+	WOLFSSL *ssl = pdu_ssl(s);
 	int type = WOLFSSL_CERT_TYPE_UNKNOWN;
 
 	(void)cn;

@@ -1,4 +1,5 @@
 /* pdu.c: tokens, Uri-Path, integer and Block options, peer and cipher names (see pdu.h). */
+#include <arpa/inet.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/random.h>
@@ -58,13 +59,22 @@ const char *pdu_peer(const coap_session_t *s, char *buf, size_t len)
 {
 	const coap_address_t *a = s ? coap_session_get_addr_remote(s) : NULL;
 
+	/* an IPv4 device on a listener of both families: its IPv4 address, not the mapped one */
+	if (a && a->addr.sa.sa_family == AF_INET6 &&
+	    IN6_IS_ADDR_V4MAPPED(&a->addr.sin6.sin6_addr)) {
+		char v4[INET_ADDRSTRLEN];
+
+		inet_ntop(AF_INET, &a->addr.sin6.sin6_addr.s6_addr[12], v4, sizeof(v4));
+		snprintf(buf, len, "%s:%u", v4, (unsigned)ntohs(a->addr.sin6.sin6_port));
+		return buf;
+	}
 	if (!a || coap_print_addr(a, (uint8_t *)buf, len) == 0)
 		snprintf(buf, len, "?");
 	return buf;
 }
 
 /* libcoap's wolfSSL backend hands out a pointer to the session's WOLFSSL object */
-static WOLFSSL *session_ssl(coap_session_t *s)
+WOLFSSL *pdu_ssl(coap_session_t *s)
 {
 	coap_tls_library_t lib;
 	WOLFSSL **pssl;
@@ -77,7 +87,7 @@ static WOLFSSL *session_ssl(coap_session_t *s)
 
 const char *pdu_cipher(coap_session_t *s)
 {
-	WOLFSSL *ssl = session_ssl(s);
+	WOLFSSL *ssl = pdu_ssl(s);
 	const char *name = ssl ? wolfSSL_get_cipher(ssl) : NULL;
 
 	return name ? name : "none";
@@ -85,7 +95,7 @@ const char *pdu_cipher(coap_session_t *s)
 
 unsigned pdu_mac_drops(coap_session_t *s)
 {
-	WOLFSSL *ssl = session_ssl(s);
+	WOLFSSL *ssl = pdu_ssl(s);
 	word32 drops = 0;
 
 	/* counted by wolfSSL built with WOLFSSL_DTLS_DROP_STATS (scripts/bootstrap) */

@@ -22,6 +22,9 @@ void pdu_add_block_size(coap_pdu_t *pdu, coap_option_num_t option, size_t size);
 int pdu_partial_body(const coap_pdu_t *rcvd);
 /* "addr:port" of the session's peer into buf ("?" when there is none). */
 const char *pdu_peer(const coap_session_t *s, char *buf, size_t len);
+/* The session's wolfSSL object (a DTLS session of the gateway's wolfSSL build), or NULL. */
+struct WOLFSSL;
+struct WOLFSSL *pdu_ssl(coap_session_t *s);
 /* Name of the session's negotiated DTLS cipher suite, "none" without DTLS. */
 const char *pdu_cipher(coap_session_t *s);
 /* Records of the session's DTLS that did not decrypt (bad MAC) and were dropped. In a handshake,

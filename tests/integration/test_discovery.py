@@ -85,16 +85,28 @@ def test_groups_answer_with_the_gateway_links(disc_gw, link):
     gw, there = disc_gw, link["there"]
     routes = [r["path"] for r in gw.config["routes"]]
     prefixes = {p.split("{")[0].rstrip("/") for p in routes}
-    for group, host in ((f"[ff02::fd%{there}]", f"[{GW6}]"), ("[ff05::fd]", f"[{GW6}]"),
-                        ("224.0.1.187", GW4)):
+    # the gateway names the address it would reach the device from: one of its veth end's
+    out = sh("ip", "-6", "-o", "addr", "show", "dev", link["here"], "scope", "link").stdout
+    mine6 = {f"[{GW6}]", "[%s]" % re.search(r"inet6 (fe80::[0-9a-f:]+)/", out).group(1)}
+    for group, hosts in ((f"[ff02::fd%{there}]", mine6), ("[ff05::fd]", mine6),
+                         ("224.0.1.187", {GW4})):
         out = client(link, f"coap://{group}:{gw.disc_port}/.well-known/core")
         got = links(out)
-        base = f"coaps://{host}:{gw.coaps_port}"
-        assert (base, "coap2mqtt") in got, f"{group}: {out}"
+        gateway = [t for t, rt in got if rt == "coap2mqtt"]
+        assert len(gateway) == 1, f"{group}: {out}"
+        m = re.fullmatch(r"coaps://(.+):(\d+)", gateway[0])
+        assert m and m.group(1) in hosts and int(m.group(2)) == gw.coaps_port, f"{group}: {out}"
+        base = gateway[0]
         assert {t for t, rt in got if rt == "coap2mqtt.route"} == \
             {f"{base}/{p}" if p else f"{base}/" for p in prefixes}, f"{group}: {out}"
-    # what the gateway names is where a device connects: the advertised endpoint works
-    assert gw.wait_for_log(r"discovery: multicast=on")
+    # what the gateway names is where a device connects: a reading to the advertised endpoint
+    route = next(t for t, rt in got if rt == "coap2mqtt.route" and t.endswith("/sensors"))
+    p = subprocess.run(["ip", "netns", "exec", link["ns"], "coap-client-openssl", "-v", "7",
+                        "-B", "10", "-m", "post", "-u", "sensor-01", "-k",
+                        gw.devices["sensor-01"], "-e", "21.5", f"{route}/t"],
+                       capture_output=True, text=True, timeout=30)
+    assert re.search(r"ACK.*2\.04", p.stdout + p.stderr), p.stdout + p.stderr
+    gw.wait_for_log(rf"peer={re.escape(DEV4)}:\d+ identity=sensor-01 handshake=ok")
 
 
 def test_filters_by_rt_and_href(disc_gw, link):
