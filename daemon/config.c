@@ -245,6 +245,7 @@ static void coap_ciphers(struct cctx *x, const struct cnode *n)
 enum {
 	C_LISTEN, C_IDLE_TIMEOUT, C_MAX_SESSIONS, C_MAX_PAYLOAD, C_CIPHERS, C_PSK_HINT,
 	C_BLOCK_SIZE, C_RECEIVE_BUFFER, C_MAX_HANDSHAKES, C_MAX_HANDSHAKES_PER_IP, C_RPK, C_PKI,
+	C_CID, C_CID_LENGTH,
 	C_KEYS
 };
 
@@ -261,6 +262,8 @@ static const char *const coap_keys[C_KEYS + 1] = {
 	[C_MAX_HANDSHAKES_PER_IP] = "max_handshakes_per_ip",
 	[C_RPK] = "rpk",
 	[C_PKI] = "pki",
+	[C_CID] = "cid",
+	[C_CID_LENGTH] = "cid_length",
 };
 
 /* The keys of coap.rpk:, in the order of v[]. */
@@ -392,6 +395,10 @@ static void coap_numbers(struct cctx *x, const struct cnode **v)
 	if (v[C_MAX_HANDSHAKES_PER_IP] &&
 	    ct_int(&x->t, v[C_MAX_HANDSHAKES_PER_IP], 1, 100000, &ll))
 		cc->max_handshakes_per_ip = (unsigned)ll;
+	if (v[C_CID])
+		ct_bool(&x->t, v[C_CID], &cc->cid);
+	if (v[C_CID_LENGTH] && ct_int(&x->t, v[C_CID_LENGTH], 4, 16, &ll))
+		cc->cid_length = (unsigned)ll;
 }
 
 static void conf_coap(struct cctx *x, const struct cnode *n)
@@ -406,6 +413,8 @@ static void conf_coap(struct cctx *x, const struct cnode *n)
 	cc->receive_buffer = 4u << 20;
 	cc->max_handshakes = 1000;
 	cc->max_handshakes_per_ip = 16;
+	cc->cid = true;
+	cc->cid_length = 8;
 	if (!ct_fields(&x->t, n, coap_keys, v))
 		return;
 	if (v[C_LISTEN])
@@ -1780,6 +1789,8 @@ size_t conf_restart_needed(const struct config *old, const struct config *c, con
 		{ "coap.pki.ca_file", !same_str(op->ca_file, np->ca_file) ||
 				      !same_str(op->ca.pem, np->ca.pem) },
 		{ "discovery", !same_discovery(&old->discovery, &c->discovery) },
+		{ "coap.cid", old->coap.cid != c->coap.cid ||
+			      old->coap.cid_length != c->coap.cid_length },
 	};
 
 	_Static_assert(sizeof(keys) / sizeof(keys[0]) == CONF_RESTART_KEYS, "CONF_RESTART_KEYS");

@@ -46,6 +46,8 @@ struct conf_coap {
 					 * default 1000 */
 	unsigned max_handshakes_per_ip;	/* of those, from one IP address (any port),
 					 * 1..100000, default 16 */
+	bool cid;			/* offer DTLS Connection IDs (RFC 9146), default true */
+	unsigned cid_length;		/* their length in bytes, 4..16, default 8 */
 	char *rpk_key_file;		/* coap.rpk.key_file: NULL = no raw public keys */
 	struct rpk_key rpk;		/* read from it */
 	struct conf_pki {		/* coap.pki: X.509 certificates; cert_file NULL = none */
@@ -161,7 +163,7 @@ struct config *conf_load(const char *path, FILE *errs);
 void conf_free(struct config *c);
 /* A reload from old to c: the settings that changed but only a restart applies (coap.listen,
  * coap.psk_hint, mqtt.*), their names ("mqtt.url") into names[0..max); returns how many. */
-#define CONF_RESTART_KEYS 19
+#define CONF_RESTART_KEYS 20
 size_t conf_restart_needed(const struct config *old, const struct config *c, const char **names,
 			   size_t max);
 

@@ -692,6 +692,12 @@ static int coap_setup(const struct config *c)
 	}
 	if (pki_setup(c) < 0 || rpk_setup(c) < 0)
 		return -1;
+	/* Connection IDs (RFC 9146), found by one hash lookup (0015) and followed only once a
+	 * record authenticates (0017); their length (0025) is fixed while sessions exist */
+	if (!coap_context_set_server_cid(L.coap, c->coap.cid ? c->coap.cid_length : 0)) {
+		log_error("loop: coap.cid_length %u is not supported", c->coap.cid_length);
+		return -1;
+	}
 	apply_coap_limits(c);
 	coap_context_set_block_mode(L.coap, COAP_BLOCK_USE_LIBCOAP | COAP_BLOCK_SINGLE_BODY);
 	coap_register_event_handler(L.coap, on_coap_event);

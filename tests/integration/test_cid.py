@@ -5,7 +5,9 @@ import os
 import re
 import subprocess
 
-from conftest import REPO, parse_kv, user_prop, wait_until
+import pytest
+
+from conftest import REPO, parse_kv, user_prop, wait_mqtt_connected, wait_until
 from test_commands import IDENT, commands, setup  # noqa: F401  (setup is a fixture)
 
 CID_CLIENT = os.environ.get("COAP2MQTT_CID_CLIENT") or str(
@@ -93,3 +95,34 @@ def test_an_observation_keeps_notifying_across_a_move(broker_factory, subscriber
     log = g.log_text()
     assert len(re.findall(r"identity=sensor-01 handshake=ok", log)) == 1, log[-3000:]
     assert len(re.findall(r"identity=sensor-01 session=moved to=", log)) == 1, log[-3000:]
+
+
+def cid_gateway(broker_factory, subscriber_factory, gateway_factory, **coap):
+    b = broker_factory()
+    sub = subscriber_factory(b)
+    gw = gateway_factory(b, coap=coap)
+    wait_mqtt_connected(gw)
+    return sub, gw
+
+
+@pytest.mark.parametrize("length", [4, 16])
+def test_connection_id_length_is_the_configured_one(broker_factory, subscriber_factory,
+                                                    gateway_factory, length):
+    sub, gw = cid_gateway(broker_factory, subscriber_factory, gateway_factory,
+                          cid_length=length)
+    hs, s1, s2 = cid_client(gw, "send:sensors/cid:one", "move", "send:sensors/cid:two")
+    assert hs["handshake"] == "ok" and hs["tx_cid_size"] == str(length), hs
+    assert s1["code"] == "2.04" and s2["code"] == "2.04" and s2["port"] != s1["port"], (s1, s2)
+    msgs = sub.wait_for(2, 20)
+    assert [m.payload for m in msgs if m.topic == "devices/sensor-01/cid"] == [b"one", b"two"]
+    assert len(re.findall(r"identity=sensor-01 handshake=ok", gw.log_text())) == 1
+
+
+def test_no_connection_id_when_turned_off(broker_factory, subscriber_factory, gateway_factory):
+    sub, gw = cid_gateway(broker_factory, subscriber_factory, gateway_factory, cid=False)
+    hs, s1 = cid_client(gw, "send:sensors/cid:one")
+    # the client offered one; the gateway gave none: its records carry no CID
+    assert hs["handshake"] == "ok" and hs["tx_cid_size"] == "0", hs
+    assert s1["code"] == "2.04", s1
+    [m] = sub.wait_for(1, 20)
+    assert m.payload == b"one"

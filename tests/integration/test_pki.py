@@ -390,3 +390,21 @@ def test_listeners_restricted_to_modes(broker_factory, subscriber_factory, gatew
     gw.wait_for_log(r'identity="sensor-01" handshake=refused reason="this listener does not '
                     r'take PSK"')
     sub.assert_none(window=1, already=3)
+
+
+def test_removed_identity_closes_the_certificate_session(cert_world, certs):
+    _, sub, gw = cert_world
+    code, out = cert_client(gw, certs, "meter", "sensors/energy", "1")
+    assert code == "2.04", out
+    gw.wait_for_log(rf"identity={METER} handshake=ok")
+    gw.config["devices"] = [d for d in gw.config["devices"] if d["identity"] != METER]
+    gw.write_config()
+    mark = len(gw.log_text())
+    gw.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: re.search(rf'identity={METER} session=closing reason="device removed"',
+                                 gw.log_text()[mark:]), 20,
+               f"the session of {METER} closed after the reload:\n{tail(gw.log_text())}")
+    code, out = cert_client(gw, certs, "meter", "sensors/energy", "2", timeout=20)
+    assert code is None or not code.startswith("2."), out
+    gw.wait_for_log(rf'identity="{METER}" auth=certificate handshake=refused '
+                    r'reason="identity not listed"')

@@ -395,7 +395,7 @@ static void test_errors_file(void)
 		"errors.yaml:8:15: block_size: 100 is not 16, 32, 64, 128, 256, 512 or 1024",
 		"errors.yaml:9:3: coap: unknown key \"colour\" (allowed: listen, idle_timeout, max_sessions, "
 		"max_payload, ciphers, psk_hint, block_size, receive_buffer, max_handshakes, "
-		"max_handshakes_per_ip, rpk, pki)",
+		"max_handshakes_per_ip, rpk, pki, cid, cid_length)",
 		"errors.yaml:12:10: key: key shorter than 8 bytes (8..64)",
 		"errors.yaml:15:15: identity: duplicate identity \"dev2\" (first defined at line 13)",
 		"errors.yaml:17:15: identity: \"a/b\" is not valid in an MQTT topic (non-empty UTF-8 without "
@@ -418,7 +418,7 @@ static void test_errors_file(void)
 		"errors.yaml:47:11: path: \"ok/{x}\" is already routed at line 45",
 		"errors.yaml:49:5: routes: path is required",
 		"errors.yaml:50:1: unknown key \"unknown_top\" (allowed: log_level, coap, devices, "
-		"devices_file, mqtt, routes, observe, commands, presence_topic, metrics)",
+		"devices_file, mqtt, routes, observe, commands, presence_topic, metrics, discovery)",
 	};
 	struct loaded l = load("errors.yaml");
 	size_t i;
