@@ -408,3 +408,19 @@ def test_removed_identity_closes_the_certificate_session(cert_world, certs):
     assert code is None or not code.startswith("2."), out
     gw.wait_for_log(rf'identity="{METER}" auth=certificate handshake=refused '
                     r'reason="identity not listed"')
+
+
+def test_an_identity_that_cannot_be_a_topic_level_is_refused(cert_world, certs):
+    """The same rules as for any identity, checked before it reaches a topic: a CN with '/'."""
+    _, sub, gw = cert_world
+    certs["slash"] = certs["ca"].issue("slash", "meter\\/0815")  # openssl -subj escapes /
+    gw.config["coap"]["pki"]["allow_unlisted"] = True
+    gw.write_config()
+    mark = len(gw.log_text())
+    gw.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reload" in gw.log_text()[mark:], 20, "the reload")
+    code, out = cert_client(gw, certs, "slash", "sensors/energy", "1", timeout=20)
+    assert code is None or not code.startswith("2."), out
+    gw.wait_for_log(r'identity="meter/0815" auth=certificate handshake=refused '
+                    r'reason="identity is not valid in an MQTT topic')
+    sub.assert_none(window=1)
