@@ -228,17 +228,11 @@ static const coap_bin_const_t *on_psk_identity(coap_bin_const_t *identity, coap_
 			pdu_peer(s, peer, sizeof(peer)), id);
 		return NULL;
 	}
-	if (e->has_rpk) {
+	if (e->has_rpk || e->cert) {
 		log_src(&L.hs_log, LOG_LVL_WARNING, "peer=%s identity=\"%s\" handshake=refused "
-			"reason=\"the device is listed with a raw public key, not a PSK\"",
-			pdu_peer(s, peer, sizeof(peer)), e->identity);
-		refuse(s, LOOP_REFUSED_IDENTITY);
-		return NULL;
-	}
-	if (e->cert) {
-		log_src(&L.hs_log, LOG_LVL_WARNING, "peer=%s identity=\"%s\" handshake=refused "
-			"reason=\"the device is listed with a certificate, not a PSK\"",
-			pdu_peer(s, peer, sizeof(peer)), e->identity);
+			"reason=\"the device is listed with a %s, not a PSK\"",
+			pdu_peer(s, peer, sizeof(peer)), e->identity,
+			e->has_rpk ? "raw public key" : "certificate");
 		refuse(s, LOOP_REFUSED_IDENTITY);
 		return NULL;
 	}

@@ -252,8 +252,10 @@ def test_crl_refuses_a_revoked_certificate_and_reload_closes_its_session(
     assert code == "2.04", out
 
 
-def test_psk_rpk_and_certificate_devices_on_one_endpoint(broker_factory, subscriber_factory,
-                                                         gateway_factory, certs, tmp_path):
+def three_kinds(broker_factory, subscriber_factory, gateway_factory, certs, tmp_path):
+    """A gateway (not started) with a certificate and a raw public key of its own, and a
+    raw public key device thermo-3 beside the PSK and certificate ones: (subscriber, gateway,
+    thermo-3's key file)."""
     gw_key, thermo_key = tmp_path / "gw-rpk.pem", tmp_path / "thermo.pem"
     ec_key(gw_key)
     thermo_fp = ec_key(thermo_key)
@@ -262,6 +264,13 @@ def test_psk_rpk_and_certificate_devices_on_one_endpoint(broker_factory, subscri
     gw = pki_gateway(gateway_factory, b, certs, start=False,
                      coap={"rpk": {"key_file": str(gw_key)}})
     gw.config["devices"].append({"identity": "thermo-3", "rpk": thermo_fp})
+    return sub, gw, thermo_key
+
+
+def test_psk_rpk_and_certificate_devices_on_one_endpoint(broker_factory, subscriber_factory,
+                                                         gateway_factory, certs, tmp_path):
+    sub, gw, thermo_key = three_kinds(broker_factory, subscriber_factory, gateway_factory,
+                                      certs, tmp_path)
     gw.write_config()
     gw.start()
     wait_mqtt_connected(gw)
@@ -354,17 +363,11 @@ def test_listeners_restricted_to_modes(broker_factory, subscriber_factory, gatew
                                        certs, tmp_path):
     """coap.listen entries with ?modes=: a PSK-only listener and a certificate and raw public
     key listener; each refuses the other kind, and says so."""
-    gw_key, thermo_key = tmp_path / "gw-rpk.pem", tmp_path / "thermo.pem"
-    ec_key(gw_key)
-    thermo_fp = ec_key(thermo_key)
-    b = broker_factory()
-    sub = subscriber_factory(b)
-    gw = pki_gateway(gateway_factory, b, certs, start=False,
-                     coap={"rpk": {"key_file": str(gw_key)}})
+    sub, gw, thermo_key = three_kinds(broker_factory, subscriber_factory, gateway_factory,
+                                      certs, tmp_path)
     other = free_port(socket.SOCK_DGRAM)
     psk_uri, pki_uri = gw.uri, f"coaps://127.0.0.1:{other}"
     gw.config["coap"]["listen"] = [f"{psk_uri}?modes=psk", f"{pki_uri}?modes=x509,rpk"]
-    gw.config["devices"].append({"identity": "thermo-3", "rpk": thermo_fp})
     gw.write_config()
     gw.start()
     wait_mqtt_connected(gw)
