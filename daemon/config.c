@@ -114,22 +114,27 @@ static const char *parse_hostport(const char *s, bool need_port, char **host, in
 	return NULL;
 }
 
-/* "modes=" and a comma-separated list of psk, rpk and x509 into *out; NULL, or why not. */
-static const char *listen_modes(const char *q, unsigned *out)
+/* "modes=" and a comma-separated list of psk, rpk and x509 (coaps://), or of oscore and nosec
+ * (coap://), into *out; NULL, or why not. */
+static const char *listen_modes(const char *q, int plain, unsigned *out)
 {
-	static const char *const names[] = { "psk", "rpk", "x509" };
+	static const char *const names[] = { "psk", "rpk", "x509", "oscore", "nosec" };
+	size_t first = plain ? 3 : 0, last = plain ? 5 : 3;
 	const char *p;
 
 	if (strncmp(q, "modes=", 6) != 0)
-		return "the only query is ?modes=psk,rpk,x509";
+		return plain ? "the only query is ?modes=oscore,nosec" :
+		       "the only query is ?modes=psk,rpk,x509";
 	*out = 0;
 	for (p = q + 6;; p++) {
 		size_t len = strcspn(p, ","), i;
 
-		for (i = 0; i < 3 && !(strlen(names[i]) == len && strncmp(p, names[i], len) == 0); i++)
+		for (i = first; i < last && !(strlen(names[i]) == len && strncmp(p, names[i], len) == 0);
+		     i++)
 			;
-		if (i == 3)
-			return "modes are psk, rpk and x509, separated by commas";
+		if (i == last)
+			return plain ? "modes of coap:// are oscore and nosec, separated by commas" :
+			       "modes of coaps:// are psk, rpk and x509, separated by commas";
 		if (*out & (1u << i))
 			return "a mode is named twice";
 		*out |= 1u << i;
@@ -158,15 +163,15 @@ static void coap_listen(struct cctx *x, const struct cnode *n)
 	for (it = ct_kid(&x->t, n); it; it = ct_sib(&x->t, it)) {
 		char hostport[300];
 		const char *q;
-		unsigned modes = CONF_MODES_ALL;
+		unsigned modes;
 
 		if ((s = ct_scalar(&x->t, it, "a URI")) == NULL)
 			continue;
 		rest = strncmp(s, "coaps://", 8) == 0 ? s + 8 : strncmp(s, "coap://", 7) == 0 ? s + 7 : NULL;
 		why = rest ? NULL : "the scheme is not coaps:// or coap://";
+		modes = rest == s + 7 ? CONF_MODES_PLAIN : CONF_MODES_ALL;
 		if (rest && (q = strchr(rest, '?')) != NULL) {
-			why = rest == s + 7 ? "?modes= is for coaps:// listeners" :
-			      listen_modes(q + 1, &modes);
+			why = listen_modes(q + 1, rest == s + 7, &modes);
 			if ((size_t)(q - rest) >= sizeof(hostport))
 				why = "the host is too long";
 			else if (why == NULL) {
@@ -179,7 +184,7 @@ static void coap_listen(struct cctx *x, const struct cnode *n)
 			why = parse_hostport(rest, true, NULL, NULL);
 		if (why != NULL) {
 			conf_err(&x->t, it, "%s is not coaps://HOST:PORT[?modes=psk,rpk,x509] or "
-				 "coap://HOST:PORT (%s)", ct_show(s, it->len).s, why);
+				 "coap://HOST:PORT[?modes=oscore,nosec] (%s)", ct_show(s, it->len).s, why);
 			continue;
 		}
 		cc->listen_modes[cc->n_listen] = modes;
@@ -659,6 +664,42 @@ static void rpk_dups(struct cctx *x, const struct cnode *file_node)
 		conf_err(&x->t, file_node ? file_node : &x->t.node[0], "%zu device(s) use a raw "
 			 "public key but coap.rpk.key_file is not set (the gateway's own key pair)",
 			 nrpk);
+}
+
+/* An OSCORE Recipient ID names one device (it is how a request finds its context), and OSCORE
+ * devices need a coap:// listener that takes them. */
+static void oscore_devices(struct cctx *x, const struct cnode *file_node)
+{
+	const struct config *c = x->c;
+	const struct cnode *where = file_node ? file_node : &x->t.node[0];
+	struct keys *k;
+	size_t i, n = 0, listeners = 0;
+
+	for (i = 0; i < c->n_devices; i++)
+		n += c->devices[i].oscore != NULL;
+	if (n == 0)
+		return;
+	if ((k = keys_new(c->devices, c->n_devices)) == NULL) {
+		conf_oom(&x->t);
+		return;
+	}
+	for (i = 0; i < c->n_devices; i++) {
+		const struct key_entry *e = &c->devices[i], *f;
+
+		if (!e->oscore || (f = keys_find_oscore(k, e->oscore->recipient_id,
+						       e->oscore->recipient_id_len)) == e)
+			continue;
+		conf_err(&x->t, where, "%s: oscore recipient_id is also device %s's (%s); each "
+			 "device needs its own", e->origin ? e->origin : "?", f->identity,
+			 f->origin ? f->origin : "?");
+	}
+	keys_free(k);
+	for (i = 0; i < c->coap.n_listen; i++)
+		listeners += strncmp(c->coap.listen[i], "coap://", 7) == 0 &&
+			     (c->coap.listen_modes[i] & CONF_MODE_OSCORE);
+	if (listeners == 0)
+		conf_err(&x->t, where, "%zu device(s) use OSCORE but no coap.listen entry is a "
+			 "coap:// listener taking them (coap://HOST:PORT?modes=oscore)", n);
 }
 
 /* Certificate devices need the gateway's certificate setup. */
@@ -1673,6 +1714,7 @@ static void conf_top(struct cctx *x)
 	conf_devices_file(x, v[TOP_DEVICES_FILE]);
 	rpk_dups(x, v[TOP_DEVICES_FILE]);
 	cert_devices(x, v[TOP_DEVICES_FILE]);
+	oscore_devices(x, v[TOP_DEVICES_FILE]);
 	conf_mqtt(x, v[TOP_MQTT], root);
 	conf_routes(x, v[TOP_ROUTES]);
 	conf_observes(x, v[TOP_OBSERVE]);

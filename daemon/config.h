@@ -14,8 +14,10 @@
 
 enum conf_method { CONF_M_GET = 1, CONF_M_POST = 2, CONF_M_PUT = 4, CONF_M_DELETE = 8 };
 enum conf_ack { CONF_ACK_STORED = 0, CONF_ACK_BROKER = 1 };
-/* The security modes a coaps:// listener takes (?modes=psk,rpk,x509); all by default. */
-enum conf_mode { CONF_MODE_PSK = 1, CONF_MODE_RPK = 2, CONF_MODE_X509 = 4, CONF_MODES_ALL = 7 };
+/* The security modes a coaps:// listener takes (?modes=psk,rpk,x509), and a coap:// one
+ * (?modes=oscore,nosec); all of its scheme's by default. */
+enum conf_mode { CONF_MODE_PSK = 1, CONF_MODE_RPK = 2, CONF_MODE_X509 = 4, CONF_MODES_ALL = 7,
+		 CONF_MODE_OSCORE = 8, CONF_MODE_NOSEC = 16, CONF_MODES_PLAIN = 24 };
 
 struct conf_route {
 	char *path;			/* pattern as written */
@@ -30,7 +32,7 @@ struct conf_route {
 
 struct conf_coap {
 	char **listen;			/* URIs: coaps://host:port or coap://host:port, as written
-					 * (a coaps:// one may end in ?modes=psk,rpk,x509) */
+					 * (?modes=psk,rpk,x509 or ?modes=oscore,nosec after) */
 	unsigned *listen_modes;		/* per URI: enum conf_mode bits */
 	size_t n_listen;		/* default one: coaps://[::]:5684 */
 	unsigned idle_timeout;		/* s, default 300, 1..86400 */

@@ -24,6 +24,7 @@
 #define KEYS_HEX_PREFIX "hex:"
 #define KEYS_RPK_TOKEN "rpk:"
 #define KEYS_CERT_TOKEN "certificate"
+#define KEYS_OSCORE_TOKEN "oscore:"
 
 /* Open-addressing table of entry indices (+1; 0 = empty slot) over a base array that may move. */
 struct ktab {
@@ -37,6 +38,8 @@ struct keys {
 	struct ktab tab;
 	uint32_t *rslot;	/* fingerprint → entry index + 1, open addressing */
 	size_t rmask;
+	uint32_t *oslot;	/* OSCORE Recipient ID → entry index + 1, open addressing */
+	size_t omask;
 	size_t n;
 };
 
@@ -113,6 +116,7 @@ static int ktab_add(struct ktab *t, const struct key_entry *base, size_t idx)
 }
 
 static int rtab_build(struct keys *k, const struct key_entry *v, size_t n);
+static int otab_build(struct keys *k, const struct key_entry *v, size_t n);
 
 struct keys *keys_new(const struct key_entry *v, size_t n)
 {
@@ -130,7 +134,7 @@ struct keys *keys_new(const struct key_entry *v, size_t n)
 		ktab_place(&k->tab, v, (uint32_t)i);
 		k->n++;
 	}
-	if (rtab_build(k, v, n) < 0) {
+	if (rtab_build(k, v, n) < 0 || otab_build(k, v, n) < 0) {
 		keys_free(k);
 		return NULL;
 	}
@@ -183,12 +187,76 @@ const struct key_entry *keys_find_rpk(const struct keys *k, const uint8_t fp[KEY
 	return NULL;
 }
 
+static size_t rid_hash(const uint8_t *rid, size_t len)
+{
+	uint8_t key[KEYS_OSCORE_MAX_ID + 1] = { (uint8_t)len };
+
+	memcpy(key + 1, rid, len);
+	return (size_t)fnv1a((const char *)key, len + 1);
+}
+
+/* The Recipient ID table over the OSCORE entries; the first of a repeated ID wins. */
+static int otab_build(struct keys *k, const struct key_entry *v, size_t n)
+{
+	size_t cap = 16, i, j, nosc = 0;
+
+	for (i = 0; i < n; i++)
+		nosc += v[i].oscore != NULL;
+	if (nosc == 0)
+		return 0;
+	while (cap < 2 * nosc)
+		cap *= 2;
+	if ((k->oslot = calloc(cap, sizeof(*k->oslot))) == NULL)
+		return -1;
+	k->omask = cap - 1;
+	for (i = 0; i < n; i++) {
+		const struct key_oscore *o = v[i].oscore;
+
+		if (!o || keys_find_oscore(k, o->recipient_id, o->recipient_id_len) != NULL)
+			continue;
+		for (j = rid_hash(o->recipient_id, o->recipient_id_len) & k->omask;
+		     k->oslot[j] != 0; j = (j + 1) & k->omask)
+			;
+		k->oslot[j] = (uint32_t)i + 1;
+	}
+	return 0;
+}
+
+const struct key_entry *keys_find_oscore(const struct keys *k, const uint8_t *rid, size_t len)
+{
+	if (k == NULL || k->oslot == NULL || len > KEYS_OSCORE_MAX_ID || (len && rid == NULL))
+		return NULL;
+	for (size_t j = rid_hash(rid, len) & k->omask; k->oslot[j] != 0; j = (j + 1) & k->omask) {
+		const struct key_entry *e = &k->v[k->oslot[j] - 1];
+
+		if (e->oscore->recipient_id_len == len &&
+		    memcmp(e->oscore->recipient_id, rid, len) == 0)
+			return e;
+	}
+	return NULL;
+}
+
+int keys_same_oscore(const struct key_entry *a, const struct key_entry *b)
+{
+	const struct key_oscore *x = a->oscore, *y = b->oscore;
+
+	if (!x || !y)
+		return !x && !y;
+	return x->sender_id_len == y->sender_id_len && x->recipient_id_len == y->recipient_id_len &&
+	       x->secret_len == y->secret_len && x->salt_len == y->salt_len && x->alg == y->alg &&
+	       memcmp(x->sender_id, y->sender_id, x->sender_id_len) == 0 &&
+	       memcmp(x->recipient_id, y->recipient_id, x->recipient_id_len) == 0 &&
+	       memcmp(x->secret, y->secret, x->secret_len) == 0 &&
+	       memcmp(x->salt, y->salt, x->salt_len) == 0;
+}
+
 void keys_free(struct keys *k)
 {
 	if (k == NULL)
 		return;
 	free(k->tab.slot);
 	free(k->rslot);
+	free(k->oslot);
 	free(k);
 }
 
@@ -215,6 +283,11 @@ void key_entry_clear(struct key_entry *e)
 	free(e->identity);
 	free(e->origin);
 	explicit_bzero(e->key, sizeof(e->key));
+	if (e->oscore) {
+		explicit_bzero(e->oscore, sizeof(*e->oscore));
+		free(e->oscore);
+		e->oscore = NULL;
+	}
 	e->identity = NULL;
 	e->origin = NULL;
 	e->key_len = 0;
@@ -380,8 +453,114 @@ static int split_tokens(char *s, char **tok)
 	}
 }
 
-/* Decodes a text or "hex:" key, an "rpk:sha256:" fingerprint or "certificate" into e; 0 or -1
- * after reporting.
+/* One "name=HEX" field of an oscore: entry into out (min..max bytes); the length, or -1 after
+ * reporting. Never echoes the value. */
+static int kp_oscore_hex(struct kparse *p, size_t line, const char *name, const char *hex,
+			 uint8_t *out, size_t min, size_t max)
+{
+	const char *why;
+	int len = *hex ? keys_decode_hex(hex, out, max, &why) : 0;
+
+	if (len < 0) {
+		kp_error(p, line, "oscore: %s %s (%zu..%zu bytes as hex)", name, why, min, max);
+		return -1;
+	}
+	if ((size_t)len < min) {
+		kp_error(p, line, "oscore: %s shorter than %zu bytes (%zu..%zu)", name, min, min, max);
+		return -1;
+	}
+	return len;
+}
+
+/* "sender_id=HEX,recipient_id=HEX,secret=HEX[,salt=HEX][,alg=AES-CCM-16-64-128]" (the IDs as
+ * the gateway sees them; an ID may be empty) into a new e->oscore; 0 or -1 after reporting. */
+static int kp_oscore(struct kparse *p, size_t line, const char *spec, struct key_entry *e)
+{
+	enum { F_SENDER, F_RECIPIENT, F_SECRET, F_SALT, F_ALG, F_N };
+	static const char *const names[F_N] = { "sender_id", "recipient_id", "secret", "salt",
+						 "alg" };
+	char buf[KEYS_LINE_MAX], *field, *save = NULL;
+	struct key_oscore *o = calloc(1, sizeof(*o));
+	int seen[F_N] = { 0 }, len, f, rc = -1;
+
+	if (!o) {
+		kp_error(p, line, "oscore: out of memory");
+		return -1;
+	}
+	o->alg = KEYS_OSCORE_ALG_CCM_16_64_128;
+	snprintf(buf, sizeof(buf), "%s", spec);
+	for (field = strtok_r(buf, ",", &save); field; field = strtok_r(NULL, ",", &save)) {
+		char *eq = strchr(field, '=');
+
+		for (f = 0; f < F_N && eq; f++)
+			if (strlen(names[f]) == (size_t)(eq - field) &&
+			    strncmp(field, names[f], (size_t)(eq - field)) == 0)
+				break;
+		if (!eq || f == F_N) {
+			kp_error(p, line, "oscore: unknown field (write sender_id=HEX,recipient_id=HEX,"
+				 "secret=HEX[,salt=HEX][,alg=AES-CCM-16-64-128])");
+			goto out;
+		}
+		if (seen[f]++) {
+			kp_error(p, line, "oscore: %s given twice", names[f]);
+			goto out;
+		}
+		eq++;
+		switch (f) {
+		case F_SENDER:
+			len = kp_oscore_hex(p, line, names[f], eq, o->sender_id, 0, KEYS_OSCORE_MAX_ID);
+			o->sender_id_len = (size_t)len;
+			break;
+		case F_RECIPIENT:
+			len = kp_oscore_hex(p, line, names[f], eq, o->recipient_id, 0,
+					    KEYS_OSCORE_MAX_ID);
+			o->recipient_id_len = (size_t)len;
+			break;
+		case F_SECRET:
+			len = kp_oscore_hex(p, line, names[f], eq, o->secret, KEYS_OSCORE_MIN_SECRET,
+					    KEYS_OSCORE_MAX_SECRET);
+			o->secret_len = (size_t)len;
+			break;
+		case F_SALT:
+			len = kp_oscore_hex(p, line, names[f], eq, o->salt, 0, KEYS_OSCORE_MAX_SALT);
+			o->salt_len = (size_t)len;
+			break;
+		default:
+			len = strcmp(eq, "AES-CCM-16-64-128") == 0 ? 0 : -1;
+			if (len < 0)
+				kp_error(p, line, "oscore: alg must be AES-CCM-16-64-128 (RFC 8613's "
+					 "mandatory algorithm; the only one whose keys libcoap derives)");
+			break;
+		}
+		if (len < 0)
+			goto out;
+	}
+	for (f = F_SENDER; f <= F_SECRET; f++) {
+		if (!seen[f]) {
+			kp_error(p, line, "oscore: %s= is required", names[f]);
+			goto out;
+		}
+	}
+	if (o->sender_id_len == o->recipient_id_len &&
+	    memcmp(o->sender_id, o->recipient_id, o->sender_id_len) == 0) {
+		kp_error(p, line, "oscore: sender_id and recipient_id are the same (each side's "
+			 "Sender ID must differ, or both would use one key and one nonce space)");
+		goto out;
+	}
+	e->oscore = o;
+	o = NULL;
+	rc = 0;
+out:
+	explicit_bzero(buf, sizeof(buf));
+	if (o) {
+		explicit_bzero(o, sizeof(*o));
+		free(o);
+	}
+	return rc;
+}
+
+/* Decodes a text or "hex:" key, an "rpk:sha256:" fingerprint, "certificate" or an "oscore:"
+ * context into e; 0 or -1 after reporting.
  * Never echoes the key. */
 static int kp_key(struct kparse *p, size_t line, const char *key, struct key_entry *e)
 {
@@ -392,6 +571,8 @@ static int kp_key(struct kparse *p, size_t line, const char *key, struct key_ent
 		e->cert = 1;	/* the identity comes from its certificate (coap.pki) */
 		return 0;
 	}
+	if (strncmp(key, KEYS_OSCORE_TOKEN, strlen(KEYS_OSCORE_TOKEN)) == 0)
+		return kp_oscore(p, line, key + strlen(KEYS_OSCORE_TOKEN), e);
 	if (strncmp(key, KEYS_RPK_TOKEN, strlen(KEYS_RPK_TOKEN)) == 0) {
 		if ((why = keys_decode_rpk(key + strlen(KEYS_RPK_TOKEN), e->rpk)) != NULL) {
 			kp_error(p, line, "raw public key: %s", why);
@@ -484,7 +665,7 @@ static int kp_line(struct kparse *p, size_t line, char *buf)
 		return 0;
 	if (n == 1) {
 		kp_error(p, line, "identity without a key (write \"identity key\", \"identity hex:...\", "
-			 "\"identity rpk:sha256:...\" or \"identity certificate\")");
+			 "\"identity rpk:sha256:...\", \"identity certificate\" or \"identity oscore:...\")");
 		return 0;
 	}
 	if (n == 3) {
@@ -497,7 +678,7 @@ static int kp_line(struct kparse *p, size_t line, char *buf)
 	}
 	if (*p->n >= KEYS_MAX_ENTRIES) {
 		kp_error(p, line, "more than %d keys", KEYS_MAX_ENTRIES);
-		explicit_bzero(&e, sizeof(e));
+		key_entry_clear(&e);
 		return 0;
 	}
 	if ((e.identity = strdup(tok[0])) == NULL || kp_make_origin(p, line, &e) < 0 ||

@@ -14,8 +14,25 @@
 #define KEYS_RPK_PREFIX "sha256:"
 #define KEYS_RPK_TEXT (sizeof(KEYS_RPK_PREFIX) - 1 + 2 * KEYS_RPK_LEN + 1)
 
-/* One device: a PSK (key_len > 0), the fingerprint of its raw public key (has_rpk), or a
- * certificate whose identity is this one (cert). */
+/* An OSCORE security context (RFC 8613), as the gateway sees it: its Sender ID is the device's
+ * Recipient ID and its Recipient ID the device's Sender ID. */
+#define KEYS_OSCORE_MAX_ID 7		/* bytes (AES-CCM-16-64-128: nonce 13 - 6) */
+#define KEYS_OSCORE_MIN_SECRET 16	/* bytes of Master Secret */
+#define KEYS_OSCORE_MAX_SECRET 64
+#define KEYS_OSCORE_MAX_SALT 32
+#define KEYS_OSCORE_ALG_CCM_16_64_128 10	/* COSE algorithm, RFC 8613's mandatory one */
+struct key_oscore {
+	uint8_t sender_id[KEYS_OSCORE_MAX_ID], recipient_id[KEYS_OSCORE_MAX_ID];
+	size_t sender_id_len, recipient_id_len;
+	uint8_t secret[KEYS_OSCORE_MAX_SECRET];
+	size_t secret_len;
+	uint8_t salt[KEYS_OSCORE_MAX_SALT];
+	size_t salt_len;
+	int alg;
+};
+
+/* One device: a PSK (key_len > 0), the fingerprint of its raw public key (has_rpk), a
+ * certificate whose identity is this one (cert), or an OSCORE context (oscore). */
 struct key_entry {
 	char *identity;		/* NUL-ended, 1..KEYS_MAX_IDENTITY bytes, valid topic value */
 	uint8_t key[KEYS_MAX_KEY];
@@ -23,6 +40,7 @@ struct key_entry {
 	uint8_t rpk[KEYS_RPK_LEN];
 	int has_rpk;
 	int cert;		/* authenticates with an X.509 certificate (coap.pki) */
+	struct key_oscore *oscore;	/* OSCORE device (keys file): owned, wiped on clear */
 	char *origin;		/* "file:line" where it was defined, for messages */
 };
 
@@ -31,8 +49,10 @@ struct keys;			/* opaque: hash tables identity → entry, fingerprint → entry 
 /* Error sink: called once per problem with a "file:line[:col]: what" message. */
 typedef void (*keys_error_fn)(void *arg, const char *msg);
 
-/* Parses a keys file: one "identity key", "identity hex:HEX", "identity rpk:sha256:HEX" or
- * "identity certificate" per line,
+/* Parses a keys file: one "identity key", "identity hex:HEX", "identity rpk:sha256:HEX",
+ * "identity certificate" or
+ * "identity oscore:sender_id=HEX,recipient_id=HEX,secret=HEX[,salt=HEX][,alg=AES-CCM-16-64-128]"
+ * per line,
  * '#' comments, blank lines.
  * Refuses files readable by "other" (mode & 007). Appends entries to *v, *n (realloc'ed). An
  * identity already in *v (earlier line, or an entry the caller put there) is reported with both places.
@@ -57,6 +77,10 @@ char *keys_read_file(const char *path, size_t max, int secret, size_t *len, keys
 struct keys *keys_new(const struct key_entry *v, size_t n);
 void keys_free(struct keys *k);
 const struct key_entry *keys_find(const struct keys *k, const char *identity, size_t len);
+/* The OSCORE entry whose (gateway's) Recipient ID this is (the first one listed), or NULL. */
+const struct key_entry *keys_find_oscore(const struct keys *k, const uint8_t *rid, size_t len);
+/* Whether two entries hold the same OSCORE context (both none counts as the same). */
+int keys_same_oscore(const struct key_entry *a, const struct key_entry *b);
 /* The entry whose raw public key has this fingerprint (the first one listed), or NULL. */
 const struct key_entry *keys_find_rpk(const struct keys *k, const uint8_t fp[KEYS_RPK_LEN]);
 size_t keys_count(const struct keys *k);

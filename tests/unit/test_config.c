@@ -606,16 +606,16 @@ static void test_errors_inline(void)
 	expect("v6.yaml", "mqtt:\n  url: mqtt://::1:1883\n  insecure: true\n", "2:8: url: \"mqtt://::1:1883\" "
 	       "is not mqtts://HOST[:PORT] or mqtt://HOST[:PORT] (an IPv6 address needs [brackets])");
 	expect("port.yaml", MQTT_OK "coap:\n  listen: [\"coaps://h:0\"]\n", "5:12: listen: \"coaps://h:0\" is "
-	       "not coaps://HOST:PORT[?modes=psk,rpk,x509] or coap://HOST:PORT (the port is out of "
+	       "not coaps://HOST:PORT[?modes=psk,rpk,x509] or coap://HOST:PORT[?modes=oscore,nosec] (the port is out of "
 	       "range 1..65535)");
 	expect("modes.yaml", MQTT_OK "coap:\n  listen: [\"coaps://h:5684?modes=psk,dtls\"]\n",
 	       "5:12: listen: \"coaps://h:5684?modes=psk,dtls\" is not "
-	       "coaps://HOST:PORT[?modes=psk,rpk,x509] or coap://HOST:PORT (modes are psk, rpk and "
-	       "x509, separated by commas)");
+	       "coaps://HOST:PORT[?modes=psk,rpk,x509] or coap://HOST:PORT[?modes=oscore,nosec] "
+	       "(modes of coaps:// are psk, rpk and x509, separated by commas)");
 	expect("modes2.yaml", MQTT_OK "coap:\n  listen: [\"coap://h:5683?modes=psk\"]\n",
 	       "5:12: listen: \"coap://h:5683?modes=psk\" is not "
-	       "coaps://HOST:PORT[?modes=psk,rpk,x509] or coap://HOST:PORT (?modes= is for coaps:// "
-	       "listeners)");
+	       "coaps://HOST:PORT[?modes=psk,rpk,x509] or coap://HOST:PORT[?modes=oscore,nosec] "
+	       "(modes of coap:// are oscore and nosec, separated by commas)");
 	expect("modes3.yaml", MQTT_OK "coap:\n  listen: [\"coaps://h:5684?modes=rpk\"]\n",
 	       "5:12: listen: modes has rpk but coap.rpk is not set");
 	expect("big.yaml", MQTT_OK "coap:\n  max_payload: 99999999999999999999999\n",
