@@ -1,5 +1,8 @@
 /* device.c: devices by identity — the current session, presence on MQTT — and per-session state
  * (peer, handshake deadline), driven by libcoap session events. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE	/* explicit_bzero */
+#endif
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,6 +41,7 @@ struct dev_sess {
 	struct device *owner;		/* the configured identity it claimed (handshake or done) */
 	struct dev_sess *onext, *oprev;	/* the owner's sessions */
 	struct event *close_ev;		/* a refused request: closed once the answer is out */
+	struct key_oscore *oscore;	/* the OSCORE context its requests verified under, or NULL */
 };
 
 struct device {
@@ -46,6 +50,8 @@ struct device {
 	void *observe, *command;	/* owned by observe.c / command.c */
 	struct log_budget log;		/* the lines this device causes */
 	struct dev_sess *sessions;	/* every session under this identity, handshakes included */
+	struct event *idle_ev;		/* OSCORE: offline after coap.idle_timeout without a
+					 * request that verified */
 };
 
 static struct {
@@ -401,6 +407,10 @@ static void sess_free(coap_session_t *s)
 		event_free(d->close_ev);
 	D.n_sess--;
 	free(d->cert);
+	if (d->oscore) {
+		explicit_bzero(d->oscore, sizeof(*d->oscore));
+		free(d->oscore);
+	}
 	free(d);
 }
 
@@ -489,6 +499,11 @@ static const char *revoked(const struct dev_sess *d, const struct keys *k)
 	const struct key_entry *e = keys_find(k, d->identity, strlen(d->identity));
 	const coap_bin_const_t *key = coap_session_get_psk_key(d->session);
 
+	if (d->oscore) {
+		if (!e)
+			return "device removed";
+		return keys_oscore_equal(e->oscore, d->oscore) ? NULL : "its OSCORE context changed";
+	}
 	if (d->is_cert) {
 		if (d->cert && pki_revoked(loop_pki(), d->cert, d->cert_len))
 			return "certificate revoked";
@@ -512,7 +527,10 @@ static void sess_close(struct dev_sess *s, const char *why)
 		 s->dev ? "" : " state=handshake");
 	sess_detach(s);
 	dev_down(s, why);
-	coap_session_disconnected(s->session, COAP_NACK_TLS_FAILED);
+	if (coap_session_get_proto(s->session) == COAP_PROTO_DTLS)
+		coap_session_disconnected(s->session, COAP_NACK_TLS_FAILED);
+	/* an OSCORE session keeps its address only: its context is gone with the reload, and
+	 * libcoap frees it once idle */
 }
 
 static void apply_keys_fn(void *val, void *arg)
@@ -553,7 +571,7 @@ const char *dev_sess_refused(struct dev_sess *d)
 {
 	const char *why;
 
-	if (coap_session_get_proto(d->session) != COAP_PROTO_DTLS ||
+	if ((coap_session_get_proto(d->session) != COAP_PROTO_DTLS && !d->oscore) ||
 	    (why = revoked(d, loop_keys())) == NULL)
 		return NULL;
 	close_later(d);
@@ -563,6 +581,61 @@ const char *dev_sess_refused(struct dev_sess *d)
 void dev_apply_keys(const struct keys *k)
 {
 	hmap_each(D.by_id, apply_keys_fn, (void *)k);
+}
+
+/* ---- OSCORE ---- */
+
+static void on_oscore_idle(evutil_socket_t fd, short what, void *arg)
+{
+	struct device *d = arg;
+
+	(void)fd;
+	(void)what;
+	if (d->cur && d->cur->oscore)
+		dev_down(d->cur, "idle timeout");
+}
+
+const char *dev_oscore_request(struct dev_sess *s, const struct key_entry *e)
+{
+	struct timeval tv = { (time_t)D.conf->coap.idle_timeout, 0 };
+	struct device *d;
+
+	if (coap_session_get_proto(s->session) == COAP_PROTO_DTLS) {
+		/* OSCORE inside DTLS: both must name the same device */
+		return strcmp(s->identity, e->identity) == 0 ? NULL :
+		       "its OSCORE context is another device's than its DTLS identity";
+	}
+	if (s->oscore && strcmp(s->identity, e->identity) != 0) {
+		/* another device now sends from this address (a NAT gave it away) */
+		sess_detach(s);
+		dev_down(s, "replaced");
+		explicit_bzero(s->oscore, sizeof(*s->oscore));
+		free(s->oscore);
+		s->oscore = NULL;
+	}
+	if (!s->oscore) {
+		if ((s->oscore = malloc(sizeof(*s->oscore))) == NULL)
+			return "gateway out of memory";
+		*s->oscore = *e->oscore;
+		snprintf(s->identity, sizeof(s->identity), "%s", e->identity);
+		sess_attach(s);
+	}
+	if ((d = sess_device(s)) == NULL)
+		return "device removed";
+	if (!d->idle_ev && (d->idle_ev = evtimer_new(loop_base(), on_oscore_idle, d)) == NULL)
+		return "gateway out of memory";
+	evtimer_add(d->idle_ev, &tv);
+	if (d->cur != s) {
+		log_src(dev_sess_log(s), LOG_LVL_INFO, "peer=%s identity=%s oscore=ok", s->peer,
+			s->identity);
+		dev_up(s);
+	}
+	return NULL;
+}
+
+int dev_sess_oscore(const struct dev_sess *s)
+{
+	return s->oscore != NULL;
 }
 
 /* ---- teardown ---- */
@@ -579,6 +652,8 @@ static void dev_free_one(void *val, void *arg)
 	}
 	for (struct dev_sess *s = d->sessions; s; s = s->onext)
 		s->owner = NULL;	/* sessions outlive the devices at shutdown */
+	if (d->idle_ev)
+		event_free(d->idle_ev);
 	log_budget_forget(&d->log);
 	free(d);
 }

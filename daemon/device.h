@@ -37,6 +37,13 @@ const char *dev_sess_refused(struct dev_sess *d);
  * in time. */
 void dev_handshake_start(coap_session_t *s, const struct key_entry *e, const uint8_t *cert,
 			 size_t len);
+/* A request on s verified under the OSCORE context of device e: s now speaks for e (on plain
+ * UDP; inside DTLS, e must be the DTLS identity's), the device is online and goes offline after
+ * coap.idle_timeout without another. NULL, or why the request is to be refused. */
+const char *dev_oscore_request(struct dev_sess *s, const struct key_entry *e);
+/* Whether requests on s have verified under an OSCORE context. */
+int dev_sess_oscore(const struct dev_sess *s);
+
 /* libcoap session events for server sessions. */
 void dev_session_event(coap_session_t *s, coap_event_t ev);
 

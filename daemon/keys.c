@@ -236,10 +236,8 @@ const struct key_entry *keys_find_oscore(const struct keys *k, const uint8_t *ri
 	return NULL;
 }
 
-int keys_same_oscore(const struct key_entry *a, const struct key_entry *b)
+int keys_oscore_equal(const struct key_oscore *x, const struct key_oscore *y)
 {
-	const struct key_oscore *x = a->oscore, *y = b->oscore;
-
 	if (!x || !y)
 		return !x && !y;
 	return x->sender_id_len == y->sender_id_len && x->recipient_id_len == y->recipient_id_len &&

@@ -79,8 +79,8 @@ void keys_free(struct keys *k);
 const struct key_entry *keys_find(const struct keys *k, const char *identity, size_t len);
 /* The OSCORE entry whose (gateway's) Recipient ID this is (the first one listed), or NULL. */
 const struct key_entry *keys_find_oscore(const struct keys *k, const uint8_t *rid, size_t len);
-/* Whether two entries hold the same OSCORE context (both none counts as the same). */
-int keys_same_oscore(const struct key_entry *a, const struct key_entry *b);
+/* Whether two OSCORE contexts are the same (both none counts as the same). */
+int keys_oscore_equal(const struct key_oscore *x, const struct key_oscore *y);
 /* The entry whose raw public key has this fingerprint (the first one listed), or NULL. */
 const struct key_entry *keys_find_rpk(const struct keys *k, const uint8_t fp[KEYS_RPK_LEN]);
 size_t keys_count(const struct keys *k);

@@ -151,7 +151,7 @@ const struct pki_verifier *loop_pki(void)
 
 /* The modes of the listener s came in on: the one bound to its local port and address (or to
  * any address). A walk of the listeners, a few at most; never of the sessions. */
-static unsigned session_modes(const coap_session_t *s)
+unsigned loop_session_modes(const coap_session_t *s)
 {
 	const coap_address_t *local = coap_session_get_addr_local(s);
 	unsigned any = 0;
@@ -177,7 +177,7 @@ static int mode_allowed(coap_session_t *s, unsigned mode, const char *identity)
 	static const char *const names[] = { "", "PSK", "raw public keys", "", "certificates" };
 	char peer[64];
 
-	if (session_modes(s) & mode)
+	if (loop_session_modes(s) & mode)
 		return 1;
 	log_src(&L.hs_log, LOG_LVL_WARNING, "peer=%s identity=\"%s\" handshake=refused "
 		"reason=\"this listener does not take %s\" hint=\"see ?modes= in coap.listen\"",

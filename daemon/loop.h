@@ -49,6 +49,8 @@ const struct keys *loop_keys(void);
 #define LOOP_REFUSED_IDENTITY 1
 #define LOOP_REFUSED_CERT 2
 int loop_handshake_refused(const coap_session_t *s);
+/* The security modes (enum conf_mode) of the listener s came in on. */
+unsigned loop_session_modes(const coap_session_t *s);
 /* The verifier of the current coap.pki (CAs, CRL), or NULL. */
 const struct pki_verifier *loop_pki(void);
 int loop_run(void);

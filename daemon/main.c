@@ -25,6 +25,7 @@
 #include "mqtt.h"
 #include "notify.h"
 #include "observe.h"
+#include "oscore.h"
 #include "stats.h"
 #include "uplink.h"
 
@@ -104,6 +105,9 @@ static void on_reload(evutil_socket_t sig, short what, void *arg)
 	loop_set_config(c, k);
 	uplink_set_config(c);
 	dev_set_config(c);
+	if (oscore_apply(c->devices, c->n_devices) < 0)
+		log_error("reload: some OSCORE devices could not be set up (above); they are "
+			  "refused until a later reload");
 	dev_apply_keys(k);
 	observe_set_config(c);
 	command_set_config(c);
@@ -267,6 +271,8 @@ static int run(void)
 	if (loop_init(G.conf, G.keys, &handlers) < 0 || signals_init(loop_base()) < 0 ||
 	    health_init(loop_base()) < 0 || exch_init() < 0 ||
 	    journal_open(loop_base(), G.conf->mqtt.persistence_dir, &jl) < 0 ||
+	    oscore_init(loop_base(), loop_coap(), G.conf->mqtt.persistence_dir, G.conf->devices,
+			G.conf->n_devices) < 0 ||
 	    mqtt_init(loop_base(), &G.conf->mqtt, on_mqtt_state, command_on_message) < 0 ||
 	    dev_init(G.conf, &hooks) < 0 || observe_init(G.conf) < 0 || command_init(G.conf) < 0 ||
 	    metrics_init(loop_base(), &G.conf->metrics) < 0 ||
@@ -340,6 +346,7 @@ int main(int argc, char **argv)
 	signals_shutdown();
 	notify_shutdown();
 	loop_shutdown();
+	oscore_shutdown();	/* after libcoap's contexts: they ask it until then */
 	keys_free(G.keys);
 	if (G.boot != G.conf)
 		conf_free(G.boot);

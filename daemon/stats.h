@@ -8,7 +8,8 @@ enum stat_id {
 	STAT_REQUESTS,			/* device requests received (duplicates included) */
 	STAT_RESP_2_04,			/* uplink answers by code */
 	STAT_RESP_4_00,
-	STAT_RESP_4_01,			/* the session's identity was revoked by a reload */
+	STAT_RESP_4_01,			/* identity revoked by a reload, or not protected as the
+					 * listener wants (OSCORE) */
 	STAT_RESP_4_04,
 	STAT_RESP_4_05,
 	STAT_RESP_4_13,

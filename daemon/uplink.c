@@ -13,6 +13,7 @@
 #include "log.h"
 #include "loop.h"
 #include "mqtt.h"
+#include "oscore.h"
 #include "pdu.h"
 #include "route.h"
 #include "stats.h"
@@ -375,10 +376,34 @@ static void answer_again(coap_session_t *s, struct dev_sess *dev, const coap_pdu
 /* The key exchanges are remembered by: the device identity, or the address for NoSec. */
 static const char *exch_key(coap_session_t *s, struct dev_sess *dev, char *buf, size_t len)
 {
-	if (coap_session_get_proto(s) == COAP_PROTO_DTLS)
+	if (coap_session_get_proto(s) == COAP_PROTO_DTLS || dev_sess_oscore(dev))
 		return dev_sess_identity(dev);
 	snprintf(buf, len, "@%s", dev_sess_peer(dev));
 	return buf;
+}
+
+/* Who the request speaks for, by its protection: the DTLS identity; the device whose OSCORE
+ * context verified it; or nobody (NoSec, where the listener takes it). NULL, or why it is
+ * refused (4.01). */
+static const char *protection(coap_session_t *s, struct dev_sess *dev)
+{
+	const struct key_entry *e = oscore_request(s, loop_keys());
+	unsigned modes;
+
+	if (e)
+		return (coap_session_get_proto(s) == COAP_PROTO_DTLS ||
+			(loop_session_modes(s) & CONF_MODE_OSCORE)) ?
+		       dev_oscore_request(dev, e) : "this listener does not take OSCORE";
+	if (coap_session_get_proto(s) == COAP_PROTO_DTLS)
+		return NULL;
+	if (coap_session_get_oscore_recipient_id(s))
+		return "its OSCORE context is no longer listed";
+	modes = loop_session_modes(s);
+	if (!(modes & CONF_MODE_NOSEC))
+		return "this listener takes OSCORE-protected requests only";
+	if (dev_sess_oscore(dev))
+		return "an unprotected request from an address whose device speaks OSCORE";
+	return NULL;
 }
 
 static void on_request(coap_resource_t *res, coap_session_t *s, const coap_pdu_t *req,
@@ -403,6 +428,10 @@ static void on_request(coap_resource_t *res, coap_session_t *s, const coap_pdu_t
 	stats_inc(STAT_REQUESTS);
 	if (!dev) {
 		reply(resp, s, NULL, mid, NULL, COAP_RESPONSE_CODE(503), "gateway out of memory", NULL);
+		return;
+	}
+	if ((why = protection(s, dev)) != NULL) {
+		reply(resp, s, dev, mid, NULL, COAP_RESPONSE_CODE(401), "unauthorized", why);
 		return;
 	}
 	if ((why = dev_sess_refused(dev)) != NULL) {
@@ -473,6 +502,10 @@ int uplink_block1_start(coap_session_t *s, const coap_pdu_t *req, unsigned in_pr
 	if (!dev) {
 		reply(resp, s, NULL, mid, NULL, COAP_RESPONSE_CODE(503), "gateway out of memory",
 		      NULL);
+		return 0;
+	}
+	if ((revoked = protection(s, dev)) != NULL) {
+		reply(resp, s, dev, mid, NULL, COAP_RESPONSE_CODE(401), "unauthorized", revoked);
 		return 0;
 	}
 	if ((revoked = dev_sess_refused(dev)) != NULL) {

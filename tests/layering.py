@@ -15,7 +15,7 @@ LAYERS = [
     ("messages", ["pdu"]),
     ("configuration", ["keys", "pki", "config"]),
     ("transports", ["loop", "discovery", "mqtt", "exchange", "notify"]),
-    ("state", ["journal", "device"]),
+    ("state", ["journal", "device", "oscore"]),
     ("bridge", ["uplink", "observe", "command"]),
     ("reporting", ["metrics"]),
     ("wiring", ["main"]),

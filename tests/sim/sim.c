@@ -97,6 +97,8 @@ struct opts {
 	long config_size;
 	long config_copies;		/* config served at config, config2, ... configN */
 	long stall_puts;		/* PUT/POSTs on led acknowledged but never answered */
+	const char *oscore;		/* --oscore: the device's context, or NULL */
+	long oscore_seq;		/* --oscore-seq: its first Sender Sequence Number */
 };
 
 /* Resources a device serves with --serve. */
@@ -418,6 +420,10 @@ usage(FILE *f)
 "                       picks (libcoap sets SO_REUSEADDR, so two of them can be given the\n"
 "                       same port, and a gateway then sees one peer); P+devices-1 <= 65535\n"
 "  --key KEY            PSK key as text (all devices share it)\n"
+"  --oscore SPEC        protect every message with OSCORE (RFC 8613), one device:\n"
+"                       sender_id=HEX,recipient_id=HEX,secret=HEX[,salt=HEX] as the\n"
+"                       device sees them; over coap:// (or inside coaps:// with a key)\n"
+"  --oscore-seq N       the device's first Sender Sequence Number, default 0\n"
 "  --key-hex HEX        PSK key as hex instead\n"
 "  --keys FILE          devices from a keys file instead: \"identity key\" or\n"
 "                       \"identity hex:HEX\" per line, '#' comments; the first N entries\n"
@@ -597,7 +603,7 @@ opts_defaults(struct opts *o)
 }
 
 enum {
-	OPT_URI = 256, OPT_IDENTITY, OPT_FIRST, OPT_SOURCE_PORT, OPT_KEY, OPT_KEY_HEX, OPT_KEYS, OPT_DEVICES,
+	OPT_URI = 256, OPT_OSCORE, OPT_OSCORE_SEQ, OPT_IDENTITY, OPT_FIRST, OPT_SOURCE_PORT, OPT_KEY, OPT_KEY_HEX, OPT_KEYS, OPT_DEVICES,
 	OPT_COUNT, OPT_INTERVAL, OPT_RAMP, OPT_WINDOW, OPT_TYPE, OPT_METHOD, OPT_PATH,
 	OPT_PAYLOAD, OPT_PAYLOAD_FILE, OPT_CF, OPT_BLOCK, OPT_TIMEOUT, OPT_ACK_TIMEOUT,
 	OPT_MAX_RETRANSMIT, OPT_HANDSHAKE, OPT_MAX_HS, OPT_CIPHER, OPT_QUIET, OPT_VERBOSE, OPT_HELP,
@@ -608,6 +614,8 @@ enum {
 static const struct option long_opts[] = {
 	{ "uri", required_argument, NULL, OPT_URI },
 	{ "identity", required_argument, NULL, OPT_IDENTITY },
+	{ "oscore", required_argument, NULL, OPT_OSCORE },
+	{ "oscore-seq", required_argument, NULL, OPT_OSCORE_SEQ },
 	{ "first", required_argument, NULL, OPT_FIRST },
 	{ "source-port", required_argument, NULL, OPT_SOURCE_PORT },
 	{ "key", required_argument, NULL, OPT_KEY },
@@ -746,6 +754,9 @@ opt_one(struct opts *o, int c, const char *arg)
 {
 	switch (c) {
 	case OPT_URI:		o->uri = arg; return 0;
+	case OPT_OSCORE:	o->oscore = arg; return 0;
+	case OPT_OSCORE_SEQ:
+		return opt_num("--oscore-seq", arg, 0, LONG_MAX, &o->oscore_seq);
 	case OPT_IDENTITY:	o->identity = arg; o->identity_set = true; return 0;
 	case OPT_FIRST:
 		return opt_num("--first", arg, 0, INT_MAX - SIM_MAX_DEVICES, &o->first);
@@ -812,6 +823,10 @@ opts_check(struct opts *o)
 {
 	int convs = id_format_convs(o->identity);
 
+	if (o->oscore && (o->keys_file || o->devices > 1)) {
+		fprintf(stderr, "coap2mqtt-sim: --oscore is for one device (no --keys, no --devices)\n");
+		return false;
+	}
 	if (o->keys_file && (o->identity_set || o->key_set)) {
 		fprintf(stderr, "coap2mqtt-sim: --keys replaces --identity and --key/--key-hex\n");
 		return false;
@@ -1984,6 +1999,72 @@ cipher_install(struct sim *s, coap_session_t *probe)
 	return any;
 }
 
+/* --oscore: "k=HEX,..." into libcoap's configuration text (coap-oscore-conf(5)); NULL when
+ * a field is not sender_id, recipient_id, secret or salt, or a value is not hex. */
+static coap_oscore_conf_t *
+oscore_conf(const char *spec, uint64_t seq)
+{
+	static const char *const keys[][2] = { { "sender_id", "sender_id" },
+	    { "recipient_id", "recipient_id" }, { "secret", "master_secret" },
+	    { "salt", "master_salt" } };
+	char conf[2048], field[512];
+	size_t len = 0;
+	const char *p = spec;
+
+	while (*p) {
+		size_t fl = strcspn(p, ","), i;
+		const char *eq;
+
+		if (fl >= sizeof(field))
+			return NULL;
+		memcpy(field, p, fl);
+		field[fl] = '\0';
+		p += fl + (p[fl] == ',');
+		if ((eq = strchr(field, '=')) == NULL || strspn(eq + 1, "0123456789abcdefABCDEF") !=
+		    strlen(eq + 1) || strlen(eq + 1) % 2)
+			return NULL;
+		for (i = 0; i < 4; i++)
+			if (strlen(keys[i][0]) == (size_t)(eq - field) &&
+			    strncmp(field, keys[i][0], (size_t)(eq - field)) == 0)
+				break;
+		if (i == 4)
+			return NULL;
+		len += (size_t)snprintf(conf + len, sizeof(conf) - len, "%s,hex,\"%s\"\n",
+		    keys[i][1], eq + 1);
+		if (len >= sizeof(conf))
+			return NULL;
+	}
+	len += (size_t)snprintf(conf + len, sizeof(conf) - len, "replay_window,integer,32\n"
+	    "aead_alg,integer,10\nhkdf_alg,integer,-10\nrfc8613_b_1_2,bool,true\n");
+	if (len >= sizeof(conf))
+		return NULL;
+	return coap_new_oscore_conf((coap_str_const_t){ len, (const uint8_t *)conf }, NULL, NULL,
+	    seq);
+}
+
+static coap_session_t *
+oscore_session_new(struct sim *s, struct device *d, coap_address_t *local)
+{
+	coap_oscore_conf_t *oc = oscore_conf(s->o.oscore, (uint64_t)s->o.oscore_seq);
+	coap_dtls_cpsk_t psk;
+
+	if (!oc) {
+		fprintf(stderr, "coap2mqtt-sim: --oscore: '%s' is not sender_id=HEX,recipient_id=HEX,"
+		    "secret=HEX[,salt=HEX]\n", s->o.oscore);
+		return NULL;
+	}
+	if (s->proto == COAP_PROTO_UDP)
+		return coap_new_client_session_oscore(s->ctx, local, &s->dst, s->proto, oc);
+	memset(&psk, 0, sizeof(psk));
+	psk.version = COAP_DTLS_CPSK_SETUP_VERSION;
+	psk.client_sni = s->sni;
+	psk.psk_info.identity.s = (const uint8_t *)d->identity;
+	psk.psk_info.identity.length = strlen(d->identity);
+	psk.psk_info.key.s = d->key;
+	psk.psk_info.key.length = d->key_len;
+	return coap_new_client_session_oscore_psk(s->ctx, local, &s->dst, s->proto, &psk, oc);
+}
+
 static coap_session_t *
 session_new(struct sim *s, struct device *d)
 {
@@ -1998,6 +2079,8 @@ session_new(struct sim *s, struct device *d)
 		coap_address_set_port(&src, (uint16_t)(s->o.source_port + (d - s->dev)));
 		local = &src;
 	}
+	if (s->o.oscore)
+		return oscore_session_new(s, d, local);
 	if (s->proto == COAP_PROTO_UDP)
 		return coap_new_client_session(s->ctx, local, &s->dst, s->proto);
 	memset(&psk, 0, sizeof(psk));
