@@ -37,15 +37,19 @@ class Tap(Relay):
     def __init__(self, target_port, **kw):
         super().__init__(target_port, **kw)
         self.seen = []
-        front_recv = self.front.recvfrom
+        self.drop_down = 0
+        raw = self.front
+        front_recv = raw.recvfrom
 
         def recv_front(n):
             data, addr = front_recv(n)
             self.seen.append(("up", data))
             return data, addr
-        self.front = types.SimpleNamespace(recvfrom=recv_front, sendto=self.front.sendto,
-                                           close=self.front.close, fileno=self.front.fileno,
-                                           getsockname=self.front.getsockname)
+        self.front = types.SimpleNamespace(recvfrom=recv_front, sendto=raw.sendto,
+                                           close=raw.close, fileno=raw.fileno,
+                                           getsockname=raw.getsockname)
+        self.sel.unregister(raw)
+        self.sel.register(self.front, 1, None)
 
     def _back(self, addr):
         b = self.backs.get(addr)
@@ -58,6 +62,10 @@ class Tap(Relay):
                 def recvfrom(self, n):
                     data, a = raw_recv(n)
                     tap.seen.append(("down", data))
+                    p = coap_options(data)
+                    if tap.drop_down and p and p[1] == 0x44:  # 2.04 (outer code of OSCORE)
+                        tap.drop_down -= 1
+                        raise OSError("dropped by the test")
                     return data, a
 
                 def fileno(self):
@@ -152,3 +160,97 @@ def test_readings_published_under_the_identity_of_their_context(setup):
     assert r.codes() == ["2.04"], r
     s.wait_for(1, match="devices/meter-2/temperature")
     g.wait_for_log(r"identity=meter-1 oscore=ok")
+
+
+def requests_up(tap):
+    """The device's protected CON requests as they went up, in order."""
+    out = []
+    for d, data in list(tap.seen):
+        p = coap_options(data)
+        if d == "up" and p and p[0] == 0 and p[1] == 2 and 9 in p[3]:
+            out.append(data)
+    return out
+
+
+def answers(sock, n=1, timeout=5):
+    """CoAP codes ('c.dd') of what comes back to sock."""
+    sock.settimeout(timeout)
+    got = []
+    try:
+        while len(got) < n:
+            data, _ = sock.recvfrom(2048)
+            p = coap_options(data)
+            if p and p[1]:
+                got.append(f"{p[1] >> 5}.{p[1] & 31:02d}")
+    except socket.timeout:
+        pass
+    return got
+
+
+@pytest.fixture
+def tap_factory():
+    made = []
+
+    def make(port, **kw):
+        t = Tap(port, **kw)
+        t.start()
+        made.append(t)
+        return t
+    yield make
+    for t in made:
+        t.stop()
+
+
+def test_a_replayed_request_is_refused_and_not_published(setup, tap_factory):
+    s, g, port = setup()
+    tap = tap_factory(port)
+    r = osim(tap.port, "meter-1", "--count", 2, "--interval", 0)
+    assert r.codes() == ["2.04"] * 2, r
+    s.wait_for(2, match="devices/meter-1/#")
+    ups = requests_up(tap)
+    # the first one was challenged with Echo (a fresh start), then repeated with it
+    assert len(ups) == 3, [coap_options(u) for u in ups]
+    attacker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    attacker.bind(("127.0.0.1", 0))
+    try:
+        for i, data in enumerate(ups):
+            attacker.sendto(data, ("127.0.0.1", port))
+            got = answers(attacker)
+            assert got == ["4.01"], (i, got, [(coap_options(u)[2], partial_iv(u)) for u in ups],
+                                     tail(g.log_text(), 30))
+    finally:
+        attacker.close()
+    s.assert_none(match="devices/meter-1/#", already=2)
+
+
+def test_a_wrong_secret_is_refused(setup):
+    s, g, port = setup()
+    r = osim(port, "meter-1", "--count", 1, "--max-retransmit", 1, "--ack-timeout", 1,
+             secret="ff" * 16)
+    assert "2.04" not in r.codes() and r.rc != 0, r
+    s.assert_none(match="devices/meter-1/#")
+
+
+def test_an_unprotected_request_is_refused_on_an_oscore_listener(setup):
+    s, g, port = setup()
+    r = sim(dev(port), "--count", 1, identity="meter-1")
+    assert r.codes() == ["4.01"], r
+    s.assert_none(match="devices/#")
+
+
+def test_a_lost_answer_retransmitted_is_answered_again_not_refused_as_a_replay(
+        setup, tap_factory):
+    s, g, port = setup()
+    tap = tap_factory(port)
+    # a first reading: the gateway's Echo challenge after its start is behind us
+    assert osim(tap.port, "meter-1", "--count", 1).codes() == ["2.04"]
+    s.wait_for(1, match="devices/meter-1/#")
+    tap.seen.clear()
+    tap.drop_down = 1  # the next answer (2.04, protected) is lost on its way down
+    r = osim(tap.port, "meter-1", "--count", 1, "--ack-timeout", 1, "--oscore-seq", 10)
+    assert r.codes() == ["2.04"], r
+    ups = requests_up(tap)
+    assert len(ups) == 2 and ups[0] == ups[1], [(d, coap_options(x)[:3]) for d, x in tap.seen]
+    assert partial_iv(ups[0]) == 10
+    s.wait_for(2, match="devices/meter-1/#")
+    s.assert_none(match="devices/meter-1/#", already=2)
