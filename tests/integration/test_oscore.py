@@ -137,6 +137,7 @@ def setup(broker_factory, subscriber_factory, gateway_factory, tmp_path):
         wait_mqtt_connected(g)
         g.coap_port = port
         g.keys_path = keys
+        g.broker = b
         return s, g, port
     return make
 
@@ -254,3 +255,41 @@ def test_a_lost_answer_retransmitted_is_answered_again_not_refused_as_a_replay(
     assert partial_iv(ups[0]) == 10
     s.wait_for(2, match="devices/meter-1/#")
     s.assert_none(match="devices/meter-1/#", already=2)
+
+
+def observe_rules():
+    return [{"devices": "meter-*", "path": "temperature",
+             "topic": "devices/{identity}/obs/{path}", "qos": 1}]
+
+
+def serving(serving_sims, port, ident="meter-1", *args):
+    # one reading first: an OSCORE device is reachable once a request of it verified
+    return serving_sims(dev(port), "--oscore", device_spec(ident), "--count", 1,
+                        "--notify-interval", 200, *args, identity=ident)
+
+
+def test_a_command_and_an_observation_over_oscore(setup, serving_sims, commander_factory,
+                                                   tap_factory):
+    from test_commands import commands
+    s, g, port = setup(extra={"commands": commands(), "observe": observe_rules()})
+    g.wait_for_log(r"mqtt: subscribed filter=devices/\+/get/#", timeout=10)
+    cmd = commander_factory(g.broker)
+    tap = tap_factory(port)
+    sim_ = serving(serving_sims, tap.port)
+    g.wait_for_log(r"identity=meter-1 oscore=ok")
+    notes = s.wait_for(3, 20, match="devices/meter-1/obs/temperature")
+    assert all(b"temperature" in m.payload for m in notes)
+    cmd.send("devices/meter-1/set/led", b"on", corr=b"c-1")
+    [put] = sim_.wait_events(1, "put", path="led")
+    assert put["payload"] == "on", sim_.text()
+    [a] = cmd.wait_answers(1, 20)
+    assert a.payload == b"on" and a.topic == cmd.response_topic
+    # all of it was protected: every datagram both ways carries the OSCORE option (an empty
+    # ACK excepted)
+    for d, data in tap.seen:
+        p = coap_options(data)
+        assert p and (9 in p[3] or (p[1] == 0 and p[0] in (2, 3))), (d, p)
+    # the gateway's own requests (observe registration, the command) carry its Partial IVs
+    pivs = [partial_iv(x) for d, x in tap.seen if d == "down" and coap_options(x)[0] == 0
+            and partial_iv(x) is not None]
+    assert len(pivs) >= 2 and pivs == sorted(set(pivs)), pivs
