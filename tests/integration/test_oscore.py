@@ -2,7 +2,9 @@
 keys file; readings, replays, wrong keys, a gateway killed and restarted (its Partial IVs never
 repeat), commands and observations. The device is coap2mqtt-sim --oscore (libcoap's OSCORE over
 OpenSSL); a relay between it and the gateway reads the OSCORE option of every datagram."""
+import json
 import os
+import signal
 import socket
 import struct
 import time
@@ -293,3 +295,152 @@ def test_a_command_and_an_observation_over_oscore(setup, serving_sims, commander
     pivs = [partial_iv(x) for d, x in tap.seen if d == "down" and coap_options(x)[0] == 0
             and partial_iv(x) is not None]
     assert len(pivs) >= 2 and pivs == sorted(set(pivs)), pivs
+
+
+def test_gateway_killed_and_restarted_never_reuses_a_partial_iv_nor_takes_a_replay(
+        setup, serving_sims, commander_factory, tap_factory):
+    from test_commands import commands
+    s, g, port = setup(extra={"commands": commands()})
+    g.wait_for_log(r"mqtt: subscribed filter=devices/\+/get/#", timeout=10)
+    cmd = commander_factory(g.broker)
+    tap = tap_factory(port)
+    # readings every 300 ms while the gateway dies and comes back; CONs retried meanwhile
+    dev_ = serving_sims(dev(tap.port), "--oscore", device_spec("meter-1"), "--count", 25,
+                        "--interval", 300, "--ack-timeout", 1, "--max-retransmit", 6,
+                        identity="meter-1")
+    g.wait_for_log(r"identity=meter-1 oscore=ok")
+    cmd.send("devices/meter-1/set/led", b"before", corr=b"c-1")
+    assert [a.payload for a in cmd.wait_answers(1, 20)] == [b"before"]
+    before = [u for u in requests_up(tap)]
+    s.wait_for(3, match="devices/meter-1/temperature")
+    g.kill9()
+    time.sleep(1)
+    g.start()
+    wait_mqtt_connected(g)
+    g.wait_for_log(r"identity=meter-1 oscore=ok", timeout=30)
+    cmd.send("devices/meter-1/set/led", b"after", corr=b"c-2")
+    got = cmd.wait_answers(2, 30)
+    assert sorted(a.payload for a in got) == [b"after", b"before"]
+    # a request from before the kill, sent again now from another address: refused
+    attacker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    attacker.bind(("127.0.0.1", 0))
+    try:
+        for data in before[-3:]:
+            attacker.sendto(data, ("127.0.0.1", port))
+            assert answers(attacker) == ["4.01"], "a replay after the restart was not refused"
+    finally:
+        attacker.close()
+    def all_answered():
+        got = [kv for _, kv in dev_.responses() if kv.get("code") == "2.04"]
+        return got if len(got) >= 25 else None
+    answered = wait_until(all_answered, 90, "25 readings answered 2.04")
+    assert all(kv.get("code") == "2.04" for _, kv in dev_.responses()), dev_.text()
+    # every reading the device saw answered is on MQTT (a replay from the journal may repeat)
+    msgs = s.wait_for(25, 30, match="devices/meter-1/temperature")
+    seqs = {json.loads(m.payload)["seq"] for m in msgs}
+    assert seqs >= {int(l["seq"]) for l in answered}, (sorted(seqs), dev_.text())
+    # the gateway's Partial IVs (its requests, its Echo challenges) only ever grew, across the
+    # kill: no nonce used twice
+    pivs = [partial_iv(x) for d, x in tap.seen if d == "down" and partial_iv(x) is not None]
+    assert len(pivs) >= 3 and all(a < b for a, b in zip(pivs, pivs[1:])), pivs
+    assert max(pivs) >= 4096, f"no step of bounds skipped at the restart: {pivs}"
+
+
+def test_presence_online_with_a_request_offline_after_idle_timeout(setup):
+    s, g, port = setup(coap={"idle_timeout": 3},
+                       extra={"presence_topic": "devices/{identity}/status"})
+    assert osim(port, "meter-1", "--count", 1).codes() == ["2.04"]
+    status = lambda: [m.payload for m in s.messages("devices/meter-1/status")]
+    wait_until(lambda: status() == [b"online"], 10, "online")
+    wait_until(lambda: status() == [b"online", b"offline"], 15, "offline after idle_timeout")
+    g.wait_for_log(r"identity=meter-1 presence=offline reason=\"idle timeout\"")
+    # a deep-sleep device wakes up: one reading, online again (its sequence numbers go on)
+    assert osim(port, "meter-1", "--count", 1, "--oscore-seq", 100).codes() == ["2.04"]
+    wait_until(lambda: status() == [b"online", b"offline", b"online"], 10, "online again")
+
+
+def test_reload_adds_removes_and_changes_oscore_devices(setup):
+    s, g, port = setup(devices={"meter-1": DEVS["meter-1"]})
+    assert osim(port, "meter-2", "--count", 1, "--max-retransmit", 1,
+                "--ack-timeout", 1).codes() != ["2.04"]
+    # meter-2 comes, meter-1 gets a new secret
+    new = "2122232425262728292a2b2c2d2e2f30"
+    g.keys_path.write_text(keys_line("meter-1", "a1", "01", new) +
+                           keys_line("meter-2", *DEVS["meter-2"]))
+    g.proc.send_signal(signal.SIGHUP)
+    g.wait_for_log(r"reload: ok")
+    g.wait_for_log(r"identity=meter-1 oscore=removed reason=\"its oscore context changed\"")
+    assert osim(port, "meter-2", "--count", 1).codes() == ["2.04"]
+    s.wait_for(1, match="devices/meter-2/temperature")
+    assert "2.04" not in osim(port, "meter-1", "--count", 1, "--max-retransmit", 1,
+                              "--ack-timeout", 1).codes()
+    assert osim(port, "meter-1", "--count", 1, secret=new).codes() == ["2.04"]
+    # meter-2 goes
+    g.keys_path.write_text(keys_line("meter-1", "a1", "01", new))
+    g.proc.send_signal(signal.SIGHUP)
+    g.wait_for_log(r"identity=meter-2 oscore=removed")
+    assert "2.04" not in osim(port, "meter-2", "--count", 1, "--max-retransmit", 1,
+                              "--ack-timeout", 1, "--oscore-seq", 50).codes()
+    s.assert_none(match="devices/meter-2/temperature", already=1)
+
+
+@pytest.mark.parametrize("line,why", [
+    ("m oscore:sender_id=a1,recipient_id=01\n", "secret= is required"),
+    ("m oscore:sender_id=a1,recipient_id=01,secret=0102\n", "secret shorter than 16 bytes"),
+    ("m oscore:sender_id=a1,recipient_id=0102030405060708,secret=" + SECRET + "\n",
+     "recipient_id is too long"),
+    ("m oscore:sender_id=a1,recipient_id=a1,secret=" + SECRET + "\n",
+     "sender_id and recipient_id are the same"),
+    ("m oscore:sender_id=a1,recipient_id=01,secret=" + SECRET + ",alg=AES-CCM-16-64-256\n",
+     "alg must be AES-CCM-16-64-128"),
+    ("m oscore:sender_id=a1,recipient_id=01,secret=" + SECRET + ",kid=3\n", "unknown field"),
+    ("m oscore:sender_id=a1,recipient_id=01,secret=zz" + SECRET[2:] + "\n",
+     "not a hex digit"),
+    ("m oscore:sender_id=a1,recipient_id=01,secret=" + SECRET + "\n"
+     "n oscore:sender_id=a2,recipient_id=01,secret=" + SECRET + "\n",
+     "oscore recipient_id is also device m's"),
+])
+def test_check_refuses_bad_oscore_entries(pki, tmp_path, line, why):
+    from test_cli import run_gw
+    keys = tmp_path / "keys"
+    keys.write_text(line)
+    os.chmod(keys, 0o600)
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"""coap:
+  listen: ["coap://127.0.0.1:5683?modes=oscore"]
+devices_file: "{keys}"
+mqtt:
+  url: "mqtts://127.0.0.1:8883"
+  ca_file: "{pki.ca}"
+  persistence_dir: "{tmp_path / 'store'}"
+routes:
+  - {{path: "sensors/{{name}}", topic: "devices/{{identity}}/{{name}}"}}
+""")
+    rc, out, err = run_gw("-c", conf, "--check")
+    assert rc == 1 and why in err, err
+    assert SECRET not in err and SECRET[2:] not in err  # never a key
+
+
+def test_check_wants_a_coap_listener_for_oscore_devices(pki, tmp_path):
+    from test_cli import run_gw
+    keys = tmp_path / "keys"
+    keys.write_text(keys_line("m", "a1", "01", SECRET))
+    os.chmod(keys, 0o600)
+    conf = tmp_path / "c.yaml"
+    base = f"""devices_file: "{keys}"
+mqtt:
+  url: "mqtts://127.0.0.1:8883"
+  ca_file: "{pki.ca}"
+  persistence_dir: "{tmp_path / 'store'}"
+routes:
+  - {{path: "sensors/{{name}}", topic: "devices/{{identity}}/{{name}}"}}
+"""
+    for listen, ok in (('["coaps://127.0.0.1:5684"]', False),
+                       ('["coap://127.0.0.1:5683?modes=nosec"]', False),
+                       ('["coap://127.0.0.1:5683"]', True),
+                       ('["coap://127.0.0.1:5683?modes=oscore"]', True)):
+        conf.write_text(f"coap:\n  listen: {listen}\n" + base)
+        rc, out, err = run_gw("-c", conf, "--check")
+        assert (rc == 0) == ok, (listen, err)
+        if not ok:
+            assert "use OSCORE but no coap.listen entry" in err, err
