@@ -24,6 +24,7 @@
 #include "mqtt.h"
 #include "notify.h"
 #include "observe.h"
+#include "oscore.h"
 #include "stats.h"
 #include "uplink.h"
 
@@ -102,6 +103,7 @@ static size_t notify_drops(void) { return (size_t)notify_dropped(); }
 static size_t fd_hello_verify(void) { return (size_t)loop_front_door().hello_verify; }
 static size_t fd_verified(void) { return (size_t)loop_front_door().verified; }
 static size_t fd_cookies_refused(void) { return (size_t)loop_front_door().cookies_refused; }
+static size_t oscore_held_n(void) { return (size_t)oscore_held(); }
 static size_t fd_dropped(void) { return (size_t)loop_front_door().dropped; }
 static size_t fd_reconnects(void) { return (size_t)loop_front_door().reconnects; }
 static size_t fd_evicted(void) { return (size_t)loop_front_door().evicted; }
@@ -118,6 +120,12 @@ static const struct family families[] = {
 	{ "heap_bytes", "heap_bytes", GAUGE, "Heap in use, bytes: all = what the allocator has "
 	  "handed out, dtls = what wolfSSL holds of it (DTLS sessions, handshakes, contexts)",
 	  NULL, "part", 2, { { "all", 0, heap_all_bytes }, { "dtls", 0, heap_dtls_bytes } } },
+	{ "oscore_devices", "oscore_devices", GAUGE, "OSCORE devices with a security context",
+	  oscore_devices, NULL, 0, { { NULL, 0, NULL } } },
+	{ "oscore_held_total", "oscore_held", COUNTER, "OSCORE messages of the gateway held back: "
+	  "their sequence number was not yet covered by the bound on disk (a burst faster than the "
+	  "disk, or the journal directory cannot be written)", oscore_held_n, NULL, 0,
+	  { { NULL, 0, NULL } } },
 	{ "handshakes_total", "handshakes_ok", COUNTER, "DTLS handshakes completed",
 	  NULL, NULL, 1, { { NULL, STAT_HANDSHAKE_OK, NULL } } },
 	{ "handshake_failures_total", "handshakes_failed", COUNTER,
