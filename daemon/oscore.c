@@ -436,14 +436,15 @@ static int context_add(struct odev *d, uint64_t start)
 	bin_hex(sid, k->sender_id, k->sender_id_len);
 	bin_hex(rid, k->recipient_id, k->recipient_id_len);
 	/* replay_window 32: RFC 8613's default; ssn_freq 1: libcoap asks before every number;
-	 * rfc8613_b_1_2: Echo after a start; rfc8613_b_2 off: each attempt of it makes a context,
-	 * which strangers must not be able to do */
+	 * rfc8613_b_1_2: Echo after a start; rfc8613_b_2: a device that lost its sequence number
+	 * agrees fresh keys (a context made for it only once its request verified, one per
+	 * device: deps-patches/libcoap/0034) */
 	len = snprintf(conf, sizeof(conf),
 		       "master_secret,hex,\"%s\"\n%s%s%s"
 		       "sender_id,hex,\"%s\"\nrecipient_id,hex,\"%s\"\n"
 		       "replay_window,integer,32\nssn_freq,integer,1\n"
 		       "aead_alg,integer,%d\nhkdf_alg,integer,-10\n"
-		       "rfc8613_b_1_2,bool,true\nrfc8613_b_2,bool,false\n",
+		       "rfc8613_b_1_2,bool,true\nrfc8613_b_2,bool,true\n",
 		       secret, k->salt_len ? "master_salt,hex,\"" : "", k->salt_len ? salt : "",
 		       k->salt_len ? "\"\n" : "", sid, rid, k->alg);
 	explicit_bzero(secret, sizeof(secret));
@@ -465,8 +466,9 @@ static void context_remove(struct odev *d)
 {
 	coap_bin_const_t rid = { d->k.recipient_id_len, d->k.recipient_id };
 
-	if (d->live && O.ctx)
-		coap_delete_oscore_context(O.ctx, &rid);
+	/* its provisioned context, and the one Appendix B.2 may have made */
+	while (d->live && O.ctx && coap_delete_oscore_context(O.ctx, &rid))
+		;
 	d->live = 0;
 }
 

@@ -444,3 +444,47 @@ routes:
         assert (rc == 0) == ok, (listen, err)
         if not ok:
             assert "use OSCORE but no coap.listen entry" in err, err
+
+
+def rss_kib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def forged_b2_request(kid, i):
+    """A CON POST whose OSCORE option names a known kid and a kid context (RFC 8613 B.2 step 1),
+    with a payload nobody can have protected."""
+    ctx = os.urandom(8)
+    piv = bytes([i & 0xFF])
+    opt = bytes([0x08 | 0x10 | len(piv)]) + piv + bytes([1 + len(ctx)]) + b"\x48" + ctx + kid
+    tok = os.urandom(4)
+    head = bytes([0x40 | len(tok), 0x02]) + struct.pack(">H", i & 0xFFFF) + tok
+    return head + bytes([(9 << 4) | 13, len(opt) - 13]) + opt + b"\xff" + os.urandom(24)
+
+
+def test_a_device_without_sequence_number_agrees_fresh_keys_each_start(setup):
+    """RFC 8613 Appendix B.2: a device that keeps nothing across its restarts starts at sequence
+    number 0 each time and agrees a new ID Context first; forged B.2 requests add nothing."""
+    s, g, port = setup()
+    for run in range(3):
+        r = osim(port, "meter-1", "--oscore-b2", "--count", 2, "--interval", 0)
+        assert r.codes() == ["2.04", "2.04"], (run, r)
+    s.wait_for(6, match="devices/meter-1/temperature")
+    g.wait_for_log(r"identity=meter-1 oscore=ok")
+    before = rss_kib(g.proc.pid)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for i in range(20000):
+            sock.sendto(forged_b2_request(bytes.fromhex(DEVS["meter-1"][1]), i),
+                        ("127.0.0.1", port))
+            if i % 500 == 499:
+                time.sleep(0.05)
+    finally:
+        sock.close()
+    time.sleep(1)
+    grown = rss_kib(g.proc.pid) - before
+    assert grown < 4096, f"RSS grew by {grown} KiB over 20,000 forged B.2 requests"
+    r = osim(port, "meter-1", "--oscore-b2", "--count", 1)
+    assert r.codes() == ["2.04"], r

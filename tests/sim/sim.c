@@ -99,6 +99,7 @@ struct opts {
 	long stall_puts;		/* PUT/POSTs on led acknowledged but never answered */
 	const char *oscore;		/* --oscore: the device's context, or NULL */
 	long oscore_seq;		/* --oscore-seq: its first Sender Sequence Number */
+	bool oscore_b2;			/* --oscore-b2: agree fresh keys first (RFC 8613 B.2) */
 };
 
 /* Resources a device serves with --serve. */
@@ -424,6 +425,8 @@ usage(FILE *f)
 "                       sender_id=HEX,recipient_id=HEX,secret=HEX[,salt=HEX] as the\n"
 "                       device sees them; over coap:// (or inside coaps:// with a key)\n"
 "  --oscore-seq N       the device's first Sender Sequence Number, default 0\n"
+"  --oscore-b2          first agree fresh keys with the gateway (RFC 8613 Appendix B.2), as a\n"
+"                       device that keeps no sequence number across restarts does\n"
 "  --key-hex HEX        PSK key as hex instead\n"
 "  --keys FILE          devices from a keys file instead: \"identity key\" or\n"
 "                       \"identity hex:HEX\" per line, '#' comments; the first N entries\n"
@@ -603,7 +606,7 @@ opts_defaults(struct opts *o)
 }
 
 enum {
-	OPT_URI = 256, OPT_OSCORE, OPT_OSCORE_SEQ, OPT_IDENTITY, OPT_FIRST, OPT_SOURCE_PORT, OPT_KEY, OPT_KEY_HEX, OPT_KEYS, OPT_DEVICES,
+	OPT_URI = 256, OPT_OSCORE, OPT_OSCORE_SEQ, OPT_OSCORE_B2, OPT_IDENTITY, OPT_FIRST, OPT_SOURCE_PORT, OPT_KEY, OPT_KEY_HEX, OPT_KEYS, OPT_DEVICES,
 	OPT_COUNT, OPT_INTERVAL, OPT_RAMP, OPT_WINDOW, OPT_TYPE, OPT_METHOD, OPT_PATH,
 	OPT_PAYLOAD, OPT_PAYLOAD_FILE, OPT_CF, OPT_BLOCK, OPT_TIMEOUT, OPT_ACK_TIMEOUT,
 	OPT_MAX_RETRANSMIT, OPT_HANDSHAKE, OPT_MAX_HS, OPT_CIPHER, OPT_QUIET, OPT_VERBOSE, OPT_HELP,
@@ -616,6 +619,7 @@ static const struct option long_opts[] = {
 	{ "identity", required_argument, NULL, OPT_IDENTITY },
 	{ "oscore", required_argument, NULL, OPT_OSCORE },
 	{ "oscore-seq", required_argument, NULL, OPT_OSCORE_SEQ },
+	{ "oscore-b2", no_argument, NULL, OPT_OSCORE_B2 },
 	{ "first", required_argument, NULL, OPT_FIRST },
 	{ "source-port", required_argument, NULL, OPT_SOURCE_PORT },
 	{ "key", required_argument, NULL, OPT_KEY },
@@ -755,6 +759,7 @@ opt_one(struct opts *o, int c, const char *arg)
 	switch (c) {
 	case OPT_URI:		o->uri = arg; return 0;
 	case OPT_OSCORE:	o->oscore = arg; return 0;
+	case OPT_OSCORE_B2:	o->oscore_b2 = true; return 0;
 	case OPT_OSCORE_SEQ:
 		return opt_num("--oscore-seq", arg, 0, LONG_MAX, &o->oscore_seq);
 	case OPT_IDENTITY:	o->identity = arg; o->identity_set = true; return 0;
@@ -2002,7 +2007,7 @@ cipher_install(struct sim *s, coap_session_t *probe)
 /* --oscore: "k=HEX,..." into libcoap's configuration text (coap-oscore-conf(5)); NULL when
  * a field is not sender_id, recipient_id, secret or salt, or a value is not hex. */
 static coap_oscore_conf_t *
-oscore_conf(const char *spec, uint64_t seq)
+oscore_conf(const char *spec, uint64_t seq, bool b2)
 {
 	static const char *const keys[][2] = { { "sender_id", "sender_id" },
 	    { "recipient_id", "recipient_id" }, { "secret", "master_secret" },
@@ -2035,7 +2040,8 @@ oscore_conf(const char *spec, uint64_t seq)
 			return NULL;
 	}
 	len += (size_t)snprintf(conf + len, sizeof(conf) - len, "replay_window,integer,32\n"
-	    "aead_alg,integer,10\nhkdf_alg,integer,-10\nrfc8613_b_1_2,bool,true\n");
+	    "aead_alg,integer,10\nhkdf_alg,integer,-10\nrfc8613_b_1_2,bool,true\n"
+	    "rfc8613_b_2,bool,%s\n", b2 ? "true" : "false");
 	if (len >= sizeof(conf))
 		return NULL;
 	return coap_new_oscore_conf((coap_str_const_t){ len, (const uint8_t *)conf }, NULL, NULL,
@@ -2045,7 +2051,8 @@ oscore_conf(const char *spec, uint64_t seq)
 static coap_session_t *
 oscore_session_new(struct sim *s, struct device *d, coap_address_t *local)
 {
-	coap_oscore_conf_t *oc = oscore_conf(s->o.oscore, (uint64_t)s->o.oscore_seq);
+	coap_oscore_conf_t *oc = oscore_conf(s->o.oscore, (uint64_t)s->o.oscore_seq,
+	    s->o.oscore_b2);
 	coap_dtls_cpsk_t psk;
 
 	if (!oc) {
