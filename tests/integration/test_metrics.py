@@ -120,6 +120,7 @@ def test_counters_gauges_and_json_snapshot(metrics_world):
 
         expect = {
             ("sessions", ()): 1, ("devices_online", ()): 1,
+            ("oscore_devices", ()): 0, ("oscore_held_total", ()): 0,
             ("handshakes_total", ()): 4,  # background + three sims with the right key
             ("handshake_failures_total", (("reason", "wrong_key"),)): 1,
             ("handshake_failures_total", (("reason", "unknown_identity"),)): 1,
@@ -190,7 +191,8 @@ def test_counters_gauges_and_json_snapshot(metrics_world):
         assert (jj["journal_replays"], jj["journal_store_errors"], jj["journal_cut_bytes"]) == \
             (0, 0, 0), jj
         assert j == {
-            "sessions": 1, "online": 1, "handshakes_ok": 4,
+            "sessions": 1, "online": 1, "oscore_devices": 0, "oscore_held": 0,
+            "handshakes_ok": 4,
             "handshakes_failed": {"wrong_key": 1, "unknown_identity": 1, "bad_certificate": 0,
                                   "dtls_error": 0},
             "hello_verify": 6, "cookies_verified": 6, "cookies_refused": 0,
