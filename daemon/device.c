@@ -605,10 +605,15 @@ const char *dev_oscore_request(struct dev_sess *s, const struct key_entry *e)
 		return strcmp(s->identity, e->identity) == 0 ? NULL :
 		       "its OSCORE context is another device's than its DTLS identity";
 	}
-	if (s->oscore && strcmp(s->identity, e->identity) != 0) {
-		/* another device now sends from this address (a NAT gave it away) */
-		sess_detach(s);
-		dev_down(s, "replaced");
+	if (s->oscore && (strcmp(s->identity, e->identity) != 0 ||
+			  !keys_oscore_equal(s->oscore, e->oscore))) {
+		if (strcmp(s->identity, e->identity) != 0) {
+			/* another device now sends from this address (a NAT gave it away) */
+			sess_detach(s);
+			dev_down(s, "replaced");
+		}
+		/* else its context changed by a reload, which closed the session's use of the
+		 * old one: this request verified under the new one */
 		explicit_bzero(s->oscore, sizeof(*s->oscore));
 		free(s->oscore);
 		s->oscore = NULL;

@@ -361,6 +361,8 @@ def test_presence_online_with_a_request_offline_after_idle_timeout(setup):
 
 def test_reload_adds_removes_and_changes_oscore_devices(setup):
     s, g, port = setup(devices={"meter-1": DEVS["meter-1"]})
+    sport = free_port()  # meter-1 keeps its port across the change, as many devices do
+    assert osim(port, "meter-1", "--count", 1, "--source-port", sport).codes() == ["2.04"]
     assert osim(port, "meter-2", "--count", 1, "--max-retransmit", 1,
                 "--ack-timeout", 1).codes() != ["2.04"]
     # meter-2 comes, meter-1 gets a new secret
@@ -373,8 +375,10 @@ def test_reload_adds_removes_and_changes_oscore_devices(setup):
     assert osim(port, "meter-2", "--count", 1).codes() == ["2.04"]
     s.wait_for(1, match="devices/meter-2/temperature")
     assert "2.04" not in osim(port, "meter-1", "--count", 1, "--max-retransmit", 1,
-                              "--ack-timeout", 1).codes()
-    assert osim(port, "meter-1", "--count", 1, secret=new).codes() == ["2.04"]
+                              "--ack-timeout", 1, "--source-port", sport,
+                              "--oscore-seq", 10).codes()
+    assert osim(port, "meter-1", "--count", 1, "--source-port", sport, secret=new).codes() == \
+        ["2.04"]
     # meter-2 goes
     g.keys_path.write_text(keys_line("meter-1", "a1", "01", new))
     g.proc.send_signal(signal.SIGHUP)
@@ -488,3 +492,10 @@ def test_a_device_without_sequence_number_agrees_fresh_keys_each_start(setup):
     assert grown < 4096, f"RSS grew by {grown} KiB over 20,000 forged B.2 requests"
     r = osim(port, "meter-1", "--oscore-b2", "--count", 1)
     assert r.codes() == ["2.04"], r
+
+
+def test_ack_broker_route_answers_after_the_puback_protected(setup):
+    s, g, port = setup()
+    r = osim(port, "meter-1", "--count", 3, "--interval", 0, "--path", "acked/t")
+    assert r.codes() == ["2.04"] * 3, r
+    s.wait_for(3, match="devices/meter-1/acked/t")
