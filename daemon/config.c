@@ -671,7 +671,7 @@ static void rpk_dups(struct cctx *x, const struct cnode *file_node)
 static void oscore_devices(struct cctx *x, const struct cnode *file_node)
 {
 	const struct config *c = x->c;
-	const struct cnode *where = file_node ? file_node : &x->t.node[0];
+	const struct cnode *where;
 	struct keys *k;
 	size_t i, n = 0, listeners = 0;
 
@@ -679,6 +679,7 @@ static void oscore_devices(struct cctx *x, const struct cnode *file_node)
 		n += c->devices[i].oscore != NULL;
 	if (n == 0)
 		return;
+	where = file_node ? file_node : &x->t.node[0];
 	if ((k = keys_new(c->devices, c->n_devices)) == NULL) {
 		conf_oom(&x->t);
 		return;

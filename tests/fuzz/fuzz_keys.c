@@ -33,11 +33,23 @@ static void check_entry(const struct key_entry *e)
 		abort();
 	if (e->origin == NULL)
 		abort();
-	/* a PSK of a valid length, or a raw public key fingerprint or a certificate and no PSK */
-	if (e->has_rpk + e->cert > 1)
+	/* a PSK of a valid length, or a raw public key fingerprint, a certificate or an OSCORE
+	 * context and no PSK */
+	if (e->has_rpk + e->cert + (e->oscore != NULL) > 1)
 		abort();
-	if (e->has_rpk || e->cert ? e->key_len != 0 :
+	if (e->has_rpk || e->cert || e->oscore ? e->key_len != 0 :
 	    e->key_len < KEYS_MIN_KEY || e->key_len > KEYS_MAX_KEY)
+		abort();
+	/* an OSCORE context within RFC 8613's bounds, its two IDs different */
+	if (e->oscore && (e->oscore->sender_id_len > KEYS_OSCORE_MAX_ID ||
+			  e->oscore->recipient_id_len > KEYS_OSCORE_MAX_ID ||
+			  e->oscore->secret_len < KEYS_OSCORE_MIN_SECRET ||
+			  e->oscore->secret_len > KEYS_OSCORE_MAX_SECRET ||
+			  e->oscore->salt_len > KEYS_OSCORE_MAX_SALT ||
+			  e->oscore->alg != KEYS_OSCORE_ALG_CCM_16_64_128 ||
+			  (e->oscore->sender_id_len == e->oscore->recipient_id_len &&
+			   memcmp(e->oscore->sender_id, e->oscore->recipient_id,
+				  e->oscore->sender_id_len) == 0)))
 		abort();
 }
 
@@ -59,12 +71,20 @@ static void check_lookup(const struct key_entry *v, size_t n, const uint8_t *dat
 		/* a fingerprint finds a device with that very fingerprint */
 		if (v[i].has_rpk && ((e = keys_find_rpk(k, v[i].rpk)) == NULL ||
 				     memcmp(e->rpk, v[i].rpk, KEYS_RPK_LEN) != 0))
+			abort();		/* a Recipient ID finds a device with that very ID */
+		if (v[i].oscore &&
+		    ((e = keys_find_oscore(k, v[i].oscore->recipient_id,
+					   v[i].oscore->recipient_id_len)) == NULL ||
+		     !e->oscore || e->oscore->recipient_id_len != v[i].oscore->recipient_id_len ||
+		     memcmp(e->oscore->recipient_id, v[i].oscore->recipient_id,
+			    v[i].oscore->recipient_id_len) != 0))
 			abort();
 	}
 	/* arbitrary bytes, NUL and all, as an identity from a handshake; as a key's fingerprint */
 	keys_find(k, (const char *)data, size);
 	if (size >= KEYS_RPK_LEN)
 		keys_find_rpk(k, data);
+	keys_find_oscore(k, data, size < 8 ? size : 8);
 	if (size > 1)
 		keys_find(k, (const char *)data + 1, size - 1);
 	keys_free(k);
