@@ -30,6 +30,13 @@ def in_ns(ns):
     return ["nsenter", f"--net=/run/netns/{ns}", "--"]
 
 
+def mounted(path):
+    """Whether something is mounted on path (a bind mount of a directory on itself included,
+    which os.path.ismount does not see)."""
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
+
+
 @pytest.fixture
 def link():
     """A veth pair: one end here (the gateway's), one in a new network namespace (the
@@ -39,6 +46,8 @@ def link():
         pytest.fail("multicast discovery tests make a network namespace: run them as root")
     tag = f"{os.getpid() % 100000}"
     ns, here, there = f"c2m-disc-{tag}", f"c2dA{tag}", f"c2dB{tag}"
+    # ip netns add mounts /run/netns on itself the first time; that mount is ours to undo
+    runns_mounted = mounted("/run/netns")
     try:
         made = sh("ip", "netns", "add", ns, check=False)
         if made.returncode != 0:
@@ -59,6 +68,8 @@ def link():
     finally:
         sh("ip", "link", "del", here, check=False)
         sh("ip", "netns", "del", ns, check=False)
+        if not runns_mounted and mounted("/run/netns") and not os.listdir("/run/netns"):
+            sh("umount", "/run/netns", check=False)
 
 
 @pytest.fixture
