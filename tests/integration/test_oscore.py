@@ -389,6 +389,27 @@ def test_reload_adds_removes_and_changes_oscore_devices(setup):
     s.assert_none(match="devices/meter-2/temperature", already=1)
 
 
+def check(pki, tmp_path, keys_text, listen):
+    """coap2mqtt --check of a configuration with this keys file and coap.listen: (rc, stderr)."""
+    from test_cli import run_gw
+    keys = tmp_path / "keys"
+    keys.write_text(keys_text)
+    os.chmod(keys, 0o600)
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"""coap:
+  listen: {listen}
+devices_file: "{keys}"
+mqtt:
+  url: "mqtts://127.0.0.1:8883"
+  ca_file: "{pki.ca}"
+  persistence_dir: "{tmp_path / 'store'}"
+routes:
+  - {{path: "sensors/{{name}}", topic: "devices/{{identity}}/{{name}}"}}
+""")
+    rc, _, err = run_gw("-c", conf, "--check")
+    return rc, err
+
+
 @pytest.mark.parametrize("line,why", [
     ("m oscore:sender_id=a1,recipient_id=01\n", "secret= is required"),
     ("m oscore:sender_id=a1,recipient_id=01,secret=0102\n", "secret shorter than 16 bytes"),
@@ -406,46 +427,17 @@ def test_reload_adds_removes_and_changes_oscore_devices(setup):
      "oscore recipient_id is also device m's"),
 ])
 def test_check_refuses_bad_oscore_entries(pki, tmp_path, line, why):
-    from test_cli import run_gw
-    keys = tmp_path / "keys"
-    keys.write_text(line)
-    os.chmod(keys, 0o600)
-    conf = tmp_path / "c.yaml"
-    conf.write_text(f"""coap:
-  listen: ["coap://127.0.0.1:5683?modes=oscore"]
-devices_file: "{keys}"
-mqtt:
-  url: "mqtts://127.0.0.1:8883"
-  ca_file: "{pki.ca}"
-  persistence_dir: "{tmp_path / 'store'}"
-routes:
-  - {{path: "sensors/{{name}}", topic: "devices/{{identity}}/{{name}}"}}
-""")
-    rc, out, err = run_gw("-c", conf, "--check")
+    rc, err = check(pki, tmp_path, line, '["coap://127.0.0.1:5683?modes=oscore"]')
     assert rc == 1 and why in err, err
     assert SECRET not in err and SECRET[2:] not in err  # never a key
 
 
 def test_check_wants_a_coap_listener_for_oscore_devices(pki, tmp_path):
-    from test_cli import run_gw
-    keys = tmp_path / "keys"
-    keys.write_text(keys_line("m", "a1", "01", SECRET))
-    os.chmod(keys, 0o600)
-    conf = tmp_path / "c.yaml"
-    base = f"""devices_file: "{keys}"
-mqtt:
-  url: "mqtts://127.0.0.1:8883"
-  ca_file: "{pki.ca}"
-  persistence_dir: "{tmp_path / 'store'}"
-routes:
-  - {{path: "sensors/{{name}}", topic: "devices/{{identity}}/{{name}}"}}
-"""
     for listen, ok in (('["coaps://127.0.0.1:5684"]', False),
                        ('["coap://127.0.0.1:5683?modes=nosec"]', False),
                        ('["coap://127.0.0.1:5683"]', True),
                        ('["coap://127.0.0.1:5683?modes=oscore"]', True)):
-        conf.write_text(f"coap:\n  listen: {listen}\n" + base)
-        rc, out, err = run_gw("-c", conf, "--check")
+        rc, err = check(pki, tmp_path, keys_line("m", "a1", "01", SECRET), listen)
         assert (rc == 0) == ok, (listen, err)
         if not ok:
             assert "use OSCORE but no coap.listen entry" in err, err

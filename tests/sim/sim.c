@@ -2004,6 +2004,19 @@ cipher_install(struct sim *s, coap_session_t *probe)
 	return any;
 }
 
+/* The device's PSK credentials for a coaps:// session. */
+static void
+psk_setup(struct sim *s, struct device *d, coap_dtls_cpsk_t *psk)
+{
+	memset(psk, 0, sizeof(*psk));
+	psk->version = COAP_DTLS_CPSK_SETUP_VERSION;
+	psk->client_sni = s->sni;
+	psk->psk_info.identity.s = (const uint8_t *)d->identity;
+	psk->psk_info.identity.length = strlen(d->identity);
+	psk->psk_info.key.s = d->key;
+	psk->psk_info.key.length = d->key_len;
+}
+
 /* --oscore: "k=HEX,..." into libcoap's configuration text (coap-oscore-conf(5)); NULL when
  * a field is not sender_id, recipient_id, secret or salt, or a value is not hex. */
 static coap_oscore_conf_t *
@@ -2062,13 +2075,7 @@ oscore_session_new(struct sim *s, struct device *d, coap_address_t *local)
 	}
 	if (s->proto == COAP_PROTO_UDP)
 		return coap_new_client_session_oscore(s->ctx, local, &s->dst, s->proto, oc);
-	memset(&psk, 0, sizeof(psk));
-	psk.version = COAP_DTLS_CPSK_SETUP_VERSION;
-	psk.client_sni = s->sni;
-	psk.psk_info.identity.s = (const uint8_t *)d->identity;
-	psk.psk_info.identity.length = strlen(d->identity);
-	psk.psk_info.key.s = d->key;
-	psk.psk_info.key.length = d->key_len;
+	psk_setup(s, d, &psk);
 	return coap_new_client_session_oscore_psk(s->ctx, local, &s->dst, s->proto, &psk, oc);
 }
 
@@ -2090,13 +2097,7 @@ session_new(struct sim *s, struct device *d)
 		return oscore_session_new(s, d, local);
 	if (s->proto == COAP_PROTO_UDP)
 		return coap_new_client_session(s->ctx, local, &s->dst, s->proto);
-	memset(&psk, 0, sizeof(psk));
-	psk.version = COAP_DTLS_CPSK_SETUP_VERSION;
-	psk.client_sni = s->sni;
-	psk.psk_info.identity.s = (const uint8_t *)d->identity;
-	psk.psk_info.identity.length = strlen(d->identity);
-	psk.psk_info.key.s = d->key;
-	psk.psk_info.key.length = d->key_len;
+	psk_setup(s, d, &psk);
 	return coap_new_client_session_psk2(s->ctx, local, &s->dst, s->proto, &psk);
 }
 
