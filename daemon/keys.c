@@ -344,7 +344,8 @@ int keys_decode_hex(const char *hex, uint8_t *out, size_t outlen, const char **w
 
 const char *keys_decode_rpk(const char *text, uint8_t fp[KEYS_RPK_LEN])
 {
-	const char *why;
+	const char *why = NULL;
+	int len;
 
 	if (text == NULL || strncmp(text, KEYS_RPK_PREFIX, strlen(KEYS_RPK_PREFIX)) != 0)
 		return "must start with sha256: (the SHA-256 of the device's public key, "
@@ -352,8 +353,10 @@ const char *keys_decode_rpk(const char *text, uint8_t fp[KEYS_RPK_LEN])
 	text += strlen(KEYS_RPK_PREFIX);
 	if (strlen(text) != 2 * KEYS_RPK_LEN)
 		return "must have 64 hex digits after sha256:";
-	if (keys_decode_hex(text, fp, KEYS_RPK_LEN, &why) != KEYS_RPK_LEN)
-		return why;
+	/* keys_decode_hex() would take "hex:" and 60 digits: 30 bytes, and no reason */
+	len = keys_decode_hex(text, fp, KEYS_RPK_LEN, &why);
+	if (len != KEYS_RPK_LEN)
+		return len < 0 && why ? why : "must have 64 hex digits after sha256:";
 	return NULL;
 }
 

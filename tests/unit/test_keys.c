@@ -299,6 +299,10 @@ static void test_rpk(void)
 	fp[31] ^= 1;
 	CHECK(keys_find_rpk(k, fp) == NULL);
 	CHECK(keys_decode_rpk(fp1, fp) == NULL && memcmp(fp, v[0].rpk, sizeof(fp)) == 0);
+	/* "hex:" and 60 digits are 64 characters but 30 bytes: refused with a reason (it was
+	 * refused with no reason, which a message then printed from a wild pointer) */
+	CHECK_STR(keys_decode_rpk("sha256:hex:000102030405060708090a0b0c0d0e0f101112131415161718191a"
+				  "1b1c1d", fp), "must have 64 hex digits after sha256:");
 	keys_free(k);
 	free_entries(v, n);
 }
