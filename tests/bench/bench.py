@@ -1,16 +1,17 @@
 #!/usr/bin/python3
-"""Throughput and latency benchmark: real gateway, real mosquitto (TLS), simulated DTLS devices on
-loopback (one simulator process per 2,000 devices).
+"""Throughput and latency benchmark: real gateway, real mosquitto (TLS), DTLS devices on loopback
+from the load generator (tests/bench/loadgen.c: one process, one socket, a wolfSSL client and a
+loopback address of its own per device, CCM_8).
 
-Every row first sets up all its sessions (the simulators hold their readings until the gateway
-has counted every handshake: "setup" is how long that took, "KiB/sess" what the gateway's resident
+Every row first sets up all its sessions (the generator holds the readings until every
+handshake is done: "setup" is how long that took, "KiB/sess" what the gateway's resident
 memory grew by per session); what follows is measured from then on. Prints one table, one row per
 (sessions, mode, load): readings answered 2.04 of those sent, 2.04/s, the gateway's CPU time per
 reading (in all and by thread: the event loop "coap2mqtt", the journal writer "c2m-journal", the
 MQTT client's send and receive threads), its peak memory, the time from request to 2.04 (p50, p99,
 as the devices measure it), fsyncs/s, readings per group commit, the journal's fdatasync p99, UDP
-datagrams the kernel dropped, the simulators' CPU and the machine's idle CPU (on a 2-core machine they compete with the
-gateway). Modes: "qos0" = QoS 0 (no journal), "qos1 sync" = QoS 1 with ack: stored (2.04 after the
+datagrams the kernel dropped, the generator's CPU and the machine's idle CPU (on a 2-core
+machine they compete with the gateway). Modes: "qos0" = QoS 0 (no journal), "qos1 sync" = QoS 1 with ack: stored (2.04 after the
 journal's fdatasync). Loads: "max" = closed loop, each device keeps --window requests in flight,
 first ones spread over 1 s (the gateway's capacity while the socket buffer holds what is in
 flight); "R/s" = open loop, R readings/s offered in all for 10 s, one in flight per device (what a
@@ -19,7 +20,8 @@ fleet does: its latency, and the capacity where 2.04/s falls behind R).
     tests/bench/bench.py [--sessions 1000,10000] [--readings 20] [--window 4] [--qos 0,1]
                          [--rate 2000,5000,10000] [--inflight 1000] [--plot bench.svg]
 
-Needs a build (build/coap2mqtt, build/tests/coap2mqtt-sim; or COAP2MQTT_BIN/COAP2MQTT_SIM).
+Needs a build (build/coap2mqtt, build/tests/coap2mqtt-loadgen; or COAP2MQTT_BIN and
+COAP2MQTT_LOADGEN).
 Bounded: every run has a deadline and all processes are stopped at the end.
 """
 import argparse
@@ -35,18 +37,14 @@ from pathlib import Path
 TOP = Path(__file__).resolve().parents[2]
 STOCK = TOP / "deps" / "stock" / "bin" / "coap-server-wolfssl"
 os.environ.setdefault("COAP2MQTT_BIN", str(TOP / "build" / "coap2mqtt"))
-os.environ.setdefault("COAP2MQTT_SIM", str(TOP / "build" / "tests" / "coap2mqtt-sim"))
+LOADGEN = os.environ.get("COAP2MQTT_LOADGEN", str(TOP / "build" / "tests" / "coap2mqtt-loadgen"))
 sys.path.insert(0, str(TOP / "tests" / "integration"))
 import conftest as h  # noqa: E402  (the integration tests' broker/gateway/PKI helpers)
 
 
-SIM_SESSIONS = 2000  # devices per simulator process
 # closed loop: the devices' first requests spread over this time, not all in one instant (10,000
 # devices x 4 requests at once are 40,000 datagrams: more than any socket buffer holds)
 RAMP_MS = 1000
-# Device i sends from port SOURCE_PORT + i: ports the kernel picks can repeat (libcoap sets
-# SO_REUSEADDR), and two devices on one port are one peer to the gateway. Below the ephemeral range.
-SOURCE_PORT = 10000
 
 
 def proc_stat(pid):
@@ -110,38 +108,28 @@ def pct(v, q):
     return sorted(v)[min(len(v) - 1, int(len(v) * q))] if v else 0.0
 
 
-def start_sims(d, uri, keys, sessions, readings, interval, window, ramp, method, path):
-    """One simulator per SIM_SESSIONS devices of the keys file, holding their readings until
-    SIGUSR1; together they keep at most 40 handshakes going."""
-    lines = keys.read_text().splitlines(keepends=True)
-    nsim = -(-sessions // SIM_SESSIONS)
-    sims = []
-    for k, first in enumerate(range(0, sessions, SIM_SESSIONS)):
-        n = min(SIM_SESSIONS, sessions - first)
-        part = d / f"devices-{k}.keys"
-        part.write_text("".join(lines[first:first + n]))
-        # stdout to a file: a pipe read one simulator after another stops the others
-        sims.append(subprocess.Popen(
-            [os.environ["COAP2MQTT_SIM"], "--uri", uri, "--keys", str(part),
-             "--devices", str(n), "--count", str(readings), "--hold",
-             "--interval", str(interval), "--window", str(window), "--ramp", str(ramp),
-             "--type", "con", "--method", method, "--path", path, "--payload", "{seq} {time}",
-             "--timeout", "300", "--handshake-timeout", "60",
-             "--max-handshakes", str(max(1, 40 // nsim)),
-             "--source-port", str(SOURCE_PORT + first)],
-            stdout=open(d / f"sim-{k}.out", "w"), stderr=subprocess.DEVNULL))
-    return sims
+def start_load(d, port, keys, sessions, readings, interval, window, ramp, method, path):
+    """The load generator (tests/bench/loadgen.c): every device of the keys file, one process
+    on one socket, each device from its own loopback address; at most 40 handshakes at once, the
+    readings held until SIGUSR1."""
+    # stdout to a file: the benchmark reads it once the run is over
+    return [subprocess.Popen(
+        [LOADGEN, "--port", str(port), "--keys", str(keys), "--sessions", str(sessions),
+         "--readings", str(readings), "--hold", "--interval", str(interval),
+         "--window", str(window), "--ramp", str(ramp), "--type", "con", "--method", method,
+         "--path", path, "--timeout", "600", "--handshakes", "40"],
+        stdout=open(d / "load-0.out", "w"), stderr=open(d / "load-0.err", "w"))]
 
 
-def connected(d, nsim):
-    """Sessions the simulators have up (each says event=dtls-connected once per session)."""
-    return sum((d / f"sim-{k}.out").read_text().count("event=dtls-connected")
-               for k in range(nsim))
+def connected(d, ngen):
+    """Sessions the generator has up (it says event=dtls-connected once per session)."""
+    return sum((d / f"load-{k}.out").read_text().count("event=dtls-connected")
+               for k in range(ngen))
 
 
 def subscriber(d, broker, pki):
     """mosquitto_sub on every bench topic, each message with its arrival time (%U), topic and
-    payload ("SEQ SENT-TIME", as the simulators write it): device-to-subscriber latency, losses
+    payload ("SEQ SENT-TIME", as the generator writes it): device-to-subscriber latency, losses
     and duplicates."""
     out = d / "sub.out"
     p = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port),
@@ -154,7 +142,7 @@ def subscriber(d, broker, pki):
 
 def run(tmp, pki, broker, sessions, readings, window, qos, inflight, rate=0, seconds=10,
         stock=False):
-    """One row. Every session is set up first (the simulators hold their readings until all
+    """One row. Every session is set up first (the generator holds the readings until all
     their sessions are up); what the row measures starts then. rate 0: closed loop (each device
     keeps `window` requests in flight, as fast as they are answered: the server's capacity).
     rate R: open loop, R readings/s offered in all, each device one reading every sessions/R s
@@ -180,7 +168,7 @@ def run(tmp, pki, broker, sessions, readings, window, qos, inflight, rate=0, sec
                         # as the kernel counts it); beyond net.core.rmem_max only as root
                         coap={"max_sessions": sessions + 100, "idle_timeout": 600,
                               "receive_buffer": max(4 << 20, sessions * 1536),
-                              # every simulated device is on 127.0.0.1: one address for all
+                              # 40 handshakes at once from the generator
                               "max_handshakes_per_ip": 100000},
                         routes=[{"path": "sensors/{name}", "topic": "bench/{identity}/{name}",
                                  "qos": qos, "ack": "stored"}],
@@ -191,7 +179,7 @@ def run(tmp, pki, broker, sessions, readings, window, qos, inflight, rate=0, sec
         srv.start()
         h.wait_mqtt_connected(srv, 30)
         pid, uri, method, path = srv.proc.pid, srv.uri, "post", "sensors/t"
-    sims, sub = [], None
+    gens, sub = [], None
     try:
         # closed loop: at most 4,000 requests in flight in all (one per device beyond that): a
         # deeper queue outlasts CoAP's 2 s ACK timeout and devices retransmit what merely waits
@@ -202,11 +190,11 @@ def run(tmp, pki, broker, sessions, readings, window, qos, inflight, rate=0, sec
             window = 1
         rss0 = proc_rss(pid)
         heap0 = {} if stock else scrape(mport)
-        sims = start_sims(d, uri, keys, sessions, readings, interval, window,
-                          interval if rate else RAMP_MS, method, path)
+        gens = start_load(d, int(uri.rsplit(":", 1)[1]), keys, sessions, readings, interval,
+                          window, interval if rate else RAMP_MS, method, path)
         t_setup = time.monotonic()
-        while (connected(d, len(sims)) < sessions and time.monotonic() - t_setup < 180
-               and all(p.poll() is None for p in sims)):
+        while (connected(d, len(gens)) < sessions and time.monotonic() - t_setup < 180
+               and all(p.poll() is None for p in gens)):
             time.sleep(0.2)
         setup = time.monotonic() - t_setup
         time.sleep(0.5)  # the server's last handshakes end after the device's
@@ -219,20 +207,20 @@ def run(tmp, pki, broker, sessions, readings, window, qos, inflight, rate=0, sec
             sub, sub_out = subscriber(d, broker, pki)
         cpu0, _ = proc_stat(pid)
         th0 = thread_cpu(pid)
-        sim0 = sum(proc_stat(p.pid)[0] for p in sims if p.poll() is None)
+        gen0 = sum(proc_stat(p.pid)[0] for p in gens if p.poll() is None)
         m0 = {} if stock else scrape(mport)
         drops0 = udp_drops()
         busy0 = cpu_ticks()
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.monotonic()
-        for p in sims:
+        for p in gens:
             p.send_signal(signal.SIGUSR1)
-        for p in sims:
+        for p in gens:
             p.wait(timeout=360)
         wall = time.monotonic() - t0
         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        sim_cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime) - sim0
-        outs = [(d / f"sim-{k}.out").read_text() for k in range(len(sims))]
+        gen_cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime) - gen0
+        outs = [(d / f"load-{k}.out").read_text() for k in range(len(gens))]
         cpu1, hwm = proc_stat(pid)
         th1 = thread_cpu(pid)
         m1 = {} if stock else scrape(mport)
@@ -246,7 +234,7 @@ def run(tmp, pki, broker, sessions, readings, window, qos, inflight, rate=0, sec
         odd = [line for line in lines if " code=2." not in line and not line.startswith("sent=")
                and "event=dtls-connected" not in line]
         if odd:
-            print(f"bench: {len(odd)} other simulator lines, first: {odd[:3]}", file=sys.stderr)
+            print(f"bench: {len(odd)} other generator lines, first: {odd[:3]}", file=sys.stderr)
         ok = sum(int(kv.get("ok", 0)) for kv in kvs)
         sent = sum(int(kv.get("sent", 0)) for kv in kvs)
         e2e, lost, dup = [], None, None
@@ -266,11 +254,11 @@ def run(tmp, pki, broker, sessions, readings, window, qos, inflight, rate=0, sec
                 "e2e50": pct(e2e, 0.5), "e2e99": pct(e2e, 0.99), "lost": lost, "dup": dup,
                 "fsyncs": fs / wall if wall else 0,
                 "per_commit": recs / commits if commits else 0, "drops": drops,
-                "sim_cpu": sim_cpu * 100 / wall if wall else 0, "idle": idle,
+                "gen_cpu": gen_cpu * 100 / wall if wall else 0, "idle": idle,
                 "fsync_p99": m1.get("journal_fsync_p99_microseconds", 0) / 1000,
                 "threads": {k: (v - th0.get(k, 0)) * 1e6 / ok if ok else 0 for k, v in th1.items()}}
     finally:
-        for p in sims + ([sub] if sub else []):
+        for p in gens + ([sub] if sub else []):
             if p.poll() is None:
                 p.kill()
                 p.wait()
@@ -363,8 +351,8 @@ NOTE = ("every row starts once all its sessions are up: 'setup' is how long thei
         "took, 'KiB/sess' what the server's resident memory grew by per session, 'heap' and "
         "'wolfSSL' what its heap in use and wolfSSL's share of it grew by per session (the "
         "gateway's heap_bytes metric); max: closed "
-        "loop; R/s: open loop; p50/p99: request to 2.04 as the simulated devices see it, "
-        "retransmissions and the simulators' own delays included; e2e: from the device building "
+        "loop; R/s: open loop; p50/p99: request to 2.04 as the generator's devices see it, "
+        "retransmissions and the generator's own delays included; e2e: from the device building "
         "the request to a subscriber receiving it from the broker; lost: answered 2.xx and never "
         "received; dup: received more than once; UDP drops: datagrams the kernel dropped for a "
         "full socket buffer, machine-wide, each costing a 2 s retransmission; idle: CPU time of "
@@ -385,7 +373,7 @@ def table(rows):
             f"{'cpu/reading':>12} {'setup':>7} {'KiB/sess':>8} {'heap':>6} {'wolfSSL':>7} "
             f"{'peak RSS':>10} {'p50':>8} "
             f"{'p99':>8} {'e2e p50':>8} {'e2e p99':>8} {'lost':>5} {'dup':>4} {'fsyncs/s':>9} "
-            f"{'per commit':>10} {'UDP drops':>9} {'fsync p99':>9} {'sim cpu':>7} {'idle':>5}"
+            f"{'per commit':>10} {'UDP drops':>9} {'fsync p99':>9} {'gen cpu':>7} {'idle':>5}"
             "  cpu us/reading by thread")
     out = [head]
     for r in rows:
@@ -397,7 +385,7 @@ def table(rows):
             f"{r['kib_session']:>8.1f} {r['heap_session']:>6.1f} {r['dtls_session']:>7.1f} "
             f"{r['rss']:>6.1f} MiB {r['p50']:>5.1f} ms "
             f"{r['p99']:>5.1f} ms {e2e} {r['fsyncs']:>9.0f} {r['per_commit']:>10.1f} "
-            f"{r['drops']:>9} {r['fsync_p99']:>6.1f} ms {r['sim_cpu']:>6.0f}% {r['idle']:>4.0f}%  "
+            f"{r['drops']:>9} {r['fsync_p99']:>6.1f} ms {r['gen_cpu']:>6.0f}% {r['idle']:>4.0f}%  "
             + " ".join(f"{k}={v:.0f}" for k, v in sorted(r["threads"].items())))
     out.append(f"({NOTE})")
     lines = ratios(rows)
@@ -458,7 +446,7 @@ def page(rows, text, a):
         "Written by `scripts/bench` (tests/bench/bench.py); do not edit by hand: run it again.",
         "",
         f"- run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {rev}",
-        f"- machine: {machine()}; the simulators, mosquitto and the subscriber run on it too",
+        f"- machine: {machine()}; the load generator, mosquitto and the subscriber run on it too",
         f"- command: `tests/bench/bench.py --sessions {a.sessions} --qos {a.qos} "
         f"--rate {a.rate} --readings {a.readings}{' --stock' if a.stock else ''}`",
         "",
