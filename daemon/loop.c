@@ -17,7 +17,8 @@
 #include "pdu.h"
 
 #define LOOP_EPOLL_BATCH 64
-#define LOOP_EPOLL_ROUNDS 8		/* batches per wake-up before yielding to other events */
+#define LOOP_EPOLL_ROUNDS 32		/* rounds per wake-up before yielding to other events: libcoap
+					 * reads one datagram per ready socket and round */
 #define LOOP_PREPARE_MS 100		/* libcoap timer scan at most this often when idle */
 #define LOOP_FULL_PREPARE_TICKS 10	/* every session looked at once a second (idle time,
 					 * block transfers: timeouts of seconds) */
@@ -567,10 +568,9 @@ static void on_coap_fd(evutil_socket_t fd, short what, void *arg)
 		for (int i = 0; i < n; i++)
 			if (events[i].data.ptr == NULL)
 				timer_fired = 1;
-		if (n > 0)
-			coap_io_do_epoll(L.coap, events, (size_t)n);
-		if (n < LOOP_EPOLL_BATCH)
+		if (n == 0)
 			break;
+		coap_io_do_epoll(L.coap, events, (size_t)n);
 	}
 	/* libcoap's timerfd fired: run its due work (retransmissions, timeouts) and re-arm it */
 	if (timer_fired || L.kicked)

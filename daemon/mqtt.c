@@ -170,6 +170,13 @@ static void pub_complete(struct mqtt_ev *ev, enum mqtt_status st, const char *wh
 	pthread_mutex_lock(&M.mu);
 	live_unlink(ev);
 	pthread_mutex_unlock(&M.mu);
+	if (st == MQTT_DELIVERED && !ev->done) {
+		/* nobody waits for it (a QoS 0 reading, a status): done here, without waking the
+		 * loop once per message */
+		atomic_fetch_sub(&M.outstanding, 1);
+		free(ev);
+		return;
+	}
 	ev->kind = EV_PUB_DONE;
 	ev->status = st;
 	if (why)
