@@ -43,11 +43,21 @@ struct mqtt_ev {
 	char data[];
 };
 
+/* A QoS 0 publish that nobody waits for, copied, handed to Paho once the loop has read what its
+ * sockets hold (flush_pending): Paho wakes its send thread for every message it is given, and
+ * given several at once it finds that thread awake. */
+struct mqtt_pend {
+	struct mqtt_pend *next;
+	struct mqtt_msg m;
+	char data[];			/* topic, identity, payload */
+};
+
 static struct {
 	const struct conf_mqtt *conf;
 	MQTTAsync client;
 	struct event_base *base;
-	struct event *wake_ev, *retry_ev;
+	struct event *wake_ev, *retry_ev, *flush_ev;
+	struct mqtt_pend *phead, *ptail;	/* QoS 0 publishes to hand over (loop thread) */
 	int efd;
 	mqtt_state_fn on_state;
 	mqtt_in_fn on_message;
@@ -397,6 +407,7 @@ static void trace_verbose(int on)
 }
 
 static void subscribe_all(void);
+static void flush_pending(evutil_socket_t fd, short what, void *arg);
 
 /* The gateway's own state on mqtt.status_topic: retained, QoS 1 ("online" after each connect,
  * "offline" at a clean stop, which sends no Will). */
@@ -654,7 +665,8 @@ int mqtt_init(struct event_base *base, const struct conf_mqtt *c, mqtt_state_fn 
 	}
 	M.wake_ev = event_new(base, M.efd, EV_READ | EV_PERSIST, on_wake, NULL);
 	M.retry_ev = evtimer_new(base, on_retry, NULL);
-	if (!M.wake_ev || !M.retry_ev || event_add(M.wake_ev, NULL) < 0) {
+	M.flush_ev = event_new(base, -1, 0, flush_pending, NULL);
+	if (!M.wake_ev || !M.retry_ev || !M.flush_ev || event_add(M.wake_ev, NULL) < 0) {
 		log_error("mqtt: cannot create loop events");
 		return -1;
 	}
@@ -720,7 +732,7 @@ static void prop_str(struct pub_props *pp, int id, const char *key, const char *
 	prop_add(pp, id, key, val, strlen(val));
 }
 
-enum mqtt_send mqtt_publish(const struct mqtt_msg *m, mqtt_done_fn done, void *arg)
+static enum mqtt_send send_now(const struct mqtt_msg *m, mqtt_done_fn done, void *arg)
 {
 	MQTTAsync_message msg = MQTTAsync_message_initializer;
 	MQTTAsync_responseOptions ro = MQTTAsync_responseOptions_initializer;
@@ -730,8 +742,6 @@ enum mqtt_send mqtt_publish(const struct mqtt_msg *m, mqtt_done_fn done, void *a
 	const char *ct;
 	int rc;
 
-	if (mqtt_outstanding() >= (size_t)M.conf->max_buffered)
-		return MQTT_SEND_FULL;
 	ev = calloc(1, sizeof(*ev));
 	if (!ev)
 		return MQTT_SEND_FAILED;
@@ -791,6 +801,67 @@ enum mqtt_send mqtt_publish(const struct mqtt_msg *m, mqtt_done_fn done, void *a
 		return MQTT_SEND_FULL;
 	log_error("mqtt: publish topic=%s refused by client: code %d", m->topic, rc);
 	return MQTT_SEND_FAILED;
+}
+
+static void flush_pending(evutil_socket_t fd, short what, void *arg)
+{
+	struct mqtt_pend *p = M.phead, *next;
+	size_t failed = 0;
+
+	(void)fd;
+	(void)what;
+	(void)arg;
+	M.phead = M.ptail = NULL;
+	for (; p; p = next) {
+		next = p->next;
+		atomic_fetch_sub(&M.outstanding, 1);	/* send_now counts it again */
+		if (send_now(&p->m, NULL, NULL) != MQTT_SEND_OK)
+			failed++;
+		free(p);
+	}
+	if (failed) {
+		for (size_t i = 0; i < failed; i++)
+			stats_inc(STAT_PUBLISH_FAILED);
+		log_error("mqtt: %zu QoS 0 publishes refused by the client after they were taken",
+			  failed);
+	}
+}
+
+/* The loop thread: a copy of m joins the publishes handed over at the end of this turn. */
+static enum mqtt_send defer(const struct mqtt_msg *m)
+{
+	size_t tl = strlen(m->topic) + 1, il = m->identity ? strlen(m->identity) + 1 : 0;
+	struct mqtt_pend *p = malloc(sizeof(*p) + tl + il + m->len);
+
+	if (!p)
+		return MQTT_SEND_FAILED;
+	p->next = NULL;
+	p->m = *m;
+	p->m.topic = memcpy(p->data, m->topic, tl);
+	if (m->identity)
+		p->m.identity = memcpy(p->data + tl, m->identity, il);
+	p->m.payload = memcpy(p->data + tl + il, m->payload, m->len);
+	if (M.ptail)
+		M.ptail->next = p;
+	else
+		M.phead = p;
+	M.ptail = p;
+	if (p == M.phead)
+		event_active(M.flush_ev, EV_TIMEOUT, 0);
+	atomic_fetch_add(&M.outstanding, 1);
+	return MQTT_SEND_OK;
+}
+
+enum mqtt_send mqtt_publish(const struct mqtt_msg *m, mqtt_done_fn done, void *arg)
+{
+	if (mqtt_outstanding() >= (size_t)M.conf->max_buffered)
+		return MQTT_SEND_FULL;
+	if (m->qos == 0 && !done && !m->msg_id && !m->reason && !m->coap_code && !m->correlation &&
+	    M.flush_ev && !M.stopping)
+		return defer(m);
+	if (M.phead)
+		flush_pending(-1, 0, NULL);	/* in the order they were taken */
+	return send_now(m, done, arg);
 }
 
 /* ---- Subscribe ---------------------------------------------------------------------------- */
@@ -869,6 +940,7 @@ void mqtt_shutdown(int timeout_ms)
 	MQTTAsync_disconnectOptions d = MQTTAsync_disconnectOptions_initializer;
 	struct mqtt_ev *ev;
 
+	flush_pending(-1, 0, NULL);	/* what the loop took before the stop goes out */
 	M.stopping = 1;
 	if (M.client) {
 		d.timeout = timeout_ms;
@@ -903,6 +975,8 @@ void mqtt_shutdown(int timeout_ms)
 		event_free(M.wake_ev);
 	if (M.retry_ev)
 		event_free(M.retry_ev);
+	if (M.flush_ev)
+		event_free(M.flush_ev);
 	if (M.efd >= 0)
 		close(M.efd);
 	M.wake_ev = M.retry_ev = NULL;

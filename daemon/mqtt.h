@@ -69,6 +69,9 @@ int mqtt_content_format(const char *content_type);
 /* Disconnects (waiting up to timeout_ms for in-flight work), aborts what is left. */
 void mqtt_shutdown(int timeout_ms);
 
+/* Loop thread. MQTT_SEND_OK: the client has it, or (QoS 0 with no done, msg_id, reason, coap-code
+ * or correlation: a reading) a copy goes to it at the end of this loop turn with the others
+ * taken in the turn; a refusal then is counted (publish_failed) and logged. In the order taken. */
 enum mqtt_send mqtt_publish(const struct mqtt_msg *m, mqtt_done_fn done, void *arg);
 int mqtt_connected(void);
 /* Publishes accepted and not yet completed. */
