@@ -13,7 +13,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
@@ -25,6 +24,7 @@
 #include "journal.h"
 #include "log.h"
 #include "stats.h"
+#include "wake.h"
 
 #define J_MAGIC "C2MJNL1\n"		/* first 8 bytes of every segment file */
 #define J_MAGIC_LEN 8
@@ -85,9 +85,10 @@ struct jjob {
 
 static struct {
 	char dir[4096];
-	int dirfd, efd;
+	int dirfd;
 	struct event_base *evb;
-	struct event *wake_ev, *flush_ev, *tick_ev;
+	struct wake wake;		/* the writer → the loop */
+	struct event *flush_ev, *tick_ev;
 	struct journal_limits lim;
 	uint64_t seg_max, floor;
 	char instance[20];		/* msg-id prefix of records made by this run */
@@ -118,7 +119,7 @@ static struct {
 	struct jjob *done, *done_tail;	/* back to the loop (under mu) */
 	int stop;			/* under mu */
 	int wfd;			/* writer thread only */
-} J = { .dirfd = -1, .efd = -1, .wfd = -1, .mu = PTHREAD_MUTEX_INITIALIZER,
+} J = { .dirfd = -1, .wake = WAKE_INIT, .wfd = -1, .mu = PTHREAD_MUTEX_INITIALIZER,
 	.cv = PTHREAD_COND_INITIALIZER };
 
 /* ---- CRC32C (Castagnoli), table driven ---- */
@@ -470,8 +471,6 @@ static void job_append(struct jjob **head, struct jjob **tail, struct jjob *j)
 
 static void *writer_main(void *unused)
 {
-	uint64_t one = 1;
-
 	(void)unused;
 	pthread_mutex_lock(&J.mu);
 	for (;;) {
@@ -494,7 +493,7 @@ static void *writer_main(void *unused)
 			do_unlink(j);
 		pthread_mutex_lock(&J.mu);
 		job_append(&J.done, &J.done_tail, j);
-		if (write(J.efd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+		if (wake_signal(&J.wake) < 0)
 			log_error("journal: eventfd write failed: %s", strerror(errno));
 	}
 	pthread_mutex_unlock(&J.mu);
@@ -746,12 +745,11 @@ static void write_done(struct jjob *j)
 
 static void on_wake(evutil_socket_t fd, short what, void *arg)
 {
-	uint64_t n;
 	struct jjob *list;
 
 	(void)what;
 	(void)arg;
-	if (read(fd, &n, sizeof(n)) < 0 && errno != EAGAIN)
+	if (wake_drain(fd) < 0)
 		log_error("journal: eventfd read failed: %s", strerror(errno));
 	pthread_mutex_lock(&J.mu);
 	list = J.done;
@@ -1261,16 +1259,13 @@ int journal_open(struct event_base *base, const char *dir, const struct journal_
 	legacy_store_note();
 	if (load_all() < 0)
 		return -1;
-	J.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-	if (J.efd < 0) {
+	if (wake_open(&J.wake, base, on_wake, NULL) < 0) {
 		log_error("journal: eventfd: %s", strerror(errno));
 		return -1;
 	}
-	J.wake_ev = event_new(base, J.efd, EV_READ | EV_PERSIST, on_wake, NULL);
 	J.flush_ev = event_new(base, -1, 0, on_flush, NULL);
 	J.tick_ev = event_new(base, -1, EV_PERSIST, on_tick, NULL);
-	if (!J.wake_ev || !J.flush_ev || !J.tick_ev || event_add(J.wake_ev, NULL) < 0 ||
-	    event_add(J.tick_ev, &tick) < 0) {
+	if (!J.flush_ev || !J.tick_ev || event_add(J.tick_ev, &tick) < 0) {
 		log_error("journal: cannot create loop events");
 		return -1;
 	}
@@ -1288,10 +1283,10 @@ int journal_open(struct event_base *base, const char *dir, const struct journal_
 static void wait_writer(void)
 {
 	while (J.jobs_inflight) {
-		struct pollfd p = { .fd = J.efd, .events = POLLIN };
+		struct pollfd p = { .fd = J.wake.fd, .events = POLLIN };
 
 		if (poll(&p, 1, 1000) > 0)
-			on_wake(J.efd, EV_READ, NULL);
+			on_wake(J.wake.fd, EV_READ, NULL);
 	}
 }
 
@@ -1340,20 +1335,17 @@ void journal_close(void)
 		seg_remove(J.segs);
 	free(J.retired);
 	J.retired = NULL;
-	if (J.wake_ev)
-		event_free(J.wake_ev);
+	wake_close(&J.wake);
 	if (J.flush_ev)
 		event_free(J.flush_ev);
 	if (J.tick_ev)
 		event_free(J.tick_ev);
-	J.wake_ev = J.flush_ev = J.tick_ev = NULL;
-	if (J.efd >= 0)
-		close(J.efd);
+	J.flush_ev = J.tick_ev = NULL;
 	if (J.dirfd >= 0)
 		close(J.dirfd);
 	/* as before journal_open (no thread runs now) */
 	memset(&J, 0, sizeof(J));
-	J.dirfd = J.efd = J.wfd = -1;
+	J.dirfd = J.wake.fd = J.wfd = -1;
 	pthread_mutex_init(&J.mu, NULL);
 	pthread_cond_init(&J.cv, NULL);
 }

@@ -150,27 +150,40 @@ static size_t rpk_hash(const uint8_t *fp)
 	return (size_t)h;
 }
 
+/* An open-addressing table of entry indexes + 1 (0: free) with room for count entries. */
+static uint32_t *slots_new(size_t count, size_t *mask)
+{
+	size_t cap = 16;
+
+	while (cap < 2 * count)
+		cap *= 2;
+	*mask = cap - 1;
+	return calloc(cap, sizeof(uint32_t));
+}
+
+static void slots_put(uint32_t *slot, size_t mask, size_t hash, size_t i)
+{
+	size_t j;
+
+	for (j = hash & mask; slot[j] != 0; j = (j + 1) & mask)
+		;
+	slot[j] = (uint32_t)i + 1;
+}
+
 /* The fingerprint table over the entries with one; the first of a repeated fingerprint wins. */
 static int rtab_build(struct keys *k, const struct key_entry *v, size_t n)
 {
-	size_t cap = 16, i, j, nrpk = 0;
+	size_t i, nrpk = 0;
 
 	for (i = 0; i < n; i++)
 		nrpk += v[i].has_rpk != 0;
 	if (nrpk == 0)
 		return 0;
-	while (cap < 2 * nrpk)
-		cap *= 2;
-	if ((k->rslot = calloc(cap, sizeof(*k->rslot))) == NULL)
+	if ((k->rslot = slots_new(nrpk, &k->rmask)) == NULL)
 		return -1;
-	k->rmask = cap - 1;
-	for (i = 0; i < n; i++) {
-		if (!v[i].has_rpk || keys_find_rpk(k, v[i].rpk) != NULL)
-			continue;
-		for (j = rpk_hash(v[i].rpk) & k->rmask; k->rslot[j] != 0; j = (j + 1) & k->rmask)
-			;
-		k->rslot[j] = (uint32_t)i + 1;
-	}
+	for (i = 0; i < n; i++)
+		if (v[i].has_rpk && keys_find_rpk(k, v[i].rpk) == NULL)
+			slots_put(k->rslot, k->rmask, rpk_hash(v[i].rpk), i);
 	return 0;
 }
 
@@ -198,26 +211,20 @@ static size_t rid_hash(const uint8_t *rid, size_t len)
 /* The Recipient ID table over the OSCORE entries; the first of a repeated ID wins. */
 static int otab_build(struct keys *k, const struct key_entry *v, size_t n)
 {
-	size_t cap = 16, i, j, nosc = 0;
+	size_t i, nosc = 0;
 
 	for (i = 0; i < n; i++)
 		nosc += v[i].oscore != NULL;
 	if (nosc == 0)
 		return 0;
-	while (cap < 2 * nosc)
-		cap *= 2;
-	if ((k->oslot = calloc(cap, sizeof(*k->oslot))) == NULL)
+	if ((k->oslot = slots_new(nosc, &k->omask)) == NULL)
 		return -1;
-	k->omask = cap - 1;
 	for (i = 0; i < n; i++) {
 		const struct key_oscore *o = v[i].oscore;
 
-		if (!o || keys_find_oscore(k, o->recipient_id, o->recipient_id_len) != NULL)
-			continue;
-		for (j = rid_hash(o->recipient_id, o->recipient_id_len) & k->omask;
-		     k->oslot[j] != 0; j = (j + 1) & k->omask)
-			;
-		k->oslot[j] = (uint32_t)i + 1;
+		if (o && keys_find_oscore(k, o->recipient_id, o->recipient_id_len) == NULL)
+			slots_put(k->oslot, k->omask, rid_hash(o->recipient_id, o->recipient_id_len),
+				  i);
 	}
 	return 0;
 }

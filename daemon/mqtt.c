@@ -12,7 +12,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -27,6 +26,7 @@
 #include "log.h"
 #include "mqtt.h"
 #include "stats.h"
+#include "wake.h"
 
 enum ev_kind { EV_PUB_DONE, EV_CONNECTED, EV_CONNECT_FAILED, EV_LOST, EV_MESSAGE };
 
@@ -56,9 +56,9 @@ static struct {
 	const struct conf_mqtt *conf;
 	MQTTAsync client;
 	struct event_base *base;
-	struct event *wake_ev, *retry_ev, *flush_ev;
+	struct wake wake;		/* Paho's threads → the loop */
+	struct event *retry_ev, *flush_ev;
 	struct mqtt_pend *phead, *ptail;	/* QoS 0 publishes to hand over (loop thread) */
-	int efd;
 	mqtt_state_fn on_state;
 	mqtt_in_fn on_message;
 	char **subs;			/* subscription filters (copies) */
@@ -78,7 +78,7 @@ static struct {
 	char boot_id[24];
 	char uri[300];
 	char tls_why[200];		/* why the last TLS connect failed, from Paho's trace (under mu) */
-} M = { .mu = PTHREAD_MUTEX_INITIALIZER, .efd = -1 };
+} M = { .mu = PTHREAD_MUTEX_INITIALIZER, .wake = WAKE_INIT };
 
 static const struct {
 	int cf;
@@ -143,8 +143,6 @@ static void live_unlink(struct mqtt_ev *ev)
 /* Any thread → loop. */
 static void queue_push(struct mqtt_ev *ev)
 {
-	uint64_t one = 1;
-
 	pthread_mutex_lock(&M.mu);
 	ev->next = NULL;
 	if (M.qtail)
@@ -153,7 +151,7 @@ static void queue_push(struct mqtt_ev *ev)
 		M.qhead = ev;
 	M.qtail = ev;
 	pthread_mutex_unlock(&M.mu);
-	if (write(M.efd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+	if (wake_signal(&M.wake) < 0)
 		log_error("mqtt: eventfd write failed: %s", strerror(errno));
 }
 
@@ -543,12 +541,11 @@ static void handle_event(struct mqtt_ev *ev)
 
 static void on_wake(evutil_socket_t fd, short what, void *arg)
 {
-	uint64_t n;
 	struct mqtt_ev *list;
 
 	(void)what;
 	(void)arg;
-	if (read(fd, &n, sizeof(n)) < 0 && errno != EAGAIN)
+	if (wake_drain(fd) < 0)
 		log_error("mqtt: eventfd read failed: %s", strerror(errno));
 	pthread_mutex_lock(&M.mu);
 	list = M.qhead;
@@ -658,15 +655,13 @@ int mqtt_init(struct event_base *base, const struct conf_mqtt *c, mqtt_state_fn 
 		 (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u);
 	snprintf(M.uri, sizeof(M.uri), "%s://%s%s%s:%d", c->tls ? "ssl" : "tcp",
 		 strchr(c->host, ':') ? "[" : "", c->host, strchr(c->host, ':') ? "]" : "", c->port);
-	M.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-	if (M.efd < 0) {
+	if (wake_open(&M.wake, base, on_wake, NULL) < 0) {
 		log_error("mqtt: eventfd: %s", strerror(errno));
 		return -1;
 	}
-	M.wake_ev = event_new(base, M.efd, EV_READ | EV_PERSIST, on_wake, NULL);
 	M.retry_ev = evtimer_new(base, on_retry, NULL);
 	M.flush_ev = event_new(base, -1, 0, flush_pending, NULL);
-	if (!M.wake_ev || !M.retry_ev || !M.flush_ev || event_add(M.wake_ev, NULL) < 0) {
+	if (!M.retry_ev || !M.flush_ev) {
 		log_error("mqtt: cannot create loop events");
 		return -1;
 	}
@@ -958,8 +953,8 @@ void mqtt_shutdown(int timeout_ms)
 			usleep(10000);
 	}
 	/* no Paho thread runs now: deliver what was queued, abort what was not completed */
-	if (M.efd >= 0)
-		on_wake(M.efd, EV_READ, NULL);
+	if (M.wake.fd >= 0)
+		on_wake(M.wake.fd, EV_READ, NULL);
 	while ((ev = M.live) != NULL) {
 		live_unlink(ev);
 		atomic_fetch_sub(&M.outstanding, 1);
@@ -971,16 +966,12 @@ void mqtt_shutdown(int timeout_ms)
 	if (M.unfinished)
 		log_info("mqtt: %zu publishes not completed at stop (readings among them stay in the "
 			 "journal)", M.unfinished);
-	if (M.wake_ev)
-		event_free(M.wake_ev);
+	wake_close(&M.wake);
 	if (M.retry_ev)
 		event_free(M.retry_ev);
 	if (M.flush_ev)
 		event_free(M.flush_ev);
-	if (M.efd >= 0)
-		close(M.efd);
-	M.wake_ev = M.retry_ev = NULL;
-	M.efd = -1;
+	M.retry_ev = M.flush_ev = NULL;
 	mqtt_set_subscriptions(NULL, NULL, 0);
 	atomic_store(&M.connected, 0);
 }

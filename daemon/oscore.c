@@ -26,7 +26,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -35,6 +34,7 @@
 #include "hmap.h"
 #include "keys.h"
 #include "log.h"
+#include "wake.h"
 
 #define O_FILE_MAX ((size_t)KEYS_MAX_ENTRIES * (2 * KEYS_MAX_IDENTITY + 24))
 #define O_RETRY_S 5		/* after a failed write of the bounds */
@@ -76,9 +76,9 @@ static struct {
 	int stop;
 	int busy;			/* a job is out (loop thread's view) */
 	int again;			/* a bound was asked for while it was */
-	int efd;
-	struct event *wake_ev, *retry_ev;
-} O = { .dirfd = -1, .efd = -1 };
+	struct wake wake;		/* the writer → the loop */
+	struct event *retry_ev;
+} O = { .dirfd = -1, .wake = WAKE_INIT };
 
 /* ---- the file ---- */
 
@@ -297,7 +297,6 @@ static void *writer_main(void *arg)
 	pthread_mutex_lock(&O.mu);
 	for (;;) {
 		struct job *j;
-		uint64_t one = 1;
 
 		while (!O.todo && !O.stop)
 			pthread_cond_wait(&O.cv, &O.mu);
@@ -309,7 +308,7 @@ static void *writer_main(void *arg)
 		job_write(j);
 		pthread_mutex_lock(&O.mu);
 		O.done = j;
-		if (write(O.efd, &one, sizeof(one)) < 0)
+		if (wake_signal(&O.wake) < 0)
 			log_error("oscore: eventfd write failed: %s", strerror(errno));
 	}
 	pthread_mutex_unlock(&O.mu);
@@ -322,11 +321,10 @@ static void on_wake(evutil_socket_t fd, short what, void *arg)
 {
 	static struct log_budget fail_log = { .label = "source=\"oscore bounds\"" };
 	struct job *j;
-	uint64_t v;
 
 	(void)what;
 	(void)arg;
-	if (read(fd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+	if (wake_drain(fd) < 0)
 		log_error("oscore: eventfd read failed: %s", strerror(errno));
 	pthread_mutex_lock(&O.mu);
 	j = O.done;
@@ -592,14 +590,12 @@ int oscore_init(struct event_base *base, coap_context_t *ctx, const char *dir,
 	}
 	if (read_stored() < 0)
 		return -1;
-	O.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-	if (O.efd < 0) {
+	if (wake_open(&O.wake, base, on_wake, NULL) < 0) {
 		log_error("oscore: eventfd: %s", strerror(errno));
 		return -1;
 	}
-	O.wake_ev = event_new(base, O.efd, EV_READ | EV_PERSIST, on_wake, NULL);
 	O.retry_ev = evtimer_new(base, on_retry, NULL);
-	if (!O.wake_ev || !O.retry_ev || event_add(O.wake_ev, NULL) < 0)
+	if (!O.retry_ev)
 		return -1;
 	pthread_mutex_init(&O.mu, NULL);
 	pthread_cond_init(&O.cv, NULL);
@@ -703,16 +699,13 @@ void oscore_shutdown(void)
 	}
 	hmap_free(O.stored);
 	O.stored = NULL;
-	if (O.wake_ev)
-		event_free(O.wake_ev);
+	wake_close(&O.wake);
 	if (O.retry_ev)
 		event_free(O.retry_ev);
-	O.wake_ev = O.retry_ev = NULL;
-	if (O.efd >= 0)
-		close(O.efd);
+	O.retry_ev = NULL;
 	if (O.dirfd >= 0)
 		close(O.dirfd);
-	O.efd = O.dirfd = -1;
+	O.dirfd = -1;
 	free(O.path);
 	free(O.tmp);
 	O.path = O.tmp = NULL;

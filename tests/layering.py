@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 LAYERS = [
-    ("base", ["log", "stats", "hmap", "route", "conftree", "heap"]),
+    ("base", ["log", "stats", "hmap", "route", "conftree", "heap", "wake"]),
     ("messages", ["pdu"]),
     ("configuration", ["keys", "pki", "config"]),
     ("transports", ["loop", "discovery", "mqtt", "exchange", "notify"]),

@@ -27,6 +27,8 @@
 #include <wolfssl/options.h>
 #include <wolfssl/ssl.h>
 
+#include "psk.h"
+
 #define MAX_DGRAM 1500
 #define MAX_SESSIONS 20000
 
@@ -34,7 +36,7 @@ struct sess {
 	WOLFSSL *ssl;
 	int fd;
 	int connected;
-	char identity[129], key[65];
+	struct psk psk;
 	uint16_t mid;
 };
 
@@ -61,20 +63,6 @@ static int io_recv(WOLFSSL *ssl, char *buf, int sz, void *ctx)
 		return s->connected ? WOLFSSL_CBIO_ERR_WANT_READ : WOLFSSL_CBIO_ERR_TIMEOUT;
 	n = recv(s->fd, buf, (size_t)sz, 0);
 	return n < 0 ? WOLFSSL_CBIO_ERR_GENERAL : (int)n;
-}
-
-static unsigned int psk_cb(WOLFSSL *ssl, const char *hint, char *identity, unsigned int id_max,
-			   unsigned char *key, unsigned int key_max)
-{
-	struct sess *s = wolfSSL_get_app_data(ssl);
-	size_t il = strlen(s->identity), kl = strlen(s->key);
-
-	(void)hint;
-	if (il >= id_max || kl > key_max)
-		return 0;
-	memcpy(identity, s->identity, il + 1);
-	memcpy(key, s->key, kl);
-	return (unsigned int)kl;
 }
 
 static int new_socket(void)
@@ -140,7 +128,7 @@ static int read_keys(const char *path, struct sess *v, int count)
 
 	if (!f)
 		return 0;
-	while (n < count && fscanf(f, "%128s %64s", v[n].identity, v[n].key) == 2)
+	while (n < count && fscanf(f, "%128s %64s", v[n].psk.identity, v[n].psk.key) == 2)
 		n++;
 	fclose(f);
 	return n;
@@ -170,7 +158,7 @@ int main(int argc, char **argv)
 	ctx = wolfSSL_CTX_new(wolfDTLSv1_2_client_method());
 	if (!ctx || wolfSSL_CTX_set_cipher_list(ctx, "PSK-AES128-CCM8") != WOLFSSL_SUCCESS)
 		return 1;
-	wolfSSL_CTX_set_psk_client_callback(ctx, psk_cb);
+	wolfSSL_CTX_set_psk_client_callback(ctx, psk_client_cb);
 	t0 = now_s();
 	for (int i = 0; i < count; i++) {
 		struct sess *s = &v[i];
@@ -181,7 +169,7 @@ int main(int argc, char **argv)
 		if (!s->ssl || wolfSSL_dtls_cid_use(s->ssl) != WOLFSSL_SUCCESS ||
 		    wolfSSL_dtls_cid_set(s->ssl, NULL, 0) != WOLFSSL_SUCCESS)
 			return 1;
-		wolfSSL_set_app_data(s->ssl, s);
+		wolfSSL_set_app_data(s->ssl, &s->psk);
 		wolfSSL_SSLSetIORecv(s->ssl, io_recv);
 		wolfSSL_SSLSetIOSend(s->ssl, io_send);
 		wolfSSL_SetIOReadCtx(s->ssl, s);

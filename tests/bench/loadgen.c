@@ -40,6 +40,8 @@
 #include <wolfssl/options.h>
 #include <wolfssl/ssl.h>
 
+#include "psk.h"
+
 #define LG_MAX_SESSIONS 65536
 #define LG_MAX_WINDOW 8
 #define LG_MSG 160			/* one request, header to payload */
@@ -63,8 +65,7 @@ struct slot {
 
 struct sess {
 	WOLFSSL *ssl;
-	char identity[129];
-	char key[65];
+	struct psk psk;			/* its app data */
 	uint8_t state, want_send;
 	uint16_t mid;
 	uint32_t next_seq;		/* readings built so far */
@@ -231,20 +232,6 @@ static int io_recv(WOLFSSL *ssl, char *buf, int sz, void *ctx)
 	return (int)n;
 }
 
-static unsigned int psk_cb(WOLFSSL *ssl, const char *hint, char *identity, unsigned int id_max,
-			   unsigned char *key, unsigned int key_max)
-{
-	struct sess *s = wolfSSL_get_app_data(ssl);
-	size_t il = strlen(s->identity), kl = strlen(s->key);
-
-	(void)hint;
-	if (il >= id_max || kl > key_max)
-		return 0;
-	memcpy(identity, s->identity, il + 1);
-	memcpy(key, s->key, kl);
-	return (unsigned int)kl;
-}
-
 /* ---- readings ---- */
 
 static void send_slot(struct sess *s, struct slot *sl)
@@ -336,7 +323,7 @@ static void on_coap(struct sess *s, const uint8_t *p, size_t n, int64_t now)
 		ok++;
 	else
 		errors++;
-	printf("device=%s seq=%" PRIu32 " code=%u.%02u rtt_ms=%.1f\n", s->identity, sl->seq,
+	printf("device=%s seq=%" PRIu32 " code=%u.%02u rtt_ms=%.1f\n", s->psk.identity, sl->seq,
 	       code >> 5, code & 31, (double)(now - sl->t0) / 1000);
 	sl->busy = 0;
 	finished++;
@@ -364,7 +351,7 @@ static void on_retx(struct sess *s, const struct ev *e, int64_t now)
 		ev_push(now + LG_ACK_TIMEOUT_US, e->s, EV_RETX, e->slot, sl->mid);
 		return;			/* ACKed: the separate response may still come */
 	}
-	printf("device=%s seq=%" PRIu32 " event=timeout\n", s->identity, sl->seq);
+	printf("device=%s seq=%" PRIu32 " event=timeout\n", s->psk.identity, sl->seq);
 	timeouts++;
 	sl->busy = 0;
 	finished++;
@@ -386,7 +373,7 @@ static void hs_step(struct sess *s, int64_t now)
 		s->state = S_UP;
 		handshaking--;
 		up++;
-		printf("device=%s event=dtls-connected\n", s->identity);
+		printf("device=%s event=dtls-connected\n", s->psk.identity);
 		return;
 	}
 	err = wolfSSL_get_error(s->ssl, r);
@@ -396,7 +383,7 @@ static void hs_step(struct sess *s, int64_t now)
 		ev_push(now + (int64_t)(t > 0 ? t : 1) * 1000000, i, EV_HS, 0, ++s->hs_gen);
 		return;
 	}
-	printf("device=%s event=failed reason=handshake error=%d\n", s->identity, err);
+	printf("device=%s event=failed reason=handshake error=%d\n", s->psk.identity, err);
 	s->state = S_FAILED;
 	handshaking--;
 	hs_failed++;
@@ -412,7 +399,7 @@ static void hs_start(WOLFSSL_CTX *ctx, int64_t now)
 			fprintf(stderr, "loadgen: wolfSSL_new failed\n");
 			exit(1);
 		}
-		wolfSSL_set_app_data(s->ssl, s);
+		wolfSSL_set_app_data(s->ssl, &s->psk);
 		wolfSSL_SetIOReadCtx(s->ssl, s);
 		wolfSSL_SetIOWriteCtx(s->ssl, s);
 		wolfSSL_dtls_set_using_nonblock(s->ssl, 1);
@@ -428,14 +415,14 @@ static void on_hs_timer(struct sess *s, const struct ev *e, int64_t now)
 	if (s->state != S_HANDSHAKE || e->gen != s->hs_gen)
 		return;
 	if (now - s->hs_start > LG_HANDSHAKE_US) {
-		printf("device=%s event=failed reason=handshake-timeout\n", s->identity);
+		printf("device=%s event=failed reason=handshake-timeout\n", s->psk.identity);
 		s->state = S_FAILED;
 		handshaking--;
 		hs_failed++;
 		return;
 	}
 	if (wolfSSL_dtls_got_timeout(s->ssl) != WOLFSSL_SUCCESS) {
-		printf("device=%s event=failed reason=handshake-retransmissions\n", s->identity);
+		printf("device=%s event=failed reason=handshake-retransmissions\n", s->psk.identity);
 		s->state = S_FAILED;
 		handshaking--;
 		hs_failed++;
@@ -509,7 +496,7 @@ static int read_keys(void)
 		perror(o.keys);
 		return -1;
 	}
-	while (n < o.sessions && fscanf(f, "%128s %64s", S[n].identity, S[n].key) == 2)
+	while (n < o.sessions && fscanf(f, "%128s %64s", S[n].psk.identity, S[n].psk.key) == 2)
 		n++;
 	fclose(f);
 	return n;
@@ -693,7 +680,7 @@ int main(int argc, char **argv)
 		fprintf(stderr, "loadgen: no DTLS 1.2 PSK-AES128-CCM8 in this wolfSSL\n");
 		return 1;
 	}
-	wolfSSL_CTX_set_psk_client_callback(ctx, psk_cb);
+	wolfSSL_CTX_set_psk_client_callback(ctx, psk_client_cb);
 	wolfSSL_CTX_SetIORecv(ctx, io_recv);
 	wolfSSL_CTX_SetIOSend(ctx, io_send);
 	total = (uint64_t)o.sessions * (uint64_t)o.readings;
