@@ -45,6 +45,7 @@ import conftest as h  # noqa: E402  (the integration tests' broker/gateway/PKI h
 # closed loop: the devices' first requests spread over this time, not all in one instant (10,000
 # devices x 4 requests at once are 40,000 datagrams: more than any socket buffer holds)
 RAMP_MS = 1000
+CLOSED_MIN = 200000
 
 
 def proc_stat(pid):
@@ -184,6 +185,8 @@ def run(tmp, pki, broker, sessions, readings, window, qos, inflight, rate=0, sec
         # closed loop: at most 4,000 requests in flight in all (one per device beyond that): a
         # deeper queue outlasts CoAP's 2 s ACK timeout and devices retransmit what merely waits
         interval, window = 0, max(1, min(window, 4000 // sessions))
+        # closed loop: at least CLOSED_MIN readings, or the first second's ramp is the row
+        readings = max(readings, -(-CLOSED_MIN // sessions))
         if rate:
             interval = sessions * 1000 // rate
             readings = -(-seconds * 1000 // interval)
@@ -301,7 +304,8 @@ def delivery(sub, out, answered):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sessions", default="1000,10000")
-    ap.add_argument("--readings", type=int, default=20, help="per device")
+    ap.add_argument("--readings", type=int, default=20,
+                    help="per device (closed loop: 200,000 in all at least)")
     ap.add_argument("--window", type=int, default=4, help="CON requests in flight per device")
     ap.add_argument("--qos", default="0,1")
     ap.add_argument("--inflight", type=int, default=1000, help="mqtt.max_inflight")
