@@ -148,8 +148,8 @@ def run(tmp, pki, broker, sessions, readings, window, qos, inflight, rate=0, sec
     keeps `window` requests in flight, as fast as they are answered: the server's capacity).
     rate R: open loop, R readings/s offered in all, each device one reading every sessions/R s
     with one in flight (what a fleet does), for `seconds`. stock: libcoap's own coap-server
-    (unpatched, same wolfSSL) instead of the gateway, answering PUTs to example_data and
-    publishing nothing."""
+    (as released but for a build fix, same wolfSSL) instead of the gateway, answering PUTs to
+    example_data and publishing nothing."""
     d = Path(tempfile.mkdtemp(dir=tmp, prefix=f"s{sessions}-q{qos}-"))
     keys = d / "devices.keys"
     keys.write_text("".join(f"bench-{i:05d} " + ("stock-key" if stock else f"bench-key-{i:05d}")
@@ -365,7 +365,8 @@ NOTE = ("every row starts once all its sessions are up: 'setup' is how long thei
         "received; dup: received more than once; UDP drops: datagrams the kernel dropped for a "
         "full socket buffer, machine-wide, each costing a 2 s retransmission; idle: CPU time of "
         "the machine that no process used during the row; stock: libcoap 4.3.5's coap-server, "
-        "unpatched, same wolfSSL, answering PUTs to example_data and publishing nothing (its "
+        "as released but for a build fix (libcoap patch 0035), same wolfSSL, answering PUTs to "
+        "example_data and publishing nothing (its "
         "socket keeps the kernel's default receive buffer); the gateway's coap.receive_buffer "
         "is 4 MiB or more, net.core.rmem_max is "
         f"{Path('/proc/sys/net/core/rmem_max').read_text().strip()}")
