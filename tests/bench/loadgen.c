@@ -28,11 +28,11 @@
 #include <getopt.h>
 #include <inttypes.h>
 #include <netinet/in.h>
-#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -651,6 +651,7 @@ int main(int argc, char **argv)
 	struct sigaction sa = { .sa_handler = on_usr1 };
 	WOLFSSL_CTX *ctx;
 	int64_t t_end, started = 0, flushed = 0;
+	int ep;
 	uint64_t total;
 	int n;
 
@@ -674,6 +675,11 @@ int main(int argc, char **argv)
 	setvbuf(stdout, NULL, _IOFBF, 1 << 20);
 	if (open_socket() < 0)
 		return 1;
+	ep = epoll_create1(EPOLL_CLOEXEC);
+	if (ep < 0 || epoll_ctl(ep, EPOLL_CTL_ADD, fd, &(struct epoll_event){ .events = EPOLLIN }) < 0) {
+		perror("loadgen: epoll");
+		return 1;
+	}
 	wolfSSL_Init();
 	ctx = wolfSSL_CTX_new(wolfDTLSv1_2_client_method());
 	if (!ctx || wolfSSL_CTX_set_cipher_list(ctx, "PSK-AES128-CCM8") != WOLFSSL_SUCCESS) {
@@ -687,7 +693,7 @@ int main(int argc, char **argv)
 	t_end = now_us() + o.timeout_s * 1000000;
 	for (;;) {
 		int64_t now = now_us(), next;
-		struct pollfd p = { .fd = fd, .events = POLLIN };
+		struct epoll_event ev;
 
 		if (now >= t_end)
 			break;
@@ -716,7 +722,7 @@ int main(int argc, char **argv)
 			}
 		}
 		next = run_timers(ctx, now);
-		if (poll(&p, 1, (int)((next - now + 999) / 1000)) > 0)
+		if (epoll_wait(ep, &ev, 1, (int)((next - now + 999) / 1000)) > 0)
 			receive(now_us());
 	}
 	fflush(stdout);
@@ -731,5 +737,6 @@ int main(int argc, char **argv)
 	free(S);
 	free(heap);
 	close(fd);
+	close(ep);
 	return hs_failed == 0 && ok == total ? 0 : 1;
 }
