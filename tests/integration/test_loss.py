@@ -19,11 +19,17 @@ READINGS = 5            # per device, one a second
 LOSS = 0.10             # each way
 SEED = int(os.environ.get("LOSS_SEED", "7"))
 # What the fleet is given to finish: handshakes 100 at a time, each a few seconds with the
-# retransmissions a 10 % loss costs, then five readings a second apart. A reading whose request
-# or answer is lost k times in a row waits 1.25 x (2^k - 1) s on average (ACK_TIMEOUT 1 s,
-# doubling): 159 s for k = 7, which 5,000 readings meet once in ~130 runs; k = 8 (319 s) once in
-# ~20,000. Measured here: about 60 s (the test prints it).
-DEADLINE_S = 300
+# retransmissions a 10 % loss costs, then five readings a second apart (about 60 s in all, the
+# test prints it). An attempt of a reading fails when its request or its answer is lost:
+# 1 - 0.9 x 0.9 = 0.19. One that failed k times in a row is answered at the (k+1)th attempt,
+# sent 1 to 1.5 x (2^k - 1) s after the first (ACK_TIMEOUT 1 s, doubling, RFC 7252's random
+# factor). Among 5,000 readings, k >= 7 (up to 191 s) comes in 1 run of 22 (5,000 x 0.19^7), k >= 8
+# (up to 383 s) in 1 of 118, k >= 9 (up to 767 s) in 1 of 620, k >= 10 in 1 of 3,300. The devices
+# try 10 times (MAX_RETRANSMIT 9) and the deadline covers the 10th attempt of a reading sent last
+# (767 s + 60 s): only k >= 10, all ten attempts lost, fails. A run takes this long only when
+# some reading needs its 9th or 10th attempt.
+MAX_RETRANSMIT = 9
+DEADLINE_S = 900
 
 
 def test_a_fleet_behind_a_lossy_link_loses_nothing(broker_factory, subscriber_factory,
@@ -44,13 +50,14 @@ def test_a_fleet_behind_a_lossy_link_loses_nothing(broker_factory, subscriber_fa
     far = types.SimpleNamespace(uri=f"coaps://127.0.0.1:{relay.port}", devices={})
     t0 = time.monotonic()
     try:
-        # the device side of a lossy link: CON retransmitted up to 8 times from 1 s (RFC 7252's
-        # ACK_TIMEOUT and MAX_RETRANSMIT are a device's own settings; with 4 from 2 s, one
-        # reading in 4,000 would run out of attempts at this loss), and the handshake given as
-        # long as the whole run
+        # the device side of a lossy link: CON retransmitted up to MAX_RETRANSMIT times from
+        # 1 s (RFC 7252's ACK_TIMEOUT and MAX_RETRANSMIT are a device's own settings; with 4
+        # from 2 s, one reading in 4,000 would run out of attempts at this loss), and the
+        # handshake given as long as the whole run
         fleet_sim = SimBackground(far, "--keys", keys, "--devices", DEVICES, "--count", READINGS,
                                   "--interval", 1000, "--type", "con", "--path", "sensors/lossy",
-                                  "--payload", "{seq}", "--max-retransmit", 8, "--ack-timeout", 1,
+                                  "--payload", "{seq}", "--max-retransmit", MAX_RETRANSMIT,
+                                  "--ack-timeout", 1,
                                   "--handshake-timeout", DEADLINE_S, "--max-handshakes", 100,
                                   "--timeout", DEADLINE_S, identity=None)
         rc = fleet_sim.proc.wait(DEADLINE_S + 30)
