@@ -835,7 +835,9 @@ static enum mqtt_send defer(const struct mqtt_msg *m)
 	p->m.topic = memcpy(p->data, m->topic, tl);
 	if (m->identity)
 		p->m.identity = memcpy(p->data + tl, m->identity, il);
-	p->m.payload = memcpy(p->data + tl + il, m->payload, m->len);
+	p->m.payload = p->data + tl + il;
+	if (m->len)		/* an empty reading may come with no buffer at all */
+		memcpy(p->data + tl + il, m->payload, m->len);
 	if (M.ptail)
 		M.ptail->next = p;
 	else

@@ -128,6 +128,20 @@ def test_qos0_route(world):
     assert (m.topic, m.payload, m.qos) == ("devices/sensor-01/fast/wind", b"12", 0)
 
 
+def test_qos0_readings_in_order_and_an_empty_one(world):
+    """QoS 0 readings go to the MQTT client together at the end of the loop's turn: in the order
+    taken, an empty payload (no buffer at all) among them."""
+    r = sim(world.gw, "--count", 20, "--window", 4, "--path", "fast/seq", "--payload", "{seq}")
+    assert r.rc == 0 and r.codes() == ["2.04"] * 20, r
+    ms = world.sub.wait_for(20, 20, match="devices/sensor-01/fast/seq")
+    # loopback keeps the datagrams' order, and so must every step after the socket
+    assert [int(m.payload) for m in ms] == list(range(1, 21))
+    r = sim(world.gw, "--count", 1, "--path", "fast/empty", "--payload", "")
+    assert r.rc == 0 and r.codes() == ["2.04"], r
+    [m] = world.sub.wait_for(1, 20, match="devices/sensor-01/fast/empty")
+    assert (m.payload, m.qos) == (b"", 0)
+
+
 def test_retained_route(world, subscriber_factory):
     r = sim(world.gw, "--count", 1, "--method", "put", "--path", "state", "--payload", "on")
     assert r.rc == 0 and r.codes() == ["2.04"], r
