@@ -100,6 +100,7 @@ static struct {
 	int n_sent, connected, stopping, closing;	/* stopping: no more publishing */
 	struct jseg *segs, *segs_tail, *cur;
 	uint64_t last_seg_no, disk_bytes, fs_free, fs_size;
+	int space_short;		/* a reading was refused for space since the last look */
 	struct jjob *open;		/* batch being filled */
 	int writing;			/* a write job is in flight */
 	size_t jobs_inflight;
@@ -456,6 +457,7 @@ static void do_unlink(struct jjob *j)
 		j->err = errno;
 		j->op = "fsync directory";
 	}
+	fs_space(j);	/* the space freed: a figure from before would refuse readings for nothing */
 }
 
 /* Appends j to a job list (the caller holds J.mu). */
@@ -693,6 +695,16 @@ static void log_store_error(const struct jjob *j)
 
 static void pump(void);
 
+/* The free space the writer measured after a job. */
+static void take_space(const struct jjob *j)
+{
+	if (!j->fs_size)
+		return;
+	J.fs_free = j->fs_free;
+	J.fs_size = j->fs_size;
+	J.space_short = 0;
+}
+
 static void write_done(struct jjob *j)
 {
 	struct jseg *s = j->seg;
@@ -700,10 +712,7 @@ static void write_done(struct jjob *j)
 
 	J.writing = 0;
 	s->busy--;
-	if (j->fs_size) {
-		J.fs_free = j->fs_free;
-		J.fs_size = j->fs_size;
-	}
+	take_space(j);
 	if (j->err) {
 		s->closed = 1;
 		J.cool_until = time(NULL) + J_COOL_S;
@@ -764,13 +773,13 @@ static void on_wake(evutil_socket_t fd, short what, void *arg)
 			write_done(j);
 		} else if (j->kind == JOB_STAT) {
 			J.writing = 0;
-			if (j->fs_size) {
-				J.fs_free = j->fs_free;
-				J.fs_size = j->fs_size;
-			}
-		} else if (j->err)
+			take_space(j);
+		} else if (j->err) {
 			log_warn("journal: dir=%s segment=%016" PRIx64 " %s failed: %s", J.dir,
 				 j->seg_no, j->op, strerror(j->err));
+		} else {
+			take_space(j);
+		}
 		free(j->buf);
 		free(j);
 	}
@@ -892,8 +901,10 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
 	(void)fd;
 	(void)what;
 	(void)arg;
-	/* retirements, and a fresh look at the free space while readings are refused for it */
-	submit_job(J.fs_size && J.fs_free < J.floor + (J.open ? J.open->len : 0) + 4096);
+	/* retirements, and a fresh look at the free space while readings are refused for it (a
+	 * large reading may be refused with more than the margin below still free) */
+	submit_job(J.space_short ||
+		   (J.fs_size && J.fs_free < J.floor + (J.open ? J.open->len : 0) + 4096));
 	delete_drained();
 	pump();
 }
@@ -927,9 +938,11 @@ static int over_limit(size_t add)
 	if (J.disk_bytes + pending + add > J.lim.max_bytes)
 		return refuse("journal full: %" PRIu64 " bytes (mqtt.max_buffered_bytes)",
 			      J.disk_bytes + pending);
-	if (J.fs_size && J.fs_free < J.floor + pending + add)
+	if (J.fs_size && J.fs_free < J.floor + pending + add) {
+		J.space_short = 1;
 		return refuse("disk nearly full: %" PRIu64 " bytes free in %s, keeping %" PRIu64,
 			      J.fs_free, J.dir, J.floor);
+	}
 	return 0;
 }
 

@@ -179,6 +179,26 @@ def small_fs(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+def wait_quiet(d, still, timeout):
+    """Until the files in d (names and sizes) have not changed for `still` seconds."""
+    def listing():
+        out = []
+        for e in os.scandir(d):
+            try:
+                out.append((e.name, e.stat().st_size))
+            except FileNotFoundError:
+                out.append((e.name, None))  # deleted this moment: a change all the same
+        return sorted(out)
+    last, since = listing(), time.monotonic()
+    end = since + timeout
+    while time.monotonic() - since < still:
+        assert time.monotonic() < end, f"{d} still changing after {timeout} s: {listing()}"
+        time.sleep(0.1)
+        now = listing()
+        if now != last:
+            last, since = now, time.monotonic()
+
+
 def raw_reading(c, path, payload, mid):
     token = os.urandom(4)
     c.request(coap_post(path, payload, mid, token), token, timeout=20)
@@ -215,6 +235,9 @@ def test_full_disk_refuses_with_503_and_recovers(broker_factory, subscriber_fact
     wait_until(lambda: sim(g, "--count", 1, "--path", "sensors/full",
                            "--payload", "again", identity="dev-050", key=KEY).codes() == ["2.04"], 60, "2.04 again")
     s.wait_for(1, 30, match=lambda m: m.payload == b"again")
+    # the journal retires "again" and deletes what drained on its 1 s tick; filling the disk
+    # while that is still going on would let the gateway see the full disk before it writes
+    wait_quiet(small_fs / "store", 2.5, 30)
     # now the disk really fills behind the gateway's back (a file of ours takes every free block):
     # the next write that needs a block fails with ENOSPC, and that is 5.03, never 2.04
     filler = small_fs / "filler"
