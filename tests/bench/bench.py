@@ -20,8 +20,10 @@ fleet does: its latency, and the capacity where 2.04/s falls behind R).
     tests/bench/bench.py [--sessions 1000,10000] [--readings 20] [--window 4] [--qos 0,1]
                          [--rate 2000,5000,10000] [--inflight 1000] [--plot bench.svg]
 
-Needs a build (build/coap2mqtt, build/tests/coap2mqtt-loadgen; or COAP2MQTT_BIN and
-COAP2MQTT_LOADGEN).
+Needs a build (build/coap2mqtt, build/tests/coap2mqtt-loadgen, build/tests/coap2mqtt-paho-cost;
+or COAP2MQTT_BIN, COAP2MQTT_LOADGEN and COAP2MQTT_PAHO_COST). At the end it measures what a
+publish costs in the MQTT client library alone, and what that leaves of the gateway's CPU per
+reading.
 Bounded: every run has a deadline and all processes are stopped at the end.
 """
 import argparse
@@ -38,6 +40,8 @@ TOP = Path(__file__).resolve().parents[2]
 STOCK = TOP / "deps" / "stock" / "bin" / "coap-server-wolfssl"
 os.environ.setdefault("COAP2MQTT_BIN", str(TOP / "build" / "coap2mqtt"))
 LOADGEN = os.environ.get("COAP2MQTT_LOADGEN", str(TOP / "build" / "tests" / "coap2mqtt-loadgen"))
+PAHO_COST = os.environ.get("COAP2MQTT_PAHO_COST",
+                           str(TOP / "build" / "tests" / "coap2mqtt-paho-cost"))
 sys.path.insert(0, str(TOP / "tests" / "integration"))
 import conftest as h  # noqa: E402  (the integration tests' broker/gateway/PKI helpers)
 
@@ -276,6 +280,25 @@ def run(tmp, pki, broker, sessions, readings, window, qos, inflight, rate=0, sec
             srv.terminate()
 
 
+def paho_alone(pki, broker):
+    """What a QoS 0 publish costs in Debian's Paho by itself (tests/bench/paho_cost.c), shaped
+    as the gateway publishes a reading (MQTT 5, its two user properties) and bare (MQTT 3.1.1,
+    none): handed over in batches of 100, the next batch once the last is written, 200,000 each.
+    {shape: (CPU us per publish, all threads; of it, the publishing thread's)}."""
+    out = {}
+    for shape, version in (("gateway", "5"), ("bare", "3")):
+        r = subprocess.run([PAHO_COST, "--uri", f"ssl://127.0.0.1:{broker.port}", "--cafile",
+                            str(pki.ca), "--count", "200000", "--window", "100", "--refill",
+                            "0", "--shape", shape, "--version", version, "--timeout", "120"],
+                           capture_output=True, text=True, timeout=150)
+        kv = dict(f.split("=", 1) for f in r.stdout.split() if "=" in f)
+        if r.returncode != 0 or "cpu_us_per_publish" not in kv:
+            raise SystemExit(f"bench: {PAHO_COST} failed: {r.stdout}{r.stderr}")
+        out[shape] = (float(kv["cpu_us_per_publish"]), float(kv["caller_us_per_publish"]),
+                      kv.get("allocator", "?"))
+    return out
+
+
 def delivery(sub, out, answered):
     """(device-to-subscriber latencies in ms, readings answered 2.xx that never arrived,
     readings that arrived more than once), once the subscriber has been quiet for 2 s."""
@@ -343,9 +366,11 @@ def main():
                     rows.append(run(tmp, pki, broker, n, a.readings, a.window, 0, a.inflight,
                                     stock=True))
                     print(f"bench: sessions={n} stock done", file=sys.stderr, flush=True)
+            paho = paho_alone(pki, broker)
+            print("bench: Paho alone done", file=sys.stderr, flush=True)
         finally:
             broker.stop()
-    text = table(rows)
+    text = table(rows, paho)
     print(text)
     if a.png:
         png_plot(rows, a.png)
@@ -377,7 +402,7 @@ def mode(r):
         "qos0" if r["qos"] == 0 else f"qos{r['qos']} sync")
 
 
-def table(rows):
+def table(rows, paho=None):
     head = (f"{'sessions':>8} {'mode':>11} {'load':>8} {'readings':>13} {'2.04/s':>8} "
             f"{'cpu/reading':>12} {'setup':>7} {'KiB/sess':>8} {'heap':>6} {'wolfSSL':>7} "
             f"{'peak RSS':>10} {'p50':>8} "
@@ -397,11 +422,11 @@ def table(rows):
             f"{r['drops']:>9} {r['fsync_p99']:>6.1f} ms {r['gen_cpu']:>6.0f}% {r['idle']:>4.0f}%  "
             + " ".join(f"{k}={v:.0f}" for k, v in sorted(r["threads"].items())))
     out.append(f"({NOTE})")
-    lines = ratios(rows)
+    lines = ratios(rows, paho)
     return "\n".join(out + lines)
 
 
-def ratios(rows):
+def ratios(rows, paho=None):
     """The comparisons the targets are stated in."""
     def find(server, qos, n):
         return next((r for r in rows if r["server"] == server and r["qos"] == qos
@@ -429,6 +454,18 @@ def ratios(rows):
             out.append(f"gateway CPU per QoS 0 reading, {sizes[-1]} vs {sizes[0]} sessions: "
                        f"{hi['cpu_us']:.1f} / {lo['cpu_us']:.1f} us = "
                        f"{hi['cpu_us'] / lo['cpu_us']:.2f} x")
+    if paho:
+        (gw, gw_caller, alloc), (bare, bare_caller, _) = paho["gateway"], paho["bare"]
+        out.append(f"Paho alone (Debian's libpaho-mqtt3as, {alloc}, batches of 100 QoS 0 "
+                   f"publishes): {gw:.1f} us CPU per publish shaped as a reading (MQTT 5, "
+                   f"2 user properties; {gw_caller:.1f} us of it in the publishing thread), "
+                   f"{bare:.1f} us bare (MQTT 3.1.1, no properties; {bare_caller:.1f} us)")
+        for n in sizes:
+            g = find("gateway", 0, n)
+            if g and g["cpu_us"]:
+                out.append(f"{n} sessions: gateway {g['cpu_us']:.1f} us per QoS 0 reading - "
+                           f"Paho alone {gw:.1f} = {g['cpu_us'] - gw:.1f} us for DTLS, CoAP, "
+                           f"the gateway and the kernel's UDP")
     return out
 
 
