@@ -99,6 +99,7 @@ static size_t j_replays(void) { return (size_t)js().replays; }
 static size_t j_errors(void) { return (size_t)js().store_errors; }
 static size_t j_cut(void) { return (size_t)js().cut_bytes; }
 
+static size_t qos0_handoff(void) { return (size_t)mqtt_handoff_us(); }
 static size_t notify_drops(void) { return (size_t)notify_dropped(); }
 static size_t fd_hello_verify(void) { return (size_t)loop_front_door().hello_verify; }
 static size_t fd_verified(void) { return (size_t)loop_front_door().verified; }
@@ -189,6 +190,9 @@ static const struct family families[] = {
 	{ "publish_failures_total", "publish_failures", COUNTER,
 	  "Readings the MQTT client reported as not delivered",
 	  NULL, NULL, 1, { { NULL, STAT_PUBLISH_FAILED, NULL } } },
+	{ "qos0_handoff_cpu_microseconds_total", "qos0_handoff_cpu_us", COUNTER,
+	  "CPU time the event loop spent in the MQTT client's publish calls for QoS 0 readings "
+	  "(the client copies and queues each)", qos0_handoff, NULL, 0, { { NULL, 0, NULL } } },
 	{ "broker_acks_pending", "acks_pending", GAUGE,
 	  "Readings of ack: broker routes waiting for the broker's PUBACK before their 2.04",
 	  acks_pending, NULL, 0, { { NULL, 0, NULL } } },

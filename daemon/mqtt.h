@@ -3,6 +3,7 @@
 #define C2M_MQTT_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 struct event_base;
 struct conf_mqtt;
@@ -76,6 +77,9 @@ enum mqtt_send mqtt_publish(const struct mqtt_msg *m, mqtt_done_fn done, void *a
 int mqtt_connected(void);
 /* Publishes accepted and not yet completed. */
 size_t mqtt_outstanding(void);
+/* CPU time the loop thread has spent in the MQTT client's publish calls for QoS 0 readings
+ * handed over at the end of a turn (the client copies and queues each), microseconds. */
+uint64_t mqtt_handoff_us(void);
 /* How many QoS 1/2 publishes are worth handing to the client at once: mqtt.max_inflight, but at
  * most twice the broker's Receive Maximum (MQTT 5 CONNACK), which is all the client may have
  * unacknowledged; what waits beyond that waits better in the journal than in the client's

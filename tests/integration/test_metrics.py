@@ -158,6 +158,10 @@ def test_counters_gauges_and_json_snapshot(metrics_world):
         }
         got = {(n[len("coap2mqtt_"):], l): v for (n, l), v in s.items()}
         qos0 = got.pop(("publishes_total", (("qos", "0"),)))
+        # the background device's QoS 0 reading went to the client at the end of a loop turn:
+        # the calls took some CPU time (microseconds; a publish call alone takes several)
+        handoff = got.pop(("qos0_handoff_cpu_microseconds_total", ()))
+        assert handoff >= 1, handoff
         # wolfSSL's share of the heap: the session held, the front door's object, the contexts;
         # the heap in all (not known under a sanitizer's allocator) holds it
         heap = {p: got.pop(("heap_bytes", (("part", p),))) for p in ("all", "dtls")}
@@ -186,6 +190,7 @@ def test_counters_gauges_and_json_snapshot(metrics_world):
         assert isinstance(j.pop("time"), int)
         assert j.pop("heap_bytes")["dtls"] > 0
         assert j.pop("publishes")["0"] >= qos0
+        assert j.pop("qos0_handoff_cpu_us") >= handoff
         jj = {k: j.pop(k) for k in list(j) if k.startswith("journal_")}
         assert jj["journal_records"] == 3 and jj["journal_fsyncs"] >= 1, jj
         assert (jj["journal_replays"], jj["journal_store_errors"], jj["journal_cut_bytes"]) == \
