@@ -774,10 +774,10 @@ static void on_wake(evutil_socket_t fd, short what, void *arg)
 		} else if (j->kind == JOB_STAT) {
 			J.writing = 0;
 			take_space(j);
-		} else if (j->err) {
-			log_warn("journal: dir=%s segment=%016" PRIx64 " %s failed: %s", J.dir,
-				 j->seg_no, j->op, strerror(j->err));
 		} else {
+			if (j->err)
+				log_warn("journal: dir=%s segment=%016" PRIx64 " %s failed: %s", J.dir,
+					 j->seg_no, j->op, strerror(j->err));
 			take_space(j);
 		}
 		free(j->buf);
