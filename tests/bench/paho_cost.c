@@ -75,11 +75,16 @@ static void on_conn_ok(void *ctx, MQTTAsync_successData *r)
 	set_connected(1);
 }
 
+static void conn_failed(int code)
+{
+	fprintf(stderr, "paho-cost: connect failed: code %d\n", code);
+	set_connected(0);
+}
+
 static void on_conn_fail(void *ctx, MQTTAsync_failureData *r)
 {
 	(void)ctx;
-	fprintf(stderr, "paho-cost: connect failed: code %d\n", r ? r->code : 0);
-	set_connected(0);
+	conn_failed(r ? r->code : 0);
 }
 
 static void on_conn_ok5(void *ctx, MQTTAsync_successData5 *r)
@@ -91,8 +96,7 @@ static void on_conn_ok5(void *ctx, MQTTAsync_successData5 *r)
 static void on_conn_fail5(void *ctx, MQTTAsync_failureData5 *r)
 {
 	(void)ctx;
-	fprintf(stderr, "paho-cost: connect failed: code %d\n", r ? r->code : 0);
-	set_connected(0);
+	conn_failed(r ? r->code : 0);
 }
 
 static void completed(int ok)
