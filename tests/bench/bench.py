@@ -20,11 +20,12 @@ fleet does: its latency, and the capacity where 2.04/s falls behind R).
     tests/bench/bench.py [--sessions 1000,10000] [--readings 20] [--window 4] [--qos 0,1]
                          [--rate 2000,5000,10000] [--inflight 1000] [--plot bench.svg]
 
-Needs a build (build/coap2mqtt, build/tests/coap2mqtt-loadgen, build/tests/coap2mqtt-paho-cost;
-or COAP2MQTT_BIN, COAP2MQTT_LOADGEN and COAP2MQTT_PAHO_COST). At the end it measures what a
-publish costs in the MQTT client library alone, and splits the gateway's CPU per QoS 0 reading
-between Paho (its threads, and the loop's calls into it from the
-qos0_handoff_cpu_microseconds_total metric) and the loop's own work.
+Needs a build (build/coap2mqtt, build/tests/coap2mqtt-loadgen, build/tests/coap2mqtt-mqtt-cost;
+or COAP2MQTT_BIN, COAP2MQTT_LOADGEN and COAP2MQTT_MQTT_COST). At the end it measures what a
+publish costs in the MQTT client library alone (Debian's Paho, and Debian's libmosquitto beside
+it when the build has it), and splits the gateway's CPU per QoS 0 reading between Paho (its
+threads, and the loop's calls into it from the qos0_handoff_cpu_microseconds_total metric) and
+the loop's own work.
 Bounded: every run has a deadline and all processes are stopped at the end.
 """
 import argparse
@@ -41,8 +42,8 @@ TOP = Path(__file__).resolve().parents[2]
 STOCK = TOP / "deps" / "stock" / "bin" / "coap-server-wolfssl"
 os.environ.setdefault("COAP2MQTT_BIN", str(TOP / "build" / "coap2mqtt"))
 LOADGEN = os.environ.get("COAP2MQTT_LOADGEN", str(TOP / "build" / "tests" / "coap2mqtt-loadgen"))
-PAHO_COST = os.environ.get("COAP2MQTT_PAHO_COST",
-                           str(TOP / "build" / "tests" / "coap2mqtt-paho-cost"))
+MQTT_COST = os.environ.get("COAP2MQTT_MQTT_COST",
+                           str(TOP / "build" / "tests" / "coap2mqtt-mqtt-cost"))
 sys.path.insert(0, str(TOP / "tests" / "integration"))
 import conftest as h  # noqa: E402  (the integration tests' broker/gateway/PKI helpers)
 
@@ -284,22 +285,29 @@ def run(tmp, pki, broker, sessions, readings, window, qos, inflight, rate=0, sec
             srv.terminate()
 
 
-def paho_alone(pki, broker):
-    """What a QoS 0 publish costs in Debian's Paho by itself (tests/bench/paho_cost.c), shaped
-    as the gateway publishes a reading (MQTT 5, its two user properties) and bare (MQTT 3.1.1,
-    none): handed over in batches of 100, the next batch once the last is written, 200,000 each.
-    {shape: (CPU us per publish, all threads; of it, the publishing thread's; the allocator)}."""
+def clients_alone(pki, broker):
+    """What a QoS 0 publish costs in an MQTT client library by itself (tests/bench/mqtt_cost.c):
+    Debian's Paho as the gateway drives it, and Debian's libmosquitto from one thread as an event
+    loop would (when the build has it), each shaped as the gateway publishes a reading (MQTT 5,
+    its two user properties) and bare (MQTT 3.1.1, none): handed over in batches of 100, the
+    next batch once the last is written, 200,000 each. {(client, shape): (CPU us per publish,
+    all threads; of it, the publishing thread's; the allocator)}."""
     out = {}
-    for shape, version in (("gateway", "5"), ("bare", "3")):
-        r = subprocess.run([PAHO_COST, "--uri", f"ssl://127.0.0.1:{broker.port}", "--cafile",
-                            str(pki.ca), "--count", "200000", "--window", "100", "--refill",
-                            "0", "--shape", shape, "--version", version, "--timeout", "120"],
-                           capture_output=True, text=True, timeout=150)
-        kv = dict(f.split("=", 1) for f in r.stdout.split() if "=" in f)
-        if r.returncode != 0 or "cpu_us_per_publish" not in kv:
-            raise SystemExit(f"bench: {PAHO_COST} failed: {r.stdout}{r.stderr}")
-        out[shape] = (float(kv["cpu_us_per_publish"]), float(kv["caller_us_per_publish"]),
-                      kv.get("allocator", "?"))
+    for client in ("paho", "mosquitto"):
+        for shape, version in (("gateway", "5"), ("bare", "3")):
+            r = subprocess.run([MQTT_COST, "--client", client, "--uri",
+                                f"ssl://127.0.0.1:{broker.port}", "--cafile", str(pki.ca),
+                                "--count", "200000", "--window", "100", "--refill", "0",
+                                "--shape", shape, "--version", version, "--timeout", "120"],
+                               capture_output=True, text=True, timeout=150)
+            if client == "mosquitto" and "built without" in r.stderr:
+                print(f"bench: {r.stderr.strip()}: libmosquitto left out", file=sys.stderr)
+                break
+            kv = dict(f.split("=", 1) for f in r.stdout.split() if "=" in f)
+            if r.returncode != 0 or "cpu_us_per_publish" not in kv:
+                raise SystemExit(f"bench: {MQTT_COST} failed: {r.stdout}{r.stderr}")
+            out[client, shape] = (float(kv["cpu_us_per_publish"]),
+                                  float(kv["caller_us_per_publish"]), kv.get("allocator", "?"))
     return out
 
 
@@ -382,11 +390,11 @@ def main():
                     rows.append(run(tmp, pki, broker, n, a.readings, a.window, 0, a.inflight,
                                     stock=True))
                     print(f"bench: sessions={n} stock done", file=sys.stderr, flush=True)
-            paho = paho_alone(pki, broker)
-            print("bench: Paho alone done", file=sys.stderr, flush=True)
+            alone = clients_alone(pki, broker)
+            print("bench: MQTT clients alone done", file=sys.stderr, flush=True)
         finally:
             broker.stop()
-    text = table(rows, paho)
+    text = table(rows, alone)
     print(text)
     if a.png:
         png_plot(rows, a.png)
@@ -418,7 +426,7 @@ def mode(r):
         "qos0" if r["qos"] == 0 else f"qos{r['qos']} sync")
 
 
-def table(rows, paho=None):
+def table(rows, alone=None):
     head = (f"{'sessions':>8} {'mode':>11} {'load':>8} {'readings':>13} {'2.04/s':>8} "
             f"{'cpu/reading':>12} {'setup':>7} {'KiB/sess':>8} {'heap':>6} {'wolfSSL':>7} "
             f"{'peak RSS':>10} {'p50':>8} "
@@ -438,11 +446,11 @@ def table(rows, paho=None):
             f"{r['drops']:>9} {r['fsync_p99']:>6.1f} ms {r['gen_cpu']:>6.0f}% {r['idle']:>4.0f}%  "
             + " ".join(f"{k}={v:.0f}" for k, v in sorted(r["threads"].items())))
     out.append(f"({NOTE})")
-    lines = ratios(rows, paho)
+    lines = ratios(rows, alone)
     return "\n".join(out + lines)
 
 
-def ratios(rows, paho=None):
+def ratios(rows, alone=None):
     """The comparisons the targets are stated in."""
     def find(server, qos, n):
         return next((r for r in rows if r["server"] == server and r["qos"] == qos
@@ -476,9 +484,14 @@ def ratios(rows, paho=None):
             out.append(f"gateway CPU per QoS 0 reading, {sizes[-1]} vs {sizes[0]} sessions: "
                        f"{hi['cpu_us']:.1f} / {lo['cpu_us']:.1f} us = "
                        f"{hi['cpu_us'] / lo['cpu_us']:.2f} x")
-    if paho:
-        (gw, gw_caller, alloc), (bare, bare_caller, _) = paho["gateway"], paho["bare"]
-        out.append(f"Paho alone (Debian's libpaho-mqtt3as, {alloc}, batches of 100 QoS 0 "
+    for client, name, how in (("paho", "Paho", "libpaho-mqtt3as, its threads writing"),
+                              ("mosquitto", "libmosquitto",
+                               "libmosquitto1, written from the publishing thread")):
+        if not alone or (client, "gateway") not in alone:
+            continue
+        (gw, gw_caller, alloc), (bare, bare_caller, _) = (alone[client, "gateway"],
+                                                          alone[client, "bare"])
+        out.append(f"{name} alone (Debian's {how}, {alloc}, batches of 100 QoS 0 "
                    f"publishes): {gw:.1f} us CPU per publish shaped as a reading (MQTT 5, "
                    f"2 user properties; {gw_caller:.1f} us of it in the publishing thread), "
                    f"{bare:.1f} us bare (MQTT 3.1.1, no properties; {bare_caller:.1f} us)")
