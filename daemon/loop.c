@@ -20,8 +20,8 @@
 #define LOOP_EPOLL_ROUNDS 32		/* rounds per wake-up before yielding to other events: libcoap
 					 * reads one datagram per ready socket and round */
 #define LOOP_PREPARE_MS 100		/* libcoap timer scan at most this often when idle */
-#define LOOP_FULL_PREPARE_TICKS 10	/* every session looked at once a second (idle time,
-					 * block transfers: timeouts of seconds) */
+#define LOOP_PREPARE_SLICES 10		/* every session looked at once a second, a tenth on each
+					 * tick (idle time, block transfers: timeouts of seconds) */
 #define LOOP_LIBCOAP_LOG_PER_S 20	/* libcoap log lines per second, beyond: counted */
 #define LOOP_MAX_ENDPOINTS 32		/* listening sockets (coap.listen entries x addresses) */
 
@@ -35,7 +35,6 @@ static struct {
 	char ciphers[1024];		/* cipher list from coap.ciphers, "" = library default */
 	size_t block_size;		/* coap.block_size */
 	int kicked;
-	unsigned ticks;
 	unsigned receive_buffer;	/* coap.receive_buffer */
 	struct log_budget hs_log;	/* handshake failures logged here (peers cause them) */
 	coap_session_t *refused;	/* the handshake a callback just refused, logged there */
@@ -533,18 +532,23 @@ static void on_libcoap_log(coap_log_t level, const char *message)
 	log_msg(l, "libcoap: %s", message);
 }
 
-/* libcoap's due work and its timer: everything (every session's idle time and block
- * transfers) every LOOP_FULL_PREPARE_TICKS ticks; only what can be due sooner (handshake
- * retransmissions, the CON send queue, notifications) on the other ticks, when its timer fires
- * and after a send, so that the cost of a timer does not grow with the sessions
- * (deps-patches/libcoap/0018; a walk of 20,000 sessions ten times a second was 4 % of a core). */
-static void prepare(int all)
+/* libcoap's due work and its timer. When its timer fires and after a send: only what can be
+ * due sooner (handshake retransmissions, the CON send queue, notifications), so that the cost of
+ * a timer does not grow with the sessions (deps-patches/libcoap/0018; a walk of 20,000 sessions
+ * ten times a second was 4 % of a core). On each tick also a tenth of the other sessions (idle
+ * time, block transfers; 0037): all of them once a second, and no walk of all at once (with
+ * 20,000 sessions one took 2.4 ms, a pause of the loop every second). At start, everything. */
+enum prepare_what { PREPARE_SOON, PREPARE_SLICE, PREPARE_ALL };
+
+static void prepare(enum prepare_what what)
 {
 	coap_tick_t now;
 
 	coap_ticks(&now);
-	if (all)
+	if (what == PREPARE_ALL)
 		coap_io_prepare_epoll(L.coap, now);
+	else if (what == PREPARE_SLICE)
+		coap_io_prepare_epoll_slice(L.coap, now, LOOP_PREPARE_SLICES);
 	else
 		coap_io_prepare_epoll_handshakes(L.coap, now);
 	L.kicked = 0;
@@ -574,7 +578,7 @@ static void on_coap_fd(evutil_socket_t fd, short what, void *arg)
 	}
 	/* libcoap's timerfd fired: run its due work (retransmissions, timeouts) and re-arm it */
 	if (timer_fired || L.kicked)
-		prepare(0);
+		prepare(PREPARE_SOON);
 }
 
 static void on_tick(evutil_socket_t fd, short what, void *arg)
@@ -582,7 +586,7 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
 	(void)fd;
 	(void)what;
 	(void)arg;
-	prepare(++L.ticks % LOOP_FULL_PREPARE_TICKS == 0);
+	prepare(PREPARE_SLICE);
 	log_budget_tick();
 }
 
@@ -592,7 +596,7 @@ static void on_kick(evutil_socket_t fd, short what, void *arg)
 	(void)what;
 	(void)arg;
 	if (L.kicked)
-		prepare(0);
+		prepare(PREPARE_SOON);
 }
 
 void loop_kick(void)
@@ -742,7 +746,7 @@ int loop_init(const struct config *c, const struct keys *k, const struct loop_ha
 		log_error("loop: cannot register loop events");
 		return -1;
 	}
-	prepare(1);
+	prepare(PREPARE_ALL);
 	return 0;
 }
 
