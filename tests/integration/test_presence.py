@@ -121,7 +121,7 @@ def test_a_silent_fleet_is_released_a_slice_at_a_time_while_a_device_talks(setup
     (libcoap patch 0037), not at all of them at once: still every silent one is released within
     about a second of its idle timeout, each with its presence "offline" (idle timeout), and the
     talking one is never released."""
-    n, idle = 400, 4
+    n, idle = 400, 6
     keys = tmp_path / "fleet.keys"
     keys.write_text("".join(f"fleet-{i:05d} fleet-key-{i:05d}\n" for i in range(n)))
     os.chmod(keys, 0o600)
@@ -130,7 +130,7 @@ def test_a_silent_fleet_is_released_a_slice_at_a_time_while_a_device_talks(setup
                       extra={"devices_file": str(keys),
                              "metrics": {"listen": f"127.0.0.1:{mport}"}})
     g.wait_for_log(rf"metrics: listening listen=127\.0\.0\.1:{mport} ")
-    talker = SimBackground(g, "--count", 80, "--interval", 200, "--timeout", 0,
+    talker = SimBackground(g, "--count", 120, "--interval", 200, "--timeout", 0,
                            "--path", "sensors/steady", "--payload", "{seq}")
     # each of its sessions from an address of its own in 127.1.0.0/16; --hold: after the
     # handshakes it sends nothing until SIGUSR1, which never comes
@@ -141,25 +141,26 @@ def test_a_silent_fleet_is_released_a_slice_at_a_time_while_a_device_talks(setup
         wait_until(lambda: val(scrape(mport), "sessions") == n + 1, 60,
                    f"{n} silent sessions and the talking one", interval=0.1)
         up = time.monotonic()  # the fleet's last datagram came before this
-        # the first handshakes ended at most a second or two before: none is idle yet
+        # the first handshakes ended a second or two before (ASan: three): none is idle yet
         time.sleep(1)
         assert val(scrape(mport), "sessions") == n + 1, tail(g.log_text(), 20)
         wait_until(lambda: val(scrape(mport), "sessions") == 1, idle + 15,
                    "the silent sessions released", interval=0.1)
         gone = time.monotonic() - up
         # each looked at once a second: the last of them a second or so after its idle timeout
-        assert gone <= idle + 2.5, f"released {gone:.1f} s after they fell silent"
+        # (1.0 here, 1.6 under ASan; a slice that shrank as sessions went took 4 s)
+        assert gone <= idle + 3, f"released {gone:.1f} s after they fell silent"
         off = sub.wait_for(n, 20, match=lambda m: m.topic.startswith("devices/fleet-") and
                            m.payload == b"offline")
         assert len({m.topic for m in off}) == n
         assert {user_prop(m, "reason") for m in off} == {"idle timeout"}
         assert fleet.poll() is None, "the load generator gave up early"
-        r = talker.wait(40)
+        r = talker.wait(60)
     finally:
         end_process(fleet)
         if talker.proc.poll() is None:
             talker.stop()
-    assert r.rc == 0 and r.codes() == ["2.04"] * 80, f"{r}\n{tail(g.log_text(), 20)}"
+    assert r.rc == 0 and r.codes() == ["2.04"] * 120, f"{r}\n{tail(g.log_text(), 20)}"
     assert [p for p, _ in states(sub)] == [b"online", b"offline"], states(sub)
     print(f"{n} silent sessions released {gone:.1f} s after they fell silent (idle_timeout "
           f"{idle} s)")
