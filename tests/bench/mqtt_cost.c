@@ -391,14 +391,18 @@ static int mosq_drain(struct mosquitto *m, long sent, long left, double deadline
 static long run_mosquitto(struct job *j)
 {
 	char host[256];
-	const char *hp = j->uri + strlen("ssl://"), *colon;
+	const char *hp, *colon = NULL;
 	struct mosquitto *m;
 	long sent = -1;
-	int port;
+	int port = 0;
 
-	colon = strrchr(hp, ':');
-	if (strncmp(j->uri, "ssl://", 6) != 0 || !colon || (size_t)(colon - hp) >= sizeof(host) ||
-	    (port = atoi(colon + 1)) < 1 || port > 65535) {
+	/* the prefix first: a shorter --uri has nothing past where the host would start */
+	if (strncmp(j->uri, "ssl://", 6) == 0) {
+		hp = j->uri + 6;
+		colon = strrchr(hp, ':');
+	}
+	if (!colon || (size_t)(colon - hp) >= sizeof(host) || (port = atoi(colon + 1)) < 1 ||
+	    port > 65535) {
 		fprintf(stderr, "mqtt-cost: --client mosquitto wants --uri ssl://HOST:PORT\n");
 		return -1;
 	}
